@@ -1,0 +1,488 @@
+"""Declare a pipeline, then run it: channels, tasks, ordering, dead letters and the ledger.
+
+A run wires stage *i* to stage *i+1* with a bounded memory object stream whose capacity is the
+receiving stage's ``buffer``, starts ``workers`` copies of every stage in one task group, and
+hands the last channel to the caller as :class:`Results`. Everything lives in that task group:
+leaving ``open()`` early cancels it, a fatal error in any stage cancels it and is re-raised
+as the original exception, and nothing outlives the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio import EndOfStream, WouldBlock
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._compat import BaseExceptionGroup
+from ._envelope import Envelope, Failed
+from ._errors import ConfigError, LedgerError
+from ._logging import current_stage
+from ._report import RunReport
+from ._stage import Inbox, Outbox, RunState, Source, Stage, StageStats, _Ledger
+from ._tracing import Tracing
+
+T = TypeVar("T")
+
+DeadLetter = Stage[Failed, Any] | Callable[[Failed], Awaitable[None] | None]
+"""Where failed items go: a stage receiving :class:`Failed` values, or a (sync/async) function."""
+
+
+class IterSource(Source[Any]):
+    """A source over any iterable, async iterable, or aiostream stream."""
+
+    def __init__(self, items: Any, *, name: str = "source", buffer: int = 16) -> None:
+        super().__init__(name=name, buffer=buffer)
+        self.items = items
+
+    def total(self) -> int | None:
+        """Return ``len(items)`` when the input has one."""
+        try:
+            return len(self.items)
+        except TypeError:
+            return None
+
+    async def run(self, inbox: Inbox[None], outbox: Outbox[Any]) -> None:
+        """Emit every item of the input."""
+        items = self.items
+        if hasattr(items, "stream") and callable(items.stream) and hasattr(items, "__aiter__"):
+            async with items.stream() as streamer:  # an aiostream Stream, iterated in context
+                async for item in streamer:
+                    await outbox.emit(item)
+        elif isinstance(items, AsyncIterable):
+            async for item in items:
+                await outbox.emit(item)
+        else:
+            for item in items:
+                await outbox.emit(item)
+
+
+class _Reorder(Stage[Any, Any]):
+    """Restores input order before the first sink (or at the end) of an ordered run."""
+
+    def __init__(self, window: int, ledger: _Ledger) -> None:
+        super().__init__(name="reorder", buffer=min(window, 1024))
+        self.window = window
+        self.ledger = ledger
+        self.slots = anyio.Semaphore(window)
+
+    async def run(self, inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
+        ledger, run = self.ledger, outbox._run
+        live = ledger.live
+        assert live is not None
+        pending: dict[int, list[Envelope[Any]]] = {}
+        next_seq = 0
+        while True:
+            try:
+                env = await inbox.receive()
+            except EndOfStream:
+                break
+            if env.seq >= 0:  # negative seq: a wake-up after a failure upstream
+                pending.setdefault(env.seq, []).append(env)
+                ledger.leave(env.seq, -1, wake=False)
+            else:
+                outbox.stats.received -= 1
+            while next_seq < run.next_seq and next_seq not in live:
+                for ready in pending.pop(next_seq, ()):
+                    await outbox.send(ready)
+                next_seq += 1
+                self.slots.release()
+        if pending or live:
+            raise LedgerError(f"reorder ended with {len(pending)} items pending")
+
+
+class Results(Generic[T]):
+    """The results of an open run: an async iterator of values, in completion order.
+
+    Use :meth:`stop` to stop reading input gracefully; :attr:`report` is set once the run ends.
+    """
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._stream = run.final_recv
+        self.report: RunReport | None = None
+
+    def __aiter__(self) -> Results[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        env = await self._next()
+        value: T = env.value
+        return value
+
+    async def _next(self) -> Envelope[Any]:
+        stream = self._stream
+        try:
+            try:
+                env = stream.receive_nowait()
+            except WouldBlock:
+                env = await stream.receive()
+        except EndOfStream:
+            self._run.exhausted = True
+            raise StopAsyncIteration from None
+        self._run.ok += 1 if env.members is None else len(env.members)
+        return env
+
+    async def envelopes(self) -> AsyncIterator[Envelope[T]]:
+        """Iterate the results with their envelopes (key, origin, metadata)."""
+        while True:
+            try:
+                yield await self._next()
+            except StopAsyncIteration:
+                return
+
+    def stop(self, reason: str = "stopped by caller") -> None:
+        """Stop reading input; items already in flight still finish and arrive here."""
+        self._run.state.request_stop(reason)
+
+    @property
+    def stats(self) -> tuple[StageStats, ...]:
+        """Live per-stage counters of the run."""
+        return tuple(self._run.stats)
+
+    @property
+    def failures(self) -> list[Failed]:
+        """Failed records collected so far (when no dead-letter sink was given)."""
+        return self._run.failures
+
+
+class Pipeline:
+    """A declared chain of stages: a source, then stages, usually ending in a sink.
+
+    Args:
+        *stages: The first may be a :class:`Source` stage or any iterable/async iterable (or
+            omitted, giving the input to :meth:`run`/:meth:`open` instead).
+        ordered: Restore input order (before the first sink, or at the end).
+        window: With ``ordered``, how far the source may run ahead of the oldest unfinished
+            item; the source waits when the window is full, so memory stays bounded.
+        dead_letter: Where :class:`Failed` records go; by default they are collected in
+            ``report.failures``.
+        name: Name of the pipeline in spans and reports.
+        tracing: Force OpenTelemetry spans on or off (default: on when an SDK is configured).
+    """
+
+    def __init__(
+        self,
+        *stages: Any,
+        ordered: bool = False,
+        window: int = 1024,
+        dead_letter: DeadLetter | None = None,
+        name: str = "pipeline",
+        tracing: bool | None = None,
+    ) -> None:
+        if window < 1:
+            raise ConfigError(f"window must be >= 1, got {window}")
+        chain: list[Stage[Any, Any]] = []
+        for i, stage in enumerate(stages):
+            if isinstance(stage, Pipeline):
+                chain.extend(stage.stages)
+            elif isinstance(stage, Stage):
+                chain.append(stage)
+            elif i == 0 and (isinstance(stage, (Iterable, AsyncIterable))):
+                chain.append(IterSource(stage))
+            else:
+                raise ConfigError(f"pipeline element {i} is not a stage: {stage!r}")
+        for i, stage in enumerate(chain):
+            if stage.is_source and i != 0:
+                raise ConfigError(f"source {stage.name!r} must come first, not at position {i}")
+        self.stages: tuple[Stage[Any, Any], ...] = tuple(chain)
+        self.ordered = ordered
+        self.window = window
+        self.dead_letter = dead_letter
+        self.name = name
+        self.tracing = tracing
+
+    def __repr__(self) -> str:
+        names = " | ".join(s.name for s in self.stages)
+        return f"Pipeline({names}, ordered={self.ordered})"
+
+    def __or__(self, other: Stage[Any, Any] | Pipeline) -> Pipeline:
+        return Pipeline(
+            self,
+            other,
+            ordered=self.ordered,
+            window=self.window,
+            dead_letter=self.dead_letter,
+            name=self.name,
+            tracing=self.tracing,
+        )
+
+    async def run(self, items: Any = None) -> RunReport:
+        """Run to completion, discarding the results, and return the report."""
+        async with self.open(items) as results:
+            async for _ in results:
+                pass
+        assert results.report is not None
+        return results.report
+
+    @asynccontextmanager
+    async def open(self, items: Any = None) -> AsyncIterator[Results[Any]]:
+        """Start the run and yield its :class:`Results` as they complete.
+
+        Leaving the block early cancels every worker; a fatal stage error is raised here as
+        the original exception, with the stage name and item number attached.
+        """
+        stages = list(self.stages)
+        if items is not None:
+            if stages and stages[0].is_source:
+                raise ConfigError("this pipeline declares its own source; do not pass items")
+            stages.insert(0, items if isinstance(items, Source) else IterSource(items))
+        elif not stages or not stages[0].is_source:
+            raise ConfigError("no input: declare a source first or pass items to run()/open()")
+        run = _Run(self, stages)
+        results: Results[Any] = Results(run)
+        started = time.perf_counter()
+        run.tracing.start_run(self.name)
+        error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                run.start(tg)
+                try:
+                    yield results
+                finally:
+                    if not run.exhausted:
+                        tg.cancel_scope.cancel()
+                    run.final_recv.close()
+        except BaseExceptionGroup as group:
+            error = _unwrap(group)
+            raise error from None
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            run.close_all()
+            results.report = run.report(time.perf_counter() - started)
+            run.tracing.end_run(error)
+        if results.report.complete and not results.report.balanced:
+            raise LedgerError(_imbalance(results.report))
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Return the one real error of a task group (ignoring cancellations), else the group."""
+    cancelled = anyio.get_cancelled_exc_class()
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    found: BaseException = leaves[0] if len(leaves) == 1 else group
+    return found
+
+
+def _imbalance(report: RunReport) -> str:
+    return (
+        f"pipeline {report.name!r} lost track of items: {report.rows_in} in + {report.created}"
+        f" created != {report.ok} ok + {report.failed} failed + {report.dropped} dropped"
+    )
+
+
+class _Run:
+    """The state of one run of a pipeline."""
+
+    def __init__(self, pipeline: Pipeline, stages: list[Stage[Any, Any]]) -> None:
+        self.pipeline = pipeline
+        self.stages = stages
+        reorder_at = len(stages)
+        if pipeline.ordered:
+            reorder_at = next((i for i, s in enumerate(stages) if s.is_sink), len(stages))
+        self.ledger = _Ledger(pipeline.ordered, reorder_at)
+        self.reorder_at = reorder_at
+        self.tracing = Tracing(pipeline.tracing)
+        self.secrets: set[str] = set()
+        self.dl_send, self.dl_recv = anyio.create_memory_object_stream[Envelope[Failed]](64)
+        self.state = RunState(pipeline.name, self.dl_send, self.ledger, self.tracing, self._redact)
+        self.stats = [StageStats(s.name, s.workers) for s in stages]
+        self.failures: list[Failed] = []
+        self.ok = 0
+        self.exhausted = False
+        self.source_scope: anyio.CancelScope | None = None
+        self.state.on_stop = self._stop_source
+        self.reorder: _Reorder | None = None
+        if pipeline.ordered:
+            self.reorder = _Reorder(pipeline.window, self.ledger)
+            self.stats.insert(reorder_at, StageStats("reorder"))
+        # channels[i] feeds the i-th element of the wired chain (stages plus reorder)
+        self.chain: list[Stage[Any, Any]] = list(stages)
+        if self.reorder is not None:
+            self.chain.insert(reorder_at, self.reorder)
+        self.channels: list[
+            tuple[MemoryObjectSendStream[Envelope[Any]], MemoryObjectReceiveStream[Envelope[Any]]]
+        ] = []
+        for stage in self.chain[1:]:
+            self.channels.append(anyio.create_memory_object_stream[Envelope[Any]](stage.buffer))
+        last = self.chain[-1]
+        self.final_send, self.final_recv = anyio.create_memory_object_stream[Envelope[Any]](
+            max(last.buffer, 1)
+        )
+        self.channels.append((self.final_send, self.final_recv))
+        self.remaining = len(self.chain)
+        self.wake: MemoryObjectSendStream[Envelope[Any]] | None = None
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def start(self, tg: TaskGroup) -> None:
+        for i, stage in enumerate(self.chain):
+            recv = self.channels[i - 1][1] if i > 0 else None
+            send = self.channels[i][0]
+            tg.start_soon(self._stage_task, i, stage, recv, send, name=f"stage {stage.name}")
+        if self.reorder is not None:
+            self.wake = self.channels[self.reorder_at - 1][0].clone()
+            self.ledger.notify = self._wake_reorder
+            self.state.admit = self.reorder.slots.acquire
+        tg.start_soon(self._dead_letter_task, name="dead letter")
+
+    def _wake_reorder(self) -> None:
+        if self.wake is not None:
+            # If the inbox is full the reorder stage has items to read and re-checks after each.
+            with contextlib.suppress(WouldBlock, anyio.ClosedResourceError):
+                self.wake.send_nowait(Envelope(None, -1))
+
+    def _stop_source(self) -> None:
+        if self.source_scope is not None:
+            self.source_scope.cancel()
+
+    def _ledger_index(self, chain_index: int) -> int:
+        """Index of a chain element in the ledger's numbering (the reorder is not a stage)."""
+        if self.reorder is not None and chain_index > self.reorder_at:
+            return chain_index - 1
+        return chain_index
+
+    async def _stage_task(
+        self,
+        index: int,
+        stage: Stage[Any, Any],
+        recv: MemoryObjectReceiveStream[Envelope[Any]] | None,
+        send: MemoryObjectSendStream[Envelope[Any]],
+    ) -> None:
+        stats = self.stats[index]
+        ledger_index = self._ledger_index(index)
+        try:
+            if recv is None:  # a source: empty inbox, cancellable by stop()
+                recv_empty_send, recv = anyio.create_memory_object_stream[Envelope[Any]](0)
+                recv_empty_send.close()
+            async with stage.lifespan():
+                self._collect_secrets(stage)
+                async with anyio.create_task_group() as workers:
+                    for _ in range(stage.workers):
+                        workers.start_soon(
+                            self._worker,
+                            stage,
+                            Inbox(recv.clone(), stats),
+                            Outbox(send.clone(), stats, self.state, ledger_index, stage),
+                        )
+                    recv.close()
+                    send.close()
+        finally:
+            if recv is not None:
+                recv.close()
+            send.close()
+            if self.reorder is not None and index == self.reorder_at - 1 and self.wake:
+                self.wake.close()
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.dl_send.close()
+
+    async def _worker(self, stage: Stage[Any, Any], inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
+        current_stage.set(stage.name)
+        with inbox._stream, outbox._stream:  # type: ignore[union-attr]
+            try:
+                if stage.is_source:
+                    with anyio.CancelScope() as scope:
+                        self.source_scope = scope
+                        if self.state.stop_reason is not None:
+                            scope.cancel()
+                        await stage.run(inbox, outbox)
+                else:
+                    await stage.run(inbox, outbox)
+            except Exception as error:
+                _attach_stage(error, stage.name)
+                raise
+
+    async def _dead_letter_task(self) -> None:
+        sink = self.pipeline.dead_letter
+        with self.dl_recv:
+            if sink is None:
+                async for env in self.dl_recv:
+                    self.failures.append(env.value)
+                return
+            if isinstance(sink, Stage):
+                await self._run_dead_letter_stage(sink)
+                return
+            async for env in self.dl_recv:
+                result = sink(env.value)
+                if inspect.isawaitable(result):
+                    await result
+
+    async def _run_dead_letter_stage(self, sink: Stage[Failed, Any]) -> None:
+        stats = StageStats(sink.name, sink.workers)
+        self.stats.append(stats)
+        out_send, out_recv = anyio.create_memory_object_stream[Envelope[Any]](sink.buffer)
+        ledger_index = 1 << 30  # after every stage: never affects ordering
+        async with anyio.create_task_group() as tg, sink.lifespan():
+            for _ in range(sink.workers):
+                tg.start_soon(
+                    self._worker,
+                    sink,
+                    Inbox(self.dl_recv.clone(), stats),
+                    Outbox(out_send.clone(), stats, self.state, ledger_index, sink),
+                )
+            out_send.close()
+            with out_recv:
+                async for _ in out_recv:
+                    pass
+
+    def _collect_secrets(self, stage: Stage[Any, Any]) -> None:
+        secrets = getattr(stage, "secrets", None)
+        if callable(secrets):
+            self.secrets.update(s for s in secrets() if s and len(s) >= 4)
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def close_all(self) -> None:
+        for send, recv in self.channels:
+            send.close()
+            recv.close()
+        self.dl_send.close()
+        self.dl_recv.close()
+        if self.wake is not None:
+            self.wake.close()
+
+    def report(self, elapsed: float) -> RunReport:
+        stats = tuple(self.stats)
+        user = [s for s in stats if s.name != "reorder" or self.reorder is None]
+        return RunReport(
+            name=self.pipeline.name,
+            stages=stats,
+            elapsed_s=elapsed,
+            rows_in=self.ledger.entered,
+            ok=self.ok,
+            failed=sum(s.failed for s in user),
+            dropped=sum(s.dropped for s in user),
+            created=sum(s.created for s in user),
+            complete=self.exhausted,
+            stopped=self.state.stop_reason,
+            failures=self.failures,
+        )
+
+
+def _attach_stage(error: BaseException, stage: str) -> None:
+    if getattr(error, "pipeline_stage", None) is None:
+        error.pipeline_stage = stage  # type: ignore[attr-defined]
+        if hasattr(error, "add_note"):
+            error.add_note(f"in stage {stage!r}")

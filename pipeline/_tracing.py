@@ -1,0 +1,121 @@
+"""OpenTelemetry spans and metrics for a run, free when no SDK is configured.
+
+Tracing is decided once per run: with the API's default (no SDK installed or configured) every
+span helper returns a shared no-op context manager and the hot path pays one attribute check.
+Metrics are flushed in bulk from the stage statistics, never per item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+
+_NULL = contextlib.nullcontext()
+INSTRUMENTATION = "llm-pipeline"
+
+
+def sdk_configured() -> bool:
+    """Return whether a real tracer provider (not the API's no-op/proxy) is installed."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, (trace.NoOpTracerProvider, trace.ProxyTracerProvider))
+
+
+class Tracing:
+    """Span helpers bound to one run; a disabled instance costs nothing per item."""
+
+    __slots__ = ("_tracer", "enabled", "run_span")
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sdk_configured() if enabled is None else enabled
+        self._tracer = trace.get_tracer(INSTRUMENTATION) if self.enabled else None
+        self.run_span: trace.Span | None = None
+
+    def start_run(self, name: str) -> None:
+        """Open the span that covers the whole run."""
+        if self._tracer is not None:
+            self.run_span = self._tracer.start_span(f"pipeline {name}")
+
+    def end_run(self, error: BaseException | None = None) -> None:
+        """Close the run span, recording ``error`` if the run failed."""
+        if self.run_span is not None:
+            if error is not None:
+                self.run_span.record_exception(error)
+                self.run_span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+            self.run_span.end()
+
+    def item_root(self, stage: str, seq: int, origin: str | None) -> Any:
+        """Start and end the span where an item enters; return its context to travel with it."""
+        if self._tracer is None:
+            return None
+        links = [trace.Link(self.run_span.get_span_context())] if self.run_span is not None else []
+        span = self._tracer.start_span(
+            stage,
+            context=otel_context.Context(),
+            links=links,
+            attributes=_attrs(stage, seq, origin),
+        )
+        span.end()
+        return trace.set_span_in_context(span)
+
+    @contextlib.contextmanager
+    def _span(
+        self, stage: str, context: Any, seq: int, links: Sequence[Any]
+    ) -> Iterator[trace.Span]:
+        assert self._tracer is not None
+        with self._tracer.start_as_current_span(
+            stage,
+            context=context,
+            links=[trace.Link(c) for c in links],
+            attributes={"pipeline.stage": stage, "pipeline.seq": seq},
+            record_exception=True,
+            set_status_on_exception=True,
+        ) as span:
+            yield span
+
+    def span(
+        self, stage: str, context: Any, seq: int, links: Sequence[Any] = ()
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Return a context manager spanning one item's work in ``stage`` (no-op when off)."""
+        if self._tracer is None:
+            return _NULL
+        return self._span(stage, context, seq, links)
+
+
+def span_context_of(context: Any) -> Any:
+    """Return the span context stored in an item's OpenTelemetry context, for links."""
+    return trace.get_current_span(context).get_span_context()
+
+
+def _attrs(stage: str, seq: int, origin: str | None) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"pipeline.stage": stage, "pipeline.seq": seq}
+    if origin is not None:
+        attrs["pipeline.origin"] = origin
+    return attrs
+
+
+class Metrics:
+    """OpenTelemetry instruments fed from stage statistics in bulk."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter(INSTRUMENTATION)
+        self.items = meter.create_counter(
+            "pipeline.items", unit="{item}", description="Items per stage and outcome"
+        )
+        self.queue = meter.create_gauge(
+            "pipeline.queue.depth", unit="{item}", description="Items waiting in a stage's inbox"
+        )
+        self.blocked = meter.create_counter(
+            "pipeline.backpressure.wait",
+            unit="s",
+            description="Time stages waited on a full outbox",
+        )
+        self.limiter_wait = meter.create_counter(
+            "pipeline.limiter.wait", unit="s", description="Time spent waiting for rate limits"
+        )
+        self.tokens = meter.create_counter(
+            "pipeline.tokens", unit="{token}", description="LLM tokens by kind"
+        )
