@@ -14,7 +14,7 @@ import inspect
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 from anyio import EndOfStream, WouldBlock
@@ -27,7 +27,11 @@ from ._errors import ConfigError, LedgerError
 from ._logging import current_stage
 from ._report import RunReport
 from ._stage import Inbox, Outbox, RunState, Source, Stage, StageStats, _Ledger
-from ._tracing import Tracing
+from ._tracing import Metrics, Tracing, metrics_configured
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 T = TypeVar("T")
 
@@ -165,7 +169,11 @@ class Pipeline:
         dead_letter: Where :class:`Failed` records go; by default they are collected in
             ``report.failures``.
         name: Name of the pipeline in spans and reports.
-        tracing: Force OpenTelemetry spans on or off (default: on when an SDK is configured).
+        tracing: Force OpenTelemetry spans on or off, or give the tracer provider to use
+            (default: on when a global SDK tracer provider is configured).
+        metrics: Record OpenTelemetry metrics, or the meter provider to use (default: on when a
+            global SDK meter provider is configured).
+        metrics_interval: Seconds between metric flushes while the run goes on.
     """
 
     def __init__(
@@ -175,7 +183,9 @@ class Pipeline:
         window: int = 1024,
         dead_letter: DeadLetter | None = None,
         name: str = "pipeline",
-        tracing: bool | None = None,
+        tracing: bool | TracerProvider | None = None,
+        metrics: bool | MeterProvider | None = None,
+        metrics_interval: float = 1.0,
     ) -> None:
         if window < 1:
             raise ConfigError(f"window must be >= 1, got {window}")
@@ -198,6 +208,8 @@ class Pipeline:
         self.dead_letter = dead_letter
         self.name = name
         self.tracing = tracing
+        self.metrics = metrics
+        self.metrics_interval = metrics_interval
 
     def __repr__(self) -> str:
         names = " | ".join(s.name for s in self.stages)
@@ -212,6 +224,8 @@ class Pipeline:
             dead_letter=self.dead_letter,
             name=self.name,
             tracing=self.tracing,
+            metrics=self.metrics,
+            metrics_interval=self.metrics_interval,
         )
 
     async def run(self, items: Any = None) -> RunReport:
@@ -258,6 +272,7 @@ class Pipeline:
             raise
         finally:
             run.close_all()
+            run.flush_metrics()
             results.report = run.report(time.perf_counter() - started)
             run.tracing.end_run(error)
         if results.report.complete and not results.report.balanced:
@@ -277,7 +292,9 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    found: BaseException = leaves[0] if len(leaves) == 1 else group
+    # A stage that died closes its inbox, so upstream sees BrokenResourceError: a consequence.
+    causes = [e for e in leaves if not isinstance(e, anyio.BrokenResourceError)] or leaves
+    found: BaseException = causes[0] if len(causes) == 1 else group
     return found
 
 
@@ -328,7 +345,12 @@ class _Run:
         )
         self.channels.append((self.final_send, self.final_recv))
         self.remaining = len(self.chain)
+        self.all_done = anyio.Event()
         self.wake: MemoryObjectSendStream[Envelope[Any]] | None = None
+        wanted = pipeline.metrics
+        self.metrics: Metrics | None = None
+        if wanted or (wanted is None and metrics_configured()):
+            self.metrics = Metrics(None if isinstance(wanted, bool) else wanted)
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -342,6 +364,22 @@ class _Run:
             self.ledger.notify = self._wake_reorder
             self.state.admit = self.reorder.slots.acquire
         tg.start_soon(self._dead_letter_task, name="dead letter")
+        if self.metrics is not None:
+            tg.start_soon(self._metrics_task, name="metrics")
+
+    async def _metrics_task(self) -> None:
+        """Flush metrics periodically until the stages are done (a reporter, not a sync)."""
+        while self.remaining:
+            with anyio.move_on_after(self.pipeline.metrics_interval):
+                await self.all_done.wait()
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        depths: list[int | None] = [None]
+        depths += [recv.statistics().current_buffer_used for _, recv in self.channels[:-1]]
+        self.metrics.flush(self.stats, depths)
 
     def _wake_reorder(self) -> None:
         if self.wake is not None:
@@ -393,6 +431,7 @@ class _Run:
             self.remaining -= 1
             if self.remaining == 0:
                 self.dl_send.close()
+                self.all_done.set()
 
     async def _worker(self, stage: Stage[Any, Any], inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
         current_stage.set(stage.name)

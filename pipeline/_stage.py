@@ -66,6 +66,7 @@ class StageStats:
         prompt_tokens: Prompt tokens reported by the server (callers).
         completion_tokens: Completion tokens reported by the server (callers).
         cost_usd: Cost of those tokens per the caller's price table.
+        limiter_wait_s: Seconds items waited for rate limits and concurrency slots (callers).
     """
 
     name: str
@@ -82,6 +83,7 @@ class StageStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    limiter_wait_s: float = 0.0
 
     def balanced(self) -> bool:
         """Return whether every item received is accounted for."""

@@ -29,9 +29,14 @@ class Tracing:
 
     __slots__ = ("_tracer", "enabled", "run_span")
 
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = sdk_configured() if enabled is None else enabled
-        self._tracer = trace.get_tracer(INSTRUMENTATION) if self.enabled else None
+    def __init__(self, enabled: bool | trace.TracerProvider | None = None) -> None:
+        provider: trace.TracerProvider | None = None
+        if isinstance(enabled, trace.TracerProvider):
+            provider, enabled = enabled, True
+        self.enabled = sdk_configured() if enabled is None else bool(enabled)
+        self._tracer: trace.Tracer | None = None
+        if self.enabled:
+            self._tracer = trace.get_tracer(INSTRUMENTATION, tracer_provider=provider)
         self.run_span: trace.Span | None = None
 
     def start_run(self, name: str) -> None:
@@ -98,10 +103,23 @@ def _attrs(stage: str, seq: int, origin: str | None) -> dict[str, Any]:
 
 
 class Metrics:
-    """OpenTelemetry instruments fed from stage statistics in bulk."""
+    """OpenTelemetry instruments fed from stage statistics in bulk, never per item.
 
-    def __init__(self) -> None:
-        meter = metrics.get_meter(INSTRUMENTATION)
+    A run flushes the counters' growth since the last flush every ``interval`` seconds and at
+    its end, and samples each stage's queue depth at the same moments.
+    """
+
+    _COUNTED = (
+        ("received", "in"),
+        ("emitted", "out"),
+        ("failed", "failed"),
+        ("dropped", "dropped"),
+        ("retries", "retries"),
+        ("requests", "requests"),
+    )
+
+    def __init__(self, provider: metrics.MeterProvider | None = None) -> None:
+        meter = metrics.get_meter(INSTRUMENTATION, meter_provider=provider)
         self.items = meter.create_counter(
             "pipeline.items", unit="{item}", description="Items per stage and outcome"
         )
@@ -111,11 +129,43 @@ class Metrics:
         self.blocked = meter.create_counter(
             "pipeline.backpressure.wait",
             unit="s",
-            description="Time stages waited on a full outbox",
+            description="Time stages waited for room in a full outbox",
         )
         self.limiter_wait = meter.create_counter(
-            "pipeline.limiter.wait", unit="s", description="Time spent waiting for rate limits"
+            "pipeline.limiter.wait", unit="s", description="Time items waited for rate limits"
         )
         self.tokens = meter.create_counter(
             "pipeline.tokens", unit="{token}", description="LLM tokens by kind"
         )
+        self._last: dict[int, dict[str, float]] = {}
+
+    def flush(self, stats: Sequence[Any], depths: Sequence[int | None]) -> None:
+        """Record what each stage did since the previous flush, and its queue depth now."""
+        for index, (stage, depth) in enumerate(zip(stats, depths, strict=False)):
+            last = self._last.setdefault(index, {})
+            attrs = {"pipeline.stage": stage.name}
+            for field, outcome in self._COUNTED:
+                grown = self._grown(last, field, getattr(stage, field))
+                if grown:
+                    self.items.add(grown, {**attrs, "outcome": outcome})
+            if grown := self._grown(last, "blocked_s", stage.blocked_s):
+                self.blocked.add(grown, attrs)
+            if grown := self._grown(last, "limiter_wait_s", stage.limiter_wait_s):
+                self.limiter_wait.add(grown, attrs)
+            for kind in ("prompt_tokens", "completion_tokens"):
+                if grown := self._grown(last, kind, getattr(stage, kind)):
+                    self.tokens.add(grown, {**attrs, "kind": kind.split("_")[0]})
+            if depth is not None:
+                self.queue.set(depth, attrs)
+
+    @staticmethod
+    def _grown(last: dict[str, float], field: str, value: float) -> float:
+        grown = value - last.get(field, 0)
+        last[field] = value
+        return grown
+
+
+def metrics_configured() -> bool:
+    """Return whether a real meter provider (not the API's no-op/proxy) is installed."""
+    provider = metrics.get_meter_provider()
+    return type(provider).__name__ not in {"NoOpMeterProvider", "_ProxyMeterProvider"}
