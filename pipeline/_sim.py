@@ -668,6 +668,8 @@ class Simulator:
                 response = await fn(request, n)
                 status = "reset" if isinstance(response, _Aborted) else str(response.status)
                 return response
+            except ConnectionError:  # the client left mid-response: not a server error
+                return _Aborted(status=599)
             finally:
                 c.concurrent -= 1
                 statuses = c.by_route.get(route)

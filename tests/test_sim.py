@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime
 import json
+import logging
 import math
 import signal
 import struct
@@ -751,3 +752,17 @@ async def test_main_serves_until_interrupted() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_client_leaving_mid_stream_is_counted_not_logged_as_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR)
+    async with server(tokens_per_s=100) as (sim, session):
+        body = chat(" ".join(["word"] * 200), stream=True)
+        async with session.post(sim.url + "/chat/completions", json=body) as r:
+            assert (await asyncio.wait_for(r.content.readany(), 5)).startswith(b"data: ")
+            r.close()
+    # leaving serve() waited for the handler, which found the connection gone on its next write
+    assert sim.counters()["by_route"]["/v1/chat/completions"] == {"disconnected": 1}
+    assert not [rec for rec in caplog.records if rec.name.startswith("aiohttp")]
