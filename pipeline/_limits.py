@@ -295,12 +295,14 @@ class _Bucket:
             self.tat = max(self.tat, start) + cost / rate
 
     def adjust(self, delta: float, now: float) -> None:
-        """Charge ``delta`` more units (or refund them), never crediting beyond a full bucket."""
+        """Charge ``delta`` more units (or refund them).
+
+        A ``tat`` in the past means a full bucket however far back it is, so a refund never
+        credits more than a full bucket.
+        """
         rate = self.rate_at(now)
-        if rate is None or rate <= 0 or not delta:
-            return
-        floor = min(self.tat, now)
-        self.tat = max(self.tat + delta / rate, floor)
+        if rate is not None and rate > 0:
+            self.tat += delta / rate
 
 
 class RateLimiter:
