@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import anyio
 from anyio import sleep
@@ -602,3 +602,9 @@ class AdaptiveConcurrency:
         self._limit = max(self.minimum, self._limit // 2)
         self._successes = 0
         self._holdoff = self._in_use
+
+
+if TYPE_CHECKING:
+
+    def _conforms(limiter: RateLimiter) -> Limiter:
+        return limiter
