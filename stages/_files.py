@@ -45,6 +45,7 @@ from typing import IO, Any, BinaryIO, ClassVar, cast
 import anyio
 import anyio.to_thread
 from anyio import EndOfStream, WouldBlock
+from anyio.lowlevel import checkpoint_if_cancelled
 
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, FatalError, ItemError
@@ -764,6 +765,9 @@ class FileSink(Stage[Any, Any]):
                 self.written += len(good)
                 if journal is not None:
                     unsynced += len(good)
+            # A thread call is not cancellable: if the run was cancelled meanwhile, stop here
+            # instead of sending into channels that are being torn down.
+            await checkpoint_if_cancelled()
             for env, message in bad:
                 await outbox.fail(env, ItemError(message))
             for env in good:
