@@ -17,7 +17,8 @@ Routes:
   ``.../embeddings``: Azure OpenAI style (``api-key`` header; ``api-version`` required).
 * The OpenAI routes again under ``/api/v2`` instead of ``/v1`` (LightOn Paradigm).
 * ``GET /sim/counters``, ``POST /sim/reset``, ``GET``/``POST /sim/config``: observe, zero, and
-  replace the configuration live.
+  replace the configuration live (``POST`` a JSON object of :class:`SimConfig` fields; fields
+  left out take their defaults).
 
 The answer is a deterministic function of the request, so tests can check correctness:
 
@@ -59,7 +60,8 @@ and then drives the bucket negative). A refused request gets a 429 ``rate_limit_
 ``retry-after`` (whole seconds, rounded up) and ``retry-after-ms``. Authentication (401 when
 ``require_key`` is set and the key differs) is checked before quotas, quotas before faults.
 
-Headers: when ``rpm`` (``tpm``) is set, every response of the LLM routes carries
+Headers: when ``rpm`` (``tpm``) is set, every response of the LLM routes (errors included,
+aborted connections aside) carries
 ``x-ratelimit-limit-requests`` (``-tokens``) with the per-minute quota,
 ``x-ratelimit-remaining-requests`` with what the bucket holds now, and
 ``x-ratelimit-reset-requests`` with the time until it is full again in OpenAI's duration format
@@ -408,11 +410,11 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _openai_error(status: int, message: str, code: str | None = None) -> web.Response:
+def _openai_error(status: int, message: str, headers: Any = None) -> web.Response:
     body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}
     }
-    return web.Response(status=status, body=_dumps(body), content_type=_JSON)
+    return web.Response(status=status, body=_dumps(body), content_type=_JSON, headers=headers)
 
 
 def _anthropic_error(status: int, kind: str, message: str, headers: Any = None) -> web.Response:
@@ -739,9 +741,13 @@ class Simulator:
 
     def _limit_headers(self, *, anthropic: bool = False) -> dict[str, str]:
         headers: dict[str, str] = {}
+        if self._rpm is None and self._tpm is None:
+            return headers
+        now = self._clock()
         for kind, bucket in (("requests", self._rpm), ("tokens", self._tpm)):
             if bucket is None:
                 continue
+            bucket.refill(now)
             if anthropic:
                 at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
                     seconds=bucket.reset_s()
@@ -820,12 +826,12 @@ class Simulator:
         self, request: web.Request, n: int, deployment: str | None
     ) -> web.StreamResponse:
         if not self._key_ok(request):
-            return web.Response(status=401, body=_UNAUTHORIZED, content_type=_JSON)
+            return self._unauthorized()
         try:
             req = await self._read_json(request)
             answer = _answer(req, deployment or self._config.model, anthropic=False)
         except _BadRequest as error:
-            return _openai_error(400, str(error))
+            return _openai_error(400, str(error), self._limit_headers())
         if deployment is not None:
             answer.model = deployment
         wait, which = self._admit(answer.prompt_tokens + answer.completion_tokens)
@@ -869,6 +875,11 @@ class Simulator:
             await asyncio.sleep(answer.completion_tokens / pace)
         return web.Response(body=body, content_type=_JSON, headers=headers)
 
+    def _unauthorized(self) -> web.Response:
+        return web.Response(
+            status=401, body=_UNAUTHORIZED, content_type=_JSON, headers=self._limit_headers()
+        )
+
     def _throttled(self, wait: float, which: str, headers: dict[str, str]) -> web.Response:
         headers["retry-after"] = str(max(1, math.ceil(wait)))
         headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
@@ -881,7 +892,9 @@ class Simulator:
         """Return the whole response of a fault that replaces the answer, else None."""
         if fault == "error_5xx":
             status = random.Random(self._config.seed * 1_000_003 + n).choice((500, 502, 503))
-            return web.Response(status=status, body=_5XX[status], content_type=_JSON)
+            return web.Response(
+                status=status, body=_5XX[status], content_type=_JSON, headers=headers
+            )
         if fault == "error_429":
             retry = self._config.retry_after_s
             headers["retry-after"] = str(max(1, math.ceil(retry)))
@@ -890,7 +903,7 @@ class Simulator:
         if fault == "quota_429":
             return web.Response(status=429, body=_QUOTA, content_type=_JSON, headers=headers)
         if fault == "non_json":
-            return web.Response(status=200, body=_HTML, content_type="text/html")
+            return web.Response(status=200, body=_HTML, content_type="text/html", headers=headers)
         return None
 
     def _chat_body(self, n: int, answer: _Answer) -> bytes:
@@ -1010,12 +1023,16 @@ class Simulator:
 
     async def _messages(self, request: web.Request, n: int) -> web.StreamResponse:
         if not self._key_ok(request, anthropic=True):
-            return _anthropic_error(*_A_ERRORS["unauthorized"])
+            return _anthropic_error(
+                *_A_ERRORS["unauthorized"], headers=self._limit_headers(anthropic=True)
+            )
         try:
             req = await self._read_json(request)
             answer = _answer(req, self._config.model, anthropic=True)
         except _BadRequest as error:
-            return _anthropic_error(400, "invalid_request_error", str(error))
+            return _anthropic_error(
+                400, "invalid_request_error", str(error), self._limit_headers(anthropic=True)
+            )
         wait, _ = self._admit(answer.prompt_tokens + answer.completion_tokens)
         headers = self._limit_headers(anthropic=True)
         if wait:
@@ -1040,7 +1057,7 @@ class Simulator:
                 headers["retry-after"] = str(max(1, math.ceil(self._config.retry_after_s)))
             return _anthropic_error(*_A_ERRORS[fault], headers=headers)
         if fault == "non_json":
-            return web.Response(status=200, body=_HTML, content_type="text/html")
+            return web.Response(status=200, body=_HTML, content_type="text/html", headers=headers)
         c = self._c
         c.prompt_tokens += answer.prompt_tokens
         c.completion_tokens += answer.completion_tokens
@@ -1165,12 +1182,12 @@ class Simulator:
         self, request: web.Request, n: int, deployment: str | None
     ) -> web.StreamResponse:
         if not self._key_ok(request):
-            return web.Response(status=401, body=_UNAUTHORIZED, content_type=_JSON)
+            return self._unauthorized()
         try:
             req = await self._read_json(request)
             texts, dim, encoding = self._embedding_inputs(req)
         except _BadRequest as error:
-            return _openai_error(400, str(error))
+            return _openai_error(400, str(error), self._limit_headers())
         cost = sum(tokens(t) for t in texts)
         wait, which = self._admit(cost)
         headers = self._limit_headers()
@@ -1220,7 +1237,7 @@ class Simulator:
 
     async def _models(self, request: web.Request, n: int) -> web.StreamResponse:
         if not self._key_ok(request):
-            return web.Response(status=401, body=_UNAUTHORIZED, content_type=_JSON)
+            return self._unauthorized()
         models = [self._config.model, "sim-embed-1"]
         body = {
             "object": "list",

@@ -274,12 +274,13 @@ async def test_non_json_is_an_html_200() -> None:
 
 
 async def test_5xx_carries_an_openai_error() -> None:
-    async with server(error_5xx=1.0) as (sim, session):
+    async with server(error_5xx=1.0, rpm=60_000) as (sim, session):
         statuses = set()
         for _ in range(12):
             async with session.post(sim.url + "/chat/completions", json=chat()) as r:
                 statuses.add(r.status)
                 assert (await r.json())["error"]["type"] == "server_error"
+                assert r.headers["x-ratelimit-limit-requests"] == "60000"
     assert statuses <= {500, 502, 503} and len(statuses) > 1
 
 
@@ -319,10 +320,11 @@ async def test_stream_error_event_mid_stream() -> None:
 
 async def test_api_key_is_required_when_configured_and_never_echoed() -> None:
     key = "sk-secret-123456"
-    async with server(require_key=key) as (sim, session):
+    async with server(require_key=key, tpm=10**6) as (sim, session):
         url = sim.url + "/chat/completions"
         async with session.post(url, json=chat()) as r:
             assert r.status == 401
+            assert r.headers["x-ratelimit-remaining-tokens"] == str(10**6 // 60)
         async with session.post(
             url, json=chat(), headers={"Authorization": "Bearer sk-wrong"}
         ) as r:
