@@ -558,8 +558,7 @@ async def test_iter_sse_and_assemble() -> None:
         await assemble(agen([raw[: raw.index(b'"stop"')]]), ChatStreamAssembler())
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_sse_parse_stage_emits_events_and_balances(anyio_backend: str) -> None:
+async def test_sse_parse_stage_emits_events_and_balances() -> None:
     chunks = [b"data: a\n\nda", b"ta: b\n", b"\ndata: c\n\ndata: d\n\n", b": keepalive\n", b"\n"]
     p = Pipeline(chunks, SSEParse())
     async with p.open() as results:
