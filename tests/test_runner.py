@@ -418,12 +418,6 @@ async def test_declaring_errors_are_clear() -> None:
         Pipeline(pl.map(double), pl.IterSource([1]))
 
 
-def test_public_api_is_explicit_and_sorted() -> None:
-    assert pl.__all__ == sorted(pl.__all__)
-    for name in pl.__all__:
-        assert hasattr(pl, name)
-
-
 async def test_envelope_replace_keeps_identity() -> None:
     env = Envelope(1, 5, key="k", origin="f:1")
     other = env.replace("x")
