@@ -166,7 +166,10 @@ def split_batch(env: Envelope[Any], values: Sequence[U]) -> list[Envelope[U]]:
 class Unbatch(Stage[Sequence[U], U], Generic[U]):
     """Split batch envelopes whose value is a list of per-member results back into items.
 
-    A batch whose result list has the wrong length is dead-lettered (each member once).
+    It needs the batch envelope's ``members``: put it after stages that forward the batch
+    envelope itself (``Envelope.replace`` makes a plain item, so a stage built on it should call
+    :func:`split_batch` itself). A batch whose result list has the wrong length is
+    dead-lettered (each member once); an envelope that is not a batch passes unchanged.
 
     Args:
         name: The stage's name.
