@@ -59,6 +59,8 @@ from pipeline._errors import ConfigError, FatalError, ItemError, MissingFieldErr
 from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
 from pipeline._limits import AdaptiveConcurrency, Limiter, RateLimiter, parse_retry_after
 from pipeline._stage import ItemStage, OnError, Outbox
+from stages._batch import split_batch
+from stages._cache import ResponseCache, request_key
 from stages._providers import (
     QUOTA_CODES,
     Answer,
@@ -205,7 +207,16 @@ class CallerTotals:
 class _RunState:
     """What all workers of the caller share during one run."""
 
-    __slots__ = ("concurrency", "key", "limiter", "session", "stopping", "succeeded", "warned")
+    __slots__ = (
+        "concurrency",
+        "fatal",
+        "key",
+        "limiter",
+        "session",
+        "stopping",
+        "succeeded",
+        "warned",
+    )
 
     def __init__(
         self,
@@ -220,6 +231,7 @@ class _RunState:
         self.session = session
         self.succeeded = False
         self.stopping = False
+        self.fatal: FatalError | None = None  # the error that is stopping the run
         self.warned: set[str] = set()
 
 
@@ -437,7 +449,7 @@ class LLMCaller(ItemStage[Any, Any]):
         reask: int = 1,
         prices: Mapping[str, Price | tuple[float, float]] | None = None,
         budget_usd: float | None = None,
-        cache: Any = None,
+        cache: ResponseCache | None = None,
         output: Output = "merge",
         output_field: str = "response",
         on_delta: DeltaHook | None = None,
@@ -621,7 +633,9 @@ class LLMCaller(ItemStage[Any, Any]):
         finally:
             self._state = None
             if session is not None:
-                await session.close()
+                # shielded: a cancelled close would replace the error that is ending the run
+                with anyio.CancelScope(shield=True):
+                    await session.close()
 
     @property
     def run_state(self) -> _RunState:
@@ -634,6 +648,20 @@ class LLMCaller(ItemStage[Any, Any]):
 
     async def handle(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         """Answer one row, or every member of a batch envelope."""
+        try:
+            await self._handle(env, outbox)
+        except FatalError as error:
+            state = self._state
+            if state is not None:
+                if state.fatal is not None and state.fatal is not error:
+                    # Another worker already stopped the job for the same reason (requests in
+                    # flight together all see the rejected key or the empty account): one error
+                    # is enough. The run's task group is cancelling this worker.
+                    await anyio.sleep_forever()
+                state.fatal = error
+            raise
+
+    async def _handle(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         if env.members is None:
             value = await self._answer_row(env, outbox)
             await outbox.send(env.replace(value))
@@ -841,13 +869,15 @@ class LLMCaller(ItemStage[Any, Any]):
             return
         vectors = answer.embeddings or []
         share = cost / len(good)
+        values = []
         for member, vector in zip(good, vectors, strict=True):
             member.attempts = batch.attempts
             single = dataclasses.replace(answer, usage=None, embeddings=[vector])
-            value = self._output(
-                member.value, single, vector, member, started, share, cached, vector
+            values.append(
+                self._output(member.value, single, vector, member, started, share, cached, vector)
             )
-            await outbox.send(member.replace(value))
+        for out in split_batch(batch, values):
+            await outbox.send(out)
 
     # -- the escape hatch ----------------------------------------------------------------------
 
@@ -925,7 +955,7 @@ class LLMCaller(ItemStage[Any, Any]):
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         key: str | None = None
         if self.cache is not None:
-            key = self.cache.request_key(url, payload)
+            key = request_key(url, body)
             raw = await self.cache.get(key)
             if raw is not None:
                 try:
@@ -1048,6 +1078,10 @@ class LLMCaller(ItemStage[Any, Any]):
     async def _slot(self, state: _RunState, outbox: Outbox[Any]) -> AsyncIterator[None]:
         asked = _perf()
         async with state.concurrency.slot():
+            if state.fatal is not None:
+                # the job is stopping (a rejected key, no credit): send nothing more, wait to
+                # be cancelled with the rest of the run
+                await anyio.sleep_forever()
             waited = _perf() - asked
             self.totals.slot_wait_s += waited
             outbox.stats.limiter_wait_s += waited
@@ -1078,7 +1112,7 @@ class LLMCaller(ItemStage[Any, Any]):
                 async with session.post(url, data=payload, timeout=self._timeouts) as resp:
                     state.limiter.observe(resp.headers)
                     if not 200 <= resp.status < 300:
-                        raw = await resp.read()
+                        raw = await self._read_body(resp)
                         raise self._http_error(
                             provider.classify(resp.status, resp.headers, raw), resp.headers
                         )
@@ -1086,7 +1120,7 @@ class LLMCaller(ItemStage[Any, Any]):
                     if self.stream and content_type.startswith("text/event-stream"):
                         answer = await self._read_stream(env, resp)
                     else:
-                        answer = self._parse_body(await resp.read(), count)
+                        answer = self._parse_body(await self._read_body(resp), count)
             except (LLMCallError, FatalError):
                 raise
             except aiohttp.ConnectionTimeoutError:
@@ -1111,14 +1145,16 @@ class LLMCaller(ItemStage[Any, Any]):
             except StreamError as exc:
                 code = _event_code(exc)
                 if code in QUOTA_CODES:
-                    raise QuotaExhaustedError(
+                    quota = QuotaExhaustedError(
                         self._scrub(
                             f"{self.provider_name} refused mid-stream for lack of quota or "
                             f"credit ({exc}); retrying cannot help"
                         ),
                         status=200,
                         code=code,
-                    ) from None
+                    )
+                    state.fatal = state.fatal or quota
+                    raise quota from None
                 if code in _OVERLOAD_CODES:
                     self._overloaded(state, None)
                 raise LLMCallError(
@@ -1128,6 +1164,21 @@ class LLMCaller(ItemStage[Any, Any]):
         state.concurrency.success()
         state.succeeded = True
         return answer
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """Read a whole body; once the headers are in, it may not take ``idle_timeout``.
+
+        (A stream's silences are bounded by aiohttp's ``sock_read`` instead; a plain request
+        may legitimately wait long for its headers while the model generates.)
+        """
+        raw: bytes | None = None
+        with anyio.move_on_after(self.idle_timeout):
+            raw = await resp.read()
+        if raw is None:
+            raise LLMCallError(
+                f"response body stalled for more than {self.idle_timeout:g}s", retryable=True
+            )
+        return raw
 
     def _parse_body(self, raw: bytes, count: int) -> Answer:
         provider = self.provider
@@ -1168,6 +1219,14 @@ class LLMCaller(ItemStage[Any, Any]):
 
     def _http_error(self, failure: HTTPFailure, headers: Mapping[str, str]) -> Exception:
         state = self.run_state
+        error = self._refusal(failure, state, headers)
+        if isinstance(error, FatalError) and state.fatal is None:
+            state.fatal = error  # no worker sends another request from now on
+        return error
+
+    def _refusal(
+        self, failure: HTTPFailure, state: _RunState, headers: Mapping[str, str]
+    ) -> Exception:
         described = self._scrub(failure.describe())
         if failure.quota:
             return QuotaExhaustedError(

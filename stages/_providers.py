@@ -297,7 +297,7 @@ class Provider:
         if message is None:
             text = body.decode("utf-8", "replace").strip()
             message = _truncate(text) if text else "empty body"
-        quota = status == 429 and self.is_quota(data, code)
+        quota = status in (400, 402, 403, 429) and self.is_quota(data, code)
         retryable = not quota and (status in RETRY_STATUSES or status >= 500)
         should = headers.get("x-should-retry", "").strip().lower()
         if not quota and should == "true":
@@ -415,12 +415,15 @@ class AnthropicProvider(Provider):
         return super().error_fields(data)
 
     def is_quota(self, data: Any, code: str | None) -> bool:
-        """Anthropic says ``enforced_spend_limit_reached`` (in the type or the message)."""
+        """Out of money: ``enforced_spend_limit_reached``, or a 400 "credit balance is too low"."""
         if super().is_quota(data, code):
             return True
         error = data.get("error") if isinstance(data, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
-        return isinstance(message, str) and any(code in message for code in QUOTA_CODES)
+        if not isinstance(message, str):
+            return False
+        lowered = message.lower()
+        return "credit balance" in lowered or any(code in message for code in QUOTA_CODES)
 
 
 def _error_text(error: Any) -> str:

@@ -3,12 +3,20 @@ and the happy paths end to end through a real socket against the simulated provi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import pytest
 from tenacity import RetryCallState
 
+from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, MissingFieldError
+from pipeline._report import RunReport
+from pipeline._runner import Pipeline
+from pipeline._sim import SimConfig, embedding_for, serve
+from stages._batch import Batcher
+from stages._cache import ResponseCache
 from stages._llm import (
     Completion,
     LLMCaller,
@@ -239,3 +247,325 @@ def test_answer_of_reads_strings_completions_and_sdk_like_objects() -> None:
 
 def test_price_cost_is_per_million_tokens() -> None:
     assert Price(2.5, 10.0).cost(Usage(1_000_000, 100_000)) == pytest.approx(3.5)
+
+
+# -- end to end against the simulated provider (real sockets on 127.0.0.1) -----------------------
+
+ROWS = [{"name": name} for name in ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald")]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _run(caller: LLMCaller, rows: Sequence[Any]) -> tuple[list[Any], RunReport]:
+    """Run ``rows`` through ``caller``; return the results in input order and the report."""
+    out: list[Any] = []
+    with anyio.fail_after(20):
+        async with Pipeline(rows, caller, ordered=True).open() as results:
+            async for value in results:
+                out.append(value)
+    assert results.report is not None
+    return out, results.report
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+@pytest.mark.anyio
+async def test_chat_merges_the_answer_into_each_record() -> None:
+    async with serve(SimConfig(require_key=KEY)) as sim:
+        caller = LLMCaller(model="sim-1", prompt="Say hello to {name}", base_url=sim.url)
+        results, report = await _run(caller, ROWS)
+        counters = sim.counters()
+    assert results == [{**row, "response": f"echo: Say hello to {row['name']}"} for row in ROWS]
+    assert report.failures == [] and report.ok == len(ROWS)
+    stats = report.stages[1]
+    assert stats.requests == len(ROWS) == counters["requests"]
+    assert stats.retries == 0
+    assert stats.prompt_tokens == counters["prompt_tokens"] > 0
+    assert stats.completion_tokens == counters["completion_tokens"] > 0
+
+
+@pytest.mark.anyio
+async def test_completion_output_carries_usage_model_and_cost() -> None:
+    async with serve() as sim:
+        caller = LLMCaller(
+            model="sim-1",
+            prompt="{name}",
+            system="be nice",
+            base_url=sim.url,
+            output="completion",
+            prices={"sim-1": Price(1000.0, 2000.0)},
+        )
+        results, report = await _run(caller, ROWS[:2])
+    first = results[0]
+    assert isinstance(first, Completion)
+    assert first.text == "echo: Ada" and first.finish_reason == "stop" and first.model == "sim-1"
+    # prompt tokens count the system prompt and the user message: (8 + 3) // 4 = 2
+    assert first.usage == Usage(2, 2)
+    assert first.attempts == 1 and first.latency_s > 0 and not first.cached
+    assert first.cost_usd == pytest.approx((2 * 1000 + 2 * 2000) / 1e6)
+    assert report.stages[1].cost_usd == pytest.approx(sum(r.cost_usd for r in results))
+
+
+@pytest.mark.anyio
+async def test_streaming_chat_sends_deltas_and_assembles_the_answer() -> None:
+    deltas: dict[int, list[str]] = {}
+
+    async def on_delta(env: Envelope[Any], text: str) -> None:
+        deltas.setdefault(env.seq, []).append(text)
+
+    async with serve(SimConfig(tokens_per_s=2000)) as sim:
+        caller = LLMCaller(
+            model="sim-1",
+            prompt="Tell {name} a long story about streams",
+            base_url=sim.url,
+            stream=True,
+            on_delta=on_delta,
+            output="completion",
+        )
+        results, report = await _run(caller, ROWS[:3])
+    for seq, (row, result) in enumerate(zip(ROWS[:3], results, strict=True)):
+        expected = f"echo: Tell {row['name']} a long story about streams"
+        assert result.text == expected
+        assert "".join(deltas[seq]) == expected and len(deltas[seq]) > 3
+        assert result.usage is not None and result.usage.completion_tokens > 0
+    assert report.stages[1].completion_tokens == sum(r.usage.completion_tokens for r in results)
+
+
+@pytest.mark.anyio
+async def test_anthropic_messages_plain_and_streaming() -> None:
+    async with serve(SimConfig(require_key=KEY)) as sim:
+        for stream in (False, True):
+            caller = LLMCaller(
+                model="claude-sim",
+                provider="anthropic",
+                prompt="Hi {name}",
+                system="short answers",
+                base_url=sim.base_url + "/v1",
+                stream=stream,
+                output="completion",
+            )
+            results, report = await _run(caller, ROWS[:2])
+            assert [r.text for r in results] == ["echo: Hi Ada", "echo: Hi Grace"]
+            assert all(r.finish_reason == "end_turn" and r.usage is not None for r in results)
+            assert report.failures == []
+        assert sim.counters()["by_route"]["/v1/messages"] == {"200": 4}
+
+
+@pytest.mark.anyio
+async def test_azure_uses_deployment_url_api_version_and_api_key_header() -> None:
+    async with serve(SimConfig(require_key=KEY)) as sim:
+        caller = LLMCaller(
+            model="gpt-4o",
+            provider="azure",
+            deployment="prod-4o",
+            prompt="{name}",
+            base_url=sim.base_url,
+            output="completion",
+        )
+        results, _ = await _run(caller, ROWS[:2])
+        routes = sim.counters()["by_route"]
+    assert [r.text for r in results] == ["echo: Ada", "echo: Grace"]
+    assert results[0].model == "prod-4o"  # the deployment answered
+    assert routes == {"/openai/deployments/{deployment}/chat/completions": {"200": 2}}
+
+
+@pytest.mark.anyio
+async def test_paradigm_style_base_url_prefix() -> None:
+    async with serve() as sim:
+        caller = LLMCaller(model="alfred", prompt="{name}", base_url=sim.base_url + "/api/v2")
+        results, _ = await _run(caller, ROWS[:2])
+        assert sim.counters()["by_route"] == {"/api/v2/chat/completions": {"200": 2}}
+    assert [r["response"] for r in results] == ["echo: Ada", "echo: Grace"]
+
+
+@pytest.mark.anyio
+async def test_embeddings_one_row_per_request() -> None:
+    async with serve(SimConfig(embedding_dim=4)) as sim:
+        caller = LLMCaller(
+            model="sim-embed-1", endpoint="embeddings", prompt="{name}", base_url=sim.url
+        )
+        results, report = await _run(caller, ROWS[:3])
+    for row, result in zip(ROWS[:3], results, strict=True):
+        assert result["response"] == pytest.approx(embedding_for(row["name"], 4))
+    assert report.stages[1].requests == 3
+    assert report.stages[1].completion_tokens == 0 and report.stages[1].prompt_tokens == 3
+
+
+@pytest.mark.anyio
+async def test_embeddings_batches_go_in_one_request_and_split_back_in_order() -> None:
+    rows = [{"text": f"row number {i}"} for i in range(10)]
+    async with serve(SimConfig(embedding_dim=4)) as sim:
+        caller = LLMCaller(
+            model="sim-embed-1", endpoint="embeddings", base_url=sim.url, output="completion"
+        )
+        out: list[Any] = []
+        with anyio.fail_after(20):
+            async with Pipeline(
+                rows, Batcher(max_items=4, max_wait=5), caller, ordered=True
+            ).open() as results:
+                async for value in results:
+                    out.append(value)
+        counters = sim.counters()
+    assert counters["by_route"] == {"/v1/embeddings": {"200": 3}}  # 4 + 4 + 2
+    assert [c.embedding for c in out] == [pytest.approx(embedding_for(r["text"], 4)) for r in rows]
+    assert results.report is not None and results.report.ok == 10
+
+
+@pytest.mark.anyio
+async def test_batch_member_missing_a_field_fails_alone() -> None:
+    rows: list[dict[str, Any]] = [{"text": "a"}, {"other": 1}, {"text": "c"}]
+    async with serve() as sim:
+        caller = LLMCaller(model="e", endpoint="embeddings", prompt="{text}", base_url=sim.url)
+        with anyio.fail_after(20):
+            report = await Pipeline(rows, Batcher(max_items=3, max_wait=5), caller).run()
+    assert report.ok == 2 and report.failed == 1
+    assert report.failures[0].item == {"other": 1}
+    assert "missing field 'text'" in report.failures[0].message
+
+
+@pytest.mark.anyio
+async def test_missing_template_field_dead_letters_naming_the_field() -> None:
+    rows: list[dict[str, Any]] = [{"name": "Ada"}, {"nom": "Grace"}]
+    async with serve() as sim:
+        caller = LLMCaller(model="m", prompt="Hello {name}", base_url=sim.url)
+        results, report = await _run(caller, rows)
+        assert sim.counters()["requests"] == 1  # the bad row never reached the server
+    assert results == [{"name": "Ada", "response": "echo: Hello Ada"}]
+    (failed,) = report.failures
+    assert failed.item == {"nom": "Grace"} and failed.error_type == "MissingFieldError"
+    assert failed.message == "missing field 'name' (record has: nom)"
+    assert failed.seq == 1
+
+
+@pytest.mark.anyio
+async def test_records_without_template_may_be_strings_or_carry_messages() -> None:
+    rows: list[Any] = [
+        "plain prompt",
+        {"messages": [{"role": "user", "content": "from messages"}]},
+        {"prompt": "from prompt field"},
+    ]
+    async with serve() as sim:
+        results, _ = await _run(LLMCaller(model="m", base_url=sim.url), rows)
+    assert results == [
+        {"value": "plain prompt", "response": "echo: plain prompt"},
+        {**rows[1], "response": "echo: from messages"},
+        {**rows[2], "response": "echo: from prompt field"},
+    ]
+
+
+@pytest.mark.anyio
+async def test_structured_output_is_parsed_and_validated() -> None:
+    schema = {"type": "object", "properties": {"echo": {"type": "string"}}, "required": ["echo"]}
+    async with serve() as sim:
+        caller = LLMCaller(
+            model="m",
+            prompt="{name}",
+            base_url=sim.url,
+            schema=schema,
+            params={"response_format": {"type": "json_object"}},
+            output_field="data",
+        )
+        results, report = await _run(caller, ROWS[:2])
+    assert results == [
+        {"name": "Ada", "data": {"echo": "Ada"}},
+        {"name": "Grace", "data": {"echo": "Grace"}},
+    ]
+    assert report.failures == []
+
+
+@pytest.mark.anyio
+async def test_invalid_structured_output_is_sent_back_with_the_error() -> None:
+    # The simulator echoes the last user message, so the first answer fails the pattern and
+    # the re-ask (which quotes the validation error) passes it.
+    schema = {"type": "object", "properties": {"echo": {"pattern": "^Your answer is not valid"}}}
+    async with serve() as sim:
+        caller = LLMCaller(
+            model="m",
+            prompt="{name}",
+            base_url=sim.url,
+            schema=schema,
+            reask=2,
+            params={"response_format": {"type": "json_object"}},
+            output="completion",
+        )
+        results, report = await _run(caller, ROWS[:1])
+    (done,) = results
+    assert done.parsed["echo"].startswith("Your answer is not valid: at echo: 'Ada' does not match")
+    assert done.attempts == 2 and report.stages[1].requests == 2
+    assert caller.totals.reasks == 1
+
+
+@pytest.mark.anyio
+async def test_call_escape_hatch_gets_limits_retries_and_accounting() -> None:
+    calls: list[str] = []
+
+    async def call(record: dict[str, Any]) -> Completion:
+        calls.append(record["name"])
+        if calls.count(record["name"]) == 1:
+            raise ConnectionResetError("flaky network")
+        return Completion(text=f"hi {record['name']}", usage=Usage(3, 1), model="custom")
+
+    caller = LLMCaller(call=call, concurrency=2, backoff_base=0.001, prices={"custom": (1e6, 0)})
+    results, report = await _run(caller, ROWS[:3])
+    assert [r["response"].text for r in results] == ["hi Ada", "hi Grace", "hi Alan"]
+    stats = report.stages[1]
+    assert stats.requests == 6 and stats.retries == 3
+    assert stats.prompt_tokens == 9 and stats.completion_tokens == 3
+    assert stats.cost_usd == pytest.approx(9.0)
+
+
+@pytest.mark.anyio
+async def test_call_escape_hatch_does_not_retry_a_plain_bug() -> None:
+    async def call(record: Any) -> str:
+        raise ValueError("bug in user code")
+
+    results, report = await _run(LLMCaller(call=call), ["x"])
+    assert results == [] and report.failures[0].error_type == "ValueError"
+    assert report.failures[0].attempts == 1 and report.stages[1].retries == 0
+
+
+@pytest.mark.anyio
+async def test_cache_serves_a_repeated_run_without_requests(tmp_path: Any) -> None:
+    async with serve() as sim:
+        async with ResponseCache(tmp_path) as cache:
+            first, _ = await _run(
+                LLMCaller(model="m", prompt="{name}", base_url=sim.url, cache=cache), ROWS
+            )
+            assert sim.counters()["requests"] == len(ROWS)
+            again = LLMCaller(model="m", prompt="{name}", base_url=sim.url, cache=cache)
+            second, report = await _run(again, ROWS)
+        assert sim.counters()["requests"] == len(ROWS)  # nothing new was sent
+    assert second == first
+    assert again.totals.cache_hits == len(ROWS) and report.stages[1].requests == 0
+
+
+@pytest.mark.anyio
+async def test_fixed_concurrency_bounds_requests_in_flight() -> None:
+    async with serve(SimConfig(latency_ms=20)) as sim:
+        caller = LLMCaller(model="m", prompt="{name}", base_url=sim.url, concurrency=2)
+        _, report = await _run(caller, ROWS * 2)
+        counters = sim.counters()
+    assert counters["concurrent_max"] == 2 and report.ok == 12
+    assert caller.totals.slot_wait_s > 0
+
+
+@pytest.mark.anyio
+async def test_rpm_limit_spaces_requests() -> None:
+    async with serve() as sim:
+        caller = LLMCaller(model="m", prompt="{name}", base_url=sim.url, rpm=1200)  # 20/s
+        started = anyio.current_time()
+        _, report = await _run(caller, [{"name": str(i)} for i in range(16)])
+        elapsed = anyio.current_time() - started
+    # a burst of 0.5 s worth (10) goes at once, the other 6 wait 50 ms each
+    assert elapsed >= 0.25
+    assert report.ok == 16 and report.stages[1].limiter_wait_s > 0
+    assert caller.totals.limiter_wait_s > 0
