@@ -26,7 +26,16 @@ from ._envelope import Envelope, Failed
 from ._errors import ConfigError, LedgerError
 from ._logging import current_stage
 from ._report import RunReport
-from ._stage import Inbox, Outbox, RunState, Source, Stage, StageStats, _Ledger
+from ._stage import (
+    Inbox,
+    Outbox,
+    RunState,
+    Source,
+    SourceStopped,
+    Stage,
+    StageStats,
+    _Ledger,
+)
 from ._tracing import Metrics, Tracing, metrics_configured
 
 if TYPE_CHECKING:
@@ -388,7 +397,9 @@ class _Run:
                 self.wake.send_nowait(Envelope(None, -1))
 
     def _stop_source(self) -> None:
-        if self.source_scope is not None:
+        # A source waiting for input is cancelled; one delivering an item finishes that send
+        # and stops at its next emit (SourceStopped).
+        if self.source_scope is not None and not self.state.source_busy:
             self.source_scope.cancel()
 
     def _ledger_index(self, chain_index: int) -> int:
@@ -442,7 +453,8 @@ class _Run:
                         self.source_scope = scope
                         if self.state.stop_reason is not None:
                             scope.cancel()
-                        await stage.run(inbox, outbox)
+                        with contextlib.suppress(SourceStopped):
+                            await stage.run(inbox, outbox)
                 else:
                     await stage.run(inbox, outbox)
             except Exception as error:

@@ -123,14 +123,6 @@ class _Ledger:
                 if wake and self.notify is not None:
                     self.notify()
 
-    def withdraw(self, seq: int) -> None:
-        """Forget an item whose entry was interrupted before it was sent (a stopped source)."""
-        self.entered -= 1
-        if self.live is not None:
-            self.live.pop(seq, None)
-            if self.notify is not None:
-                self.notify()
-
 
 class RunState:
     """What all stages of one run share: ledger, tracing, dead letter, logging."""
@@ -152,6 +144,7 @@ class RunState:
         self.stop_reason: str | None = None
         self.on_stop: Callable[[], None] | None = None
         self.admit: Callable[[], Awaitable[None]] | None = None
+        self.source_busy = False
 
     def request_stop(self, reason: str) -> None:
         """Stop reading input; items already in flight finish. The first reason wins."""
@@ -159,6 +152,14 @@ class RunState:
             self.stop_reason = reason
             if self.on_stop is not None:
                 self.on_stop()
+
+
+class SourceStopped(BaseException):
+    """Raised in a source by ``emit`` once the run was asked to stop reading input.
+
+    It derives from :class:`BaseException` so that a source's ``except Exception`` cannot keep
+    it reading; the runtime catches it around the source and ends the source normally.
+    """
 
 
 class Inbox(Generic[T]):
@@ -250,16 +251,19 @@ class Outbox(Generic[T]):
         self, value: T, *, key: Hashable | None = None, origin: str | None = None
     ) -> Envelope[T]:
         """Create the envelope of a new input item (sources only) and send it."""
-        admit = self._run.admit
-        if admit is not None:
-            await admit()
+        run = self._run
+        if run.stop_reason is not None:
+            raise SourceStopped(run.stop_reason)
+        if run.admit is not None:
+            await run.admit()
         env = self.new(value, key=key, origin=origin)
+        # Once entered, an item is delivered: a stop never cancels a source mid-send (a cancelled
+        # send cannot tell whether the receiver already took the item).
+        run.source_busy = True
         try:
             await self.send(env)
-        except BaseException:
-            self._stats.received -= 1
-            self._run.ledger.withdraw(env.seq)
-            raise
+        finally:
+            run.source_busy = False
         return env
 
     def new(
@@ -285,11 +289,17 @@ class Outbox(Generic[T]):
         origin: str | None = None,
     ) -> None:
         """Register a new input item that is already bad (a source's unparsable line)."""
-        admit = self._run.admit
-        if admit is not None:
-            await admit()
+        run = self._run
+        if run.stop_reason is not None:
+            raise SourceStopped(run.stop_reason)
+        if run.admit is not None:
+            await run.admit()
         env = self.new(value, key=key, origin=origin)
-        await self.fail(env, error)
+        run.source_busy = True
+        try:
+            await self.fail(env, error)
+        finally:
+            run.source_busy = False
 
     async def fail(
         self,

@@ -422,3 +422,42 @@ async def test_envelope_replace_keeps_identity() -> None:
     env = Envelope(1, 5, key="k", origin="f:1")
     other = env.replace("x")
     assert (other.value, other.seq, other.key, other.origin) == ("x", 5, "k", "f:1")
+
+
+async def test_stop_cancels_a_source_that_waits_for_input() -> None:
+    never = anyio.Event()
+
+    async def trickle() -> AsyncIterator[int]:
+        for i in range(3):
+            yield i
+        await never.wait()  # input that never comes
+        yield 99
+
+    with anyio.fail_after(5):
+        async with Pipeline(pl.map(double)).open(trickle()) as results:
+            got = []
+            async for value in results:
+                got.append(value)
+                if len(got) == 3:
+                    results.stop("no more input")
+    assert sorted(got) == [0, 2, 4]
+    assert results.report is not None and results.report.balanced
+
+
+async def test_stop_while_the_source_is_blocked_on_backpressure_loses_nothing() -> None:
+    release = anyio.Event()
+
+    async def gate(x: int) -> int:
+        if x == 0:
+            await release.wait()
+        return x
+
+    with anyio.fail_after(5):
+        async with Pipeline(pl.map(gate, buffer=0)).open(range(1000)) as results:
+            await anyio.lowlevel.checkpoint()
+            results.stop("stop now")  # the source is parked in a send to the gated stage
+            release.set()
+            got = [v async for v in results]
+    report = results.report
+    assert report is not None and report.balanced and report.complete
+    assert report.ok == report.rows_in == len(got) >= 1
