@@ -143,11 +143,11 @@ class ResponseCache:
         await self.aclose()
 
     def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError(f"the response cache {self.path!r} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        if self._closed:
-            raise RuntimeError("the response cache is closed")
         conn = sqlite3.connect(
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
