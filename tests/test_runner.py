@@ -446,15 +446,17 @@ async def test_stop_cancels_a_source_that_waits_for_input() -> None:
 
 async def test_stop_while_the_source_is_blocked_on_backpressure_loses_nothing() -> None:
     release = anyio.Event()
+    holding = anyio.Event()
 
     async def gate(x: int) -> int:
         if x == 0:
+            holding.set()
             await release.wait()
         return x
 
     with anyio.fail_after(5):
         async with Pipeline(pl.map(gate, buffer=0)).open(range(1000)) as results:
-            await anyio.lowlevel.checkpoint()
+            await holding.wait()
             results.stop("stop now")  # the source is parked in a send to the gated stage
             release.set()
             got = [v async for v in results]
