@@ -990,8 +990,20 @@ class LLMCaller(ItemStage[Any, Any]):
         attempt: Callable[[], Awaitable[R]],
         deadline: float | None,
     ) -> R:
-        """Run ``attempt`` until it succeeds, a non-retryable error, the attempts or deadline."""
+        """Run ``attempt`` until it succeeds, a non-retryable error, the attempts or deadline.
+
+        The first attempt runs bare: most rows need no retry, and tenacity's machinery costs
+        tens of microseconds per row. Its failure is replayed as tenacity's attempt 1, so the
+        stop, wait and retry policy see every attempt.
+        """
         policy = _RowPolicy(self, deadline)
+        env.attempts += 1
+        try:
+            return await self._within(deadline, attempt, env)
+        except LLMCallError as error:
+            if not error.retryable:
+                raise self._final(error, env, policy) from None
+            pending: LLMCallError | None = error
         retrying = AsyncRetrying(
             stop=policy.stop,
             wait=policy.wait,
@@ -1002,13 +1014,13 @@ class LLMCaller(ItemStage[Any, Any]):
         )
         stats = outbox.stats
         result: R | None = None
-        first = True
         try:
             async for trial in retrying:
                 with trial:
-                    if not first:
-                        stats.retries += 1
-                    first = False
+                    if pending is not None:
+                        replay, pending = pending, None
+                        raise replay
+                    stats.retries += 1
                     env.attempts += 1
                     result = await self._within(deadline, attempt, env)
         except LLMCallError as error:

@@ -410,10 +410,6 @@ class AnthropicProvider(Provider):
             model=data.get("model"),
         )
 
-    def error_fields(self, data: Any) -> tuple[str | None, str | None]:
-        """Anthropic errors read ``{"type": "error", "error": {"type": ..., "message": ...}}``."""
-        return super().error_fields(data)
-
     def is_quota(self, data: Any, code: str | None) -> bool:
         """Out of money: ``enforced_spend_limit_reached``, or a 400 "credit balance is too low"."""
         if super().is_quota(data, code):

@@ -569,3 +569,40 @@ async def test_rpm_limit_spaces_requests() -> None:
     assert elapsed >= 0.25
     assert report.ok == 16 and report.stages[1].limiter_wait_s > 0
     assert caller.totals.limiter_wait_s > 0
+
+
+@pytest.mark.anyio
+async def test_spans_show_attempts_tokens_retries_and_waits_without_the_key() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    rows = [{"name": f"n{i}"} for i in range(12)]
+    async with serve(SimConfig(error_5xx=0.3, seed=3, require_key=KEY)) as sim:
+        caller = LLMCaller(
+            model="m",
+            prompt="{name}",
+            base_url=sim.url,
+            rpm=3000,  # a burst of 25, then 50/s: some rows wait
+            concurrency=1,
+            backoff_base=0.001,
+        )
+        with anyio.fail_after(20):
+            report = await Pipeline(rows, caller, tracing=provider).run()
+    assert report.ok == 12 and report.stages[1].retries > 0
+    spans = [s for s in exporter.get_finished_spans() if s.name == "llm"]
+    assert len(spans) == 12
+    attempts = [s.attributes["llm.attempts"] for s in spans]  # type: ignore[index]
+    assert sum(attempts) - 12 == report.stages[1].retries
+    assert all(s.attributes["llm.prompt_tokens"] > 0 for s in spans)  # type: ignore[index,operator]
+    events = [e for s in spans for e in s.events]
+    retries = [e for e in events if e.name == "llm.retry"]
+    assert len(retries) == report.stages[1].retries
+    assert all(str(e.attributes["error"]).startswith("HTTP 50") for e in retries)  # type: ignore[index]
+    waits = [e for e in events if e.name in ("llm.limiter_wait", "llm.slot_wait")]
+    assert waits and all(e.attributes["seconds"] > 0 for e in waits)  # type: ignore[index,operator]
+    dumped = "".join(s.to_json() for s in exporter.get_finished_spans())
+    assert KEY not in dumped

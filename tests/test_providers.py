@@ -281,3 +281,19 @@ def test_non_json_error_body_is_described_briefly() -> None:
 
 def test_fastapi_style_detail_is_read() -> None:
     assert OPENAI.classify(422, {}, _body({"detail": "field required"})).message == "field required"
+
+
+def test_anthropic_credit_balance_too_low_400_is_quota() -> None:
+    body = _body(
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": "Your credit balance is too low to access the Anthropic API.",
+            },
+        }
+    )
+    failure = ANTHROPIC.classify(400, {}, body)
+    assert failure.quota and not failure.retryable
+    # the same words from an OpenAI-compatible server are just a bad request
+    assert not OPENAI.classify(400, {}, body).quota
