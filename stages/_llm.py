@@ -775,12 +775,14 @@ class LLMCaller(ItemStage[Any, Any]):
                     return str(record[field])
         raise MissingFieldError("text", _available(record))
 
-    def _estimate(self, messages: Sequence[Mapping[str, Any]] | Sequence[str]) -> int:
-        chars = len(self.system or "")
-        for m in messages:
-            chars += len(m) if isinstance(m, str) else len(str(m.get("content", "")))
+    def _estimate(self, size: int) -> int:
+        """Return the tokens to reserve for a request of ``size`` characters or bytes.
+
+        A quarter of them, plus ``max_tokens`` (256 when not set) for a chat answer; the
+        limiter is reconciled with the real usage afterwards.
+        """
         completion = self._completion_estimate if self.endpoint == "chat" else 0
-        return max(1, chars // 4) + completion
+        return max(1, size // 4) + completion
 
     # -- chat ----------------------------------------------------------------------------------
 
@@ -888,7 +890,7 @@ class LLMCaller(ItemStage[Any, Any]):
         call = self.call
         assert call is not None
         record = env.value
-        estimate = self._estimate([str(record)])
+        estimate = self._estimate(len(str(record)))
 
         async def attempt() -> Any:
             state = self.run_state
@@ -952,7 +954,10 @@ class LLMCaller(ItemStage[Any, Any]):
         deadline: float | None,
     ) -> tuple[Answer, float, bool]:
         """Return ``(answer, cost, cached)`` for one request body, with cache and retries."""
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise ItemError(f"the request holds text that is not valid Unicode: {exc}") from None
         key: str | None = None
         if self.cache is not None:
             key = request_key(url, body)
@@ -967,7 +972,7 @@ class LLMCaller(ItemStage[Any, Any]):
                     if self.on_delta is not None and answer.text:
                         await _call_hook(self.on_delta, env, answer.text)
                     return answer, 0.0, True
-        estimate = self._estimate(body.get("messages") or body.get("input") or [])
+        estimate = self._estimate(len(payload))
 
         async def attempt() -> Answer:
             return await self._send(env, outbox, url, payload, count, estimate)

@@ -606,3 +606,21 @@ async def test_spans_show_attempts_tokens_retries_and_waits_without_the_key() ->
     assert waits and all(e.attributes["seconds"] > 0 for e in waits)  # type: ignore[index,operator]
     dumped = "".join(s.to_json() for s in exporter.get_finished_spans())
     assert KEY not in dumped
+
+
+@pytest.mark.anyio
+async def test_chat_answers_each_member_of_a_batch() -> None:
+    rows: list[dict[str, Any]] = [{"name": "Ada"}, {"oops": 1}, {"name": "Alan"}]
+    async with serve() as sim:
+        caller = LLMCaller(model="m", prompt="{name}", base_url=sim.url)
+        with anyio.fail_after(20):
+            async with Pipeline(
+                rows, Batcher(max_items=3, max_wait=5), caller, ordered=True
+            ).open() as results:
+                out = [value async for value in results]
+        assert sim.counters()["requests"] == 2
+    assert out == [
+        {"name": "Ada", "response": "echo: Ada"},
+        {"name": "Alan", "response": "echo: Alan"},
+    ]
+    assert results.report is not None and results.report.failures[0].item == {"oops": 1}
