@@ -324,7 +324,7 @@ class RateLimiter:
     """
 
     LOW_WATER = 0.1
-    """Below this fraction of the stated limit, the remaining budget is spread to the reset."""
+    """Below this fraction of the stated limit, requests are paced (see :meth:`observe`)."""
 
     def __init__(
         self,
@@ -440,9 +440,17 @@ class RateLimiter:
         """Learn from ``x-ratelimit-*`` or ``anthropic-ratelimit-*`` response headers.
 
         With ``learn`` on, a limit the server states is adopted when none was configured, and
-        replaces a configured one that is higher. When ``remaining`` falls below
-        :attr:`LOW_WATER` of the limit, the remaining budget is spread evenly until the
-        reset; with nothing remaining, nothing goes before the reset.
+        replaces a configured one that is higher.
+
+        When ``remaining`` falls below :attr:`LOW_WATER` of the limit, requests are paced until
+        the reset at the remaining budget spread over the time to the reset, but never slower
+        than the limit spread over its minute (``limit / 60`` per second): servers refill
+        their buckets continuously at that rate, so going slower would only waste quota. With
+        nothing remaining, the local bucket is emptied too, so the next request waits for the
+        server to refill what it costs (one request: ``60 / limit`` seconds) rather than for
+        the whole reset. Only when the server states no limit at all (and none is configured)
+        is the remaining budget spread over the reset as it is, and nothing remaining waits
+        for the reset.
         """
         info = parse_rate_limit_headers(headers)
         if info is None:
@@ -485,8 +493,19 @@ class RateLimiter:
             return
         if limit is not None and remaining > self.LOW_WATER * limit:
             return
-        bucket.pace = remaining / reset
+        pace = remaining / reset
+        per_minute = limit if limit is not None and limit > 0 else bucket.per_minute
+        if per_minute is not None:
+            pace = max(pace, per_minute / 60.0)  # never slower than the server refills
+        bucket.pace = pace
         bucket.pace_until = now + reset
+        if remaining <= 0:
+            rate = bucket.rate_at(now)
+            if rate is not None and rate > 0:
+                # the server's bucket is empty: so is ours, and the next request waits for
+                # the server to refill what it costs
+                capacity = max(bucket.burst_s * rate, 1.0)
+                bucket.tat = max(bucket.tat, now + capacity / rate)
 
     def statistics(self) -> LimiterStatistics:
         """Return counters and the limits in force."""

@@ -190,6 +190,7 @@ class RedisRateLimiter:
         self._pending_tokens = 0  # token corrections not yet sent to Redis
         self._acquired = 0
         self._waited = 0.0
+        self._last_tokens = 0  # the estimate of the latest acquire, for an exhausted budget
 
     @classmethod
     def from_url(
@@ -284,6 +285,7 @@ class RedisRateLimiter:
         """
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
+        self._last_tokens = tokens
         if self._local is not None:
             return await self._local.acquire(tokens)
         started = time.monotonic()
@@ -393,7 +395,11 @@ class RedisRateLimiter:
         """Learn limits from rate-limit headers; an exhausted budget pauses the whole key.
 
         With ``learn`` on, a stated limit is adopted when none was configured, and replaces a
-        configured one that is higher. ``remaining`` at 0 pauses everyone until the reset.
+        configured one that is higher. ``remaining`` at 0 pauses everyone for as long as the
+        server needs to refill one request (``60 / limit`` seconds; for tokens, the last
+        request's estimated tokens) but no longer than the reset: servers refill their
+        buckets continuously, so waiting for the whole reset would waste quota. When the
+        server states no limit (and none is in force) the pause lasts until the reset.
         """
         if self._local is not None:
             self._local.observe(headers)
@@ -404,12 +410,16 @@ class RedisRateLimiter:
         if self._learn:
             self._rpm = self._adopt(self._configured[0], self._rpm, info.limit_requests)
             self._tpm = self._adopt(self._configured[1], self._tpm, info.limit_tokens)
-        for remaining, reset in (
-            (info.remaining_requests, info.reset_requests),
-            (info.remaining_tokens, info.reset_tokens),
+        for remaining, reset, limit, cost in (
+            (info.remaining_requests, info.reset_requests, info.limit_requests or self._rpm, 1),
+            (info.remaining_tokens, info.reset_tokens, info.limit_tokens or self._tpm, None),
         ):
-            if remaining == 0 and reset:
-                self.pause(reset)
+            if remaining != 0 or not reset:
+                continue
+            if limit:
+                units = self._last_tokens if cost is None else cost
+                reset = min(reset, units * 60.0 / limit)
+            self.pause(reset)
 
     def _adopt(
         self, configured: float | None, current: float | None, limit: int | None

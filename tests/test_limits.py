@@ -364,19 +364,43 @@ async def test_configured_limit_is_lowered_never_raised_by_server(clock: FakeClo
     assert higher.statistics().learned
 
 
-async def test_low_remaining_spreads_budget_until_reset(clock: FakeClock) -> None:
-    limiter = RateLimiter(rpm=6000, clock=clock)  # 100/s normally
+async def test_low_remaining_paces_at_the_stated_limit_until_reset(clock: FakeClock) -> None:
+    limiter = RateLimiter(rpm=6000, burst_s=0, learn=False, clock=clock)  # 100/s configured
     limiter.observe(
         {
-            "X-RateLimit-Limit-Requests": "10000",
-            "X-RateLimit-Remaining-Requests": "5",  # below 10 %: 5 over 10 s
+            "X-RateLimit-Limit-Requests": "600",  # the server allows 10/s
+            "X-RateLimit-Remaining-Requests": "5",  # below 10 %: 5 over 10 s would be 0.5/s
             "X-RateLimit-Reset-Requests": "10s",
         }
     )
+    assert limiter.statistics().rpm == 6000  # not learned, only paced
+    # never slower than the limit over its minute: 10/s, not 0.5/s
+    assert await start_times(limiter, clock, 4) == pytest.approx([0, 0.1, 0.2, 0.3])
+    clock.now = 10.0  # past the reset: the configured speed again
+    times = await start_times(limiter, clock, 5)
+    assert times == pytest.approx([10.0, 10.01, 10.02, 10.03, 10.04])
+
+
+async def test_low_remaining_never_slows_below_the_refill_rate(clock: FakeClock) -> None:
+    # A server with a small bucket (as the simulator): 2 left of a bucket refilled at 20/s
+    # and full again in 0.9 s. Spreading 2 over 0.9 s would run at a ninth of the limit.
+    limiter = RateLimiter(rpm=1200, burst_s=0, clock=clock)
+    limiter.observe(
+        {
+            "x-ratelimit-limit-requests": "1200",
+            "x-ratelimit-remaining-requests": "2",
+            "x-ratelimit-reset-requests": "900ms",
+        }
+    )
+    assert await start_times(limiter, clock, 4) == pytest.approx([0, 0.05, 0.1, 0.15])
+
+
+async def test_low_remaining_without_any_known_limit_spreads_it_to_reset(
+    clock: FakeClock,
+) -> None:
+    limiter = RateLimiter(learn=False, clock=clock)
+    limiter.observe({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "10s"})
     assert await start_times(limiter, clock, 4) == pytest.approx([0, 2, 4, 6])
-    clock.now = 10.0  # the bucket reset: full speed again
-    times = await start_times(limiter, clock, 40)
-    assert times[-1] - times[0] < 0.5
 
 
 async def test_plenty_remaining_changes_nothing(clock: FakeClock) -> None:
@@ -385,15 +409,22 @@ async def test_plenty_remaining_changes_nothing(clock: FakeClock) -> None:
     assert await start_times(limiter, clock, 3) == pytest.approx([0, 0.1, 0.2])
 
 
-async def test_nothing_remaining_waits_for_reset(clock: FakeClock) -> None:
+async def test_nothing_remaining_waits_for_one_refill_not_the_reset(clock: FakeClock) -> None:
     limiter = RateLimiter(clock=clock)
     limiter.observe(
         {
-            "x-ratelimit-limit-tokens": "1000",
+            "x-ratelimit-limit-tokens": "1000",  # 16.7 tokens/s
             "x-ratelimit-remaining-tokens": "0",
             "x-ratelimit-reset-tokens": "6s",
         }
     )
+    await limiter.acquire(5)
+    assert clock.now == pytest.approx(5 / (1000 / 60))  # 0.3 s, not 6 s
+
+
+async def test_nothing_remaining_and_no_known_limit_waits_for_reset(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock=clock)
+    limiter.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6s"})
     await limiter.acquire(100)
     assert clock.now == pytest.approx(6.0)
 
@@ -410,7 +441,9 @@ async def test_anthropic_headers_with_timestamp_reset(clock: FakeClock) -> None:
     )
     assert limiter.statistics().rpm == 50
     await limiter.acquire()
-    assert clock.now == pytest.approx(8.0, abs=0.5)
+    assert clock.now == pytest.approx(60 / 50)  # one request's refill, not the 8 s reset
+    await limiter.acquire()
+    assert clock.now == pytest.approx(2 * 60 / 50)
 
 
 # --------------------------------------------------------------------------- header parsing

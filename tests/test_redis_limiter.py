@@ -220,18 +220,53 @@ async def test_observe_learns_limits(make) -> None:
     assert off.statistics().rpm is None
 
 
-async def test_exhausted_budget_pauses_everyone_until_reset(make) -> None:
+def _anthropic_exhausted(limit: int, reset_s: float) -> dict[str, str]:
+    reset = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=reset_s)
+    return {
+        "anthropic-ratelimit-requests-limit": str(limit),
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
+    }
+
+
+async def test_exhausted_budget_pauses_everyone_for_one_refill(make) -> None:
     observer, other = make(), make()
-    reset = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.3)
+    # 200/min refills one request in 0.3 s: that is the pause, not the 5 s reset
+    observer.observe(_anthropic_exhausted(200, 5.0))
+    await observer.flush()
+    started = time.monotonic()
+    waited = await other.acquire()
+    assert 0.25 <= waited < 1.0
+    assert time.monotonic() - started < 1.0
+
+
+async def test_exhausted_budget_pause_never_exceeds_the_reset(make) -> None:
+    observer, other = make(), make()
+    observer.observe(_anthropic_exhausted(10, 0.3))  # one refill is 6 s; the reset is sooner
+    await observer.flush()
+    assert 0.25 <= await other.acquire() < 1.0
+
+
+async def test_exhausted_budget_without_a_limit_pauses_until_reset(make) -> None:
+    observer, other = make(), make()
+    observer.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "300ms"})
+    await observer.flush()
+    assert await other.acquire() >= 0.25
+
+
+async def test_exhausted_token_budget_pauses_for_the_last_estimate(make) -> None:
+    observer, other = make(), make()
+    await observer.acquire(50)
+    # 6000 tokens/min = 100/s: 50 tokens refill in 0.5 s, well before the 10 s reset
     observer.observe(
         {
-            "anthropic-ratelimit-requests-limit": "50",
-            "anthropic-ratelimit-requests-remaining": "0",
-            "anthropic-ratelimit-requests-reset": reset.isoformat().replace("+00:00", "Z"),
+            "x-ratelimit-limit-tokens": "6000",
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": "10s",
         }
     )
     await observer.flush()
-    assert await other.acquire() >= 0.25
+    assert 0.4 <= await other.acquire() < 1.5
 
 
 # --------------------------------------------------------------------------- Redis lost
