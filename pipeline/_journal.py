@@ -80,7 +80,6 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Mapping
 from typing import IO, Any, BinaryIO
@@ -95,7 +94,6 @@ MANIFEST_SUFFIX = ".checkpoint.json"
 PUBLISH_SUFFIX = ".publishing"
 DEAD_LETTER_SUFFIX = ".failed.jsonl"
 _FINGERPRINT_BYTES = 1 << 20
-_BLOCK = 1 << 20
 
 _orjson: Any
 try:
@@ -863,9 +861,3 @@ class Journal:
 
 def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
-
-
-def copy_file(src: PathLike, dest: BinaryIO) -> None:
-    """Copy a file's bytes into an open binary file (publishing to a stream)."""
-    with open(src, "rb") as f:
-        shutil.copyfileobj(f, dest, _BLOCK)

@@ -37,7 +37,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Container, Hashable, Iterator, Mapping, Sequence
 from typing import IO, Any, BinaryIO, ClassVar, cast
@@ -64,6 +63,7 @@ Row = dict[str, Any]
 
 _BLOCK = 1 << 20
 _CHUNK_ROWS = 2048
+_INLINE_WRITE = 64 << 10
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -641,6 +641,7 @@ class FileSink(Stage[Any, Any]):
         self.fsync_every = fsync_every
         self.fsync_interval = fsync_interval
         self.written = 0
+        self._unsynced = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
@@ -700,7 +701,10 @@ class FileSink(Stage[Any, Any]):
         done = False
         try:
             await anyio.to_thread.run_sync(journal.open)
-            await self._pump(inbox, outbox, journal)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._syncer, journal)
+                await self._pump(inbox, outbox, journal)
+                tg.cancel_scope.cancel()
             await anyio.to_thread.run_sync(journal.close)
             if self.journal is None:
                 try:
@@ -715,32 +719,28 @@ class FileSink(Stage[Any, Any]):
                 else:
                     journal.close()
 
+    async def _syncer(self, journal: JournalFile) -> None:
+        """Fsync what was written, ``fsync_interval`` seconds at most after it was written."""
+        while True:
+            await anyio.sleep(self.fsync_interval)
+            if self._unsynced:
+                self._unsynced = 0
+                await anyio.to_thread.run_sync(journal.sync)
+
     async def _pump(
         self, inbox: Inbox[Any], outbox: Outbox[Any], journal: JournalFile | None
     ) -> None:
-        unsynced = 0
-        last_sync = time.monotonic()
+        self._unsynced = 0
         while True:
-            env: Envelope[Any] | None = None
             try:
                 env = inbox.receive_nowait()
             except WouldBlock:
                 try:
-                    if journal is not None and unsynced:
-                        wait = self.fsync_interval - (time.monotonic() - last_sync)
-                        with anyio.move_on_after(max(wait, 0)):
-                            env = await inbox.receive()
-                    else:
-                        env = await inbox.receive()
+                    env = await inbox.receive()
                 except EndOfStream:
                     return
             except EndOfStream:
                 return
-            if env is None:  # quiet for fsync_interval: make what was written durable
-                assert journal is not None
-                await anyio.to_thread.run_sync(journal.sync)
-                unsynced, last_sync = 0, time.monotonic()
-                continue
             chunk = [env]
             ended = False
             while len(chunk) < _CHUNK_ROWS:
@@ -756,27 +756,29 @@ class FileSink(Stage[Any, Any]):
                 if journal is None:
                     data = self.stream_chunk(good, payloads)
                     await anyio.to_thread.run_sync(_write_stdout, data)
+                    await checkpoint_if_cancelled()
                 else:
                     records = b"".join(
                         encode_record(_line(env), env.key, payload)
                         for env, payload in zip(good, payloads, strict=True)
                     )
-                    await anyio.to_thread.run_sync(journal.append, records, len(good))
+                    if len(records) < _INLINE_WRITE:  # to the page cache: cheaper than a thread
+                        journal.append(records, len(good))
+                    else:
+                        await anyio.to_thread.run_sync(journal.append, records, len(good))
+                        # a thread call cannot be cancelled: if the run was cancelled
+                        # meanwhile, stop before sending into channels being torn down
+                        await checkpoint_if_cancelled()
+                    self._unsynced += len(good)
+                    if self._unsynced >= self.fsync_every:
+                        self._unsynced = 0
+                        await anyio.to_thread.run_sync(journal.sync)
+                        await checkpoint_if_cancelled()
                 self.written += len(good)
-                if journal is not None:
-                    unsynced += len(good)
-            # A thread call is not cancellable: if the run was cancelled meanwhile, stop here
-            # instead of sending into channels that are being torn down.
-            await checkpoint_if_cancelled()
             for env, message in bad:
                 await outbox.fail(env, ItemError(message))
             for env in good:
                 await outbox.send(env)
-            if journal is not None and (
-                unsynced >= self.fsync_every or time.monotonic() - last_sync >= self.fsync_interval
-            ):
-                await anyio.to_thread.run_sync(journal.sync)
-                unsynced, last_sync = 0, time.monotonic()
             if ended:
                 return
 
