@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from tenacity import RetryCallState
 
@@ -624,3 +625,15 @@ async def test_chat_answers_each_member_of_a_batch() -> None:
         {"name": "Alan", "response": "echo: Alan"},
     ]
     assert results.report is not None and results.report.failures[0].item == {"oops": 1}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_call_escape_hatch_runs_on_trio_too(anyio_backend: str) -> None:
+    async def call(record: dict[str, Any]) -> str:
+        await anyio.lowlevel.checkpoint()
+        return record["name"].upper()
+
+    results, report = await _run(LLMCaller(call=call, rpm=6000), ROWS[:3])
+    assert [r["response"] for r in results] == ["ADA", "GRACE", "ALAN"]
+    assert report.stages[1].requests == 3
