@@ -80,6 +80,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Container, Hashable, Iterable, Iterator, Mapping
 from typing import IO, Any, BinaryIO
@@ -152,13 +153,25 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, default=_default, separators=(",", ":")).encode("ascii")
 
 
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_LONG_DIGITS_STR = re.compile(r"\d{19}")
+
+
 def loads(data: bytes | str) -> Any:
-    """Parse JSON text (orjson when installed, the stdlib for what orjson refuses)."""
+    """Parse JSON text exactly (orjson when installed, the stdlib for what orjson refuses).
+
+    orjson reads integers beyond 64 bits as floats; text with a run of 19 or more digits
+    goes to the stdlib so big integers keep every digit.
+    """
     if _orjson is not None:
-        try:
-            return _orjson.loads(data)
-        except ValueError:
-            pass
+        long = (
+            _LONG_DIGITS.search(data) if isinstance(data, bytes) else _LONG_DIGITS_STR.search(data)
+        )
+        if long is None:
+            try:
+                return _orjson.loads(data)
+            except ValueError:
+                pass
     return json.loads(data)
 
 

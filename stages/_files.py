@@ -903,6 +903,8 @@ class CsvSink(FileSink):
             for payload in payloads():
                 fields.update(dict.fromkeys(loads(payload)))
         names = list(fields)
+        if not names:
+            return  # no rows and no declared fields: an empty file
         text = io.TextIOWrapper(dest, encoding="utf-8", newline="", write_through=False)
         try:
             writer = self._writer(text)

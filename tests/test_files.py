@@ -225,6 +225,35 @@ async def test_csv_bad_header_is_fatal(tmp_path: Path) -> None:
         await Pipeline(CsvSource(path, id_field="id")).run()
 
 
+async def test_big_integers_and_unicode_survive_a_round_trip(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        b'{"big": 1180591620717411303424, "neg": -92233720368547758090,'
+        b' "u": "\\u2028 caf\xc3\xa9 \\ud83d\\ude00"}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    await Pipeline(JsonlSource(src), JsonlSink(out)).run()
+    # U+2028 stays raw in JSON text: JSON Lines split on "\n" only (not str.splitlines)
+    (row,) = [json.loads(x) for x in out.read_text(encoding="utf-8").split("\n") if x]
+    assert row == {"big": 2**70, "neg": -92233720368547758090, "u": "\u2028 caf\u00e9 \U0001f600"}
+    await Pipeline(JsonlSource(out), ParquetSink(tmp_path / "out.parquet")).run()
+    envs, _ = await collect(Pipeline(ParquetSource(tmp_path / "out.parquet")))
+    assert envs[0].value["big"] == str(2**70)  # too big for any Parquet integer: kept as text
+
+
+async def test_missing_pyarrow_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages._files as files
+
+    def no_pyarrow(name: str) -> Any:
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(files.importlib, "import_module", no_pyarrow)
+    with pytest.raises(pl.ConfigError, match=r"pip install 'llm-pipeline\[parquet\]'"):
+        ParquetSource("in.parquet")
+    with pytest.raises(pl.ConfigError, match=r"\[parquet\]"):
+        ParquetSink("out.parquet")
+
+
 async def test_csv_empty_and_header_only_files(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
     path.write_text("")
@@ -232,6 +261,9 @@ async def test_csv_empty_and_header_only_files(tmp_path: Path) -> None:
     path.write_text("a,b\n")
     assert (await Pipeline(CsvSource(path)).run()).rows_in == 0
     assert count_rows(path) == 0
+    out = tmp_path / "out.csv"
+    await Pipeline([], CsvSink(out)).run()
+    assert out.read_text() == ""
 
 
 # -- Parquet -------------------------------------------------------------------------------
