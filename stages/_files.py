@@ -18,7 +18,9 @@ nothing already written), and fsync every ``fsync_every`` rows or ``fsync_interv
 and at the end. To a file, a sink appends to a journal (see :mod:`pipeline._journal`) and
 publishes the final file atomically when its input ends, so no reader sees half a file under
 the final name; given a :class:`~pipeline._journal.JournalFile` of a resumable job, it appends
-to that and the job publishes. To stdout (``-``) JSONL and CSV rows stream as they come.
+to that and the job publishes. To stdout (``-``) JSONL and CSV rows stream as they come;
+Parquet, a whole-file format, needs a path. A run that fails leaves no file behind (without a
+job there is nothing to resume; use a :class:`~pipeline._journal.Journal` for that).
 
 Dead-letter records (:class:`DeadLetterSink`) are JSON objects::
 
@@ -117,7 +119,10 @@ class FileSource(Source[Row]):
         id_field: The field whose value is each row's key (default: the line number).
         skip_keys: Keys of rows already done (a resumed job); they are not emitted.
         name: The stage's name.
-        buffer: Capacity of the stage's outbox... (the next stage's inbox sets it).
+        buffer: Capacity of the stage's inbox (unused by sources).
+
+    Duplicate ids are found by remembering every id of the run (about 120 bytes each); without
+    an id field a source holds nothing per row and streams any file in flat memory.
 
     Attributes:
         emitted: Rows emitted in the last run.
