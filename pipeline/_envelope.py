@@ -35,7 +35,24 @@ class Envelope(Generic[T]):
     meta: dict[str, Any] | None = None
 
     def replace(self, value: U) -> Envelope[U]:
-        """Return a copy carrying ``value`` and the same identity, context and metadata."""
+        """Return a copy carrying ``value`` and the same identity, context, members and metadata.
+
+        A batch stays a batch: a 1:1 stage over a batch envelope keeps its members, so the
+        batch still counts as (and can be split back into) its items.
+        """
+        return Envelope(
+            value,
+            self.seq,
+            self.key,
+            self.origin,
+            self.context,
+            self.attempts,
+            self.members,
+            self.meta,
+        )
+
+    def child(self, value: U) -> Envelope[U]:
+        """Return a new single item made from this one (``flat_map``): same identity, no members."""
         return Envelope(
             value, self.seq, self.key, self.origin, self.context, self.attempts, None, self.meta
         )

@@ -112,14 +112,14 @@ class FlatMap(_FunctionStage[In, Out]):
             async for child in produced:
                 if sent:
                     outbox.grow(env, 1)
-                await outbox.send(env.replace(child))
+                await outbox.send(env.child(child))
                 sent += 1
         else:
             children = list(produced)
             if children:
                 outbox.grow(env, len(children) - 1)
             for child in children:
-                await outbox.send(env.replace(child))
+                await outbox.send(env.child(child))
             sent = len(children)
         if not sent:
             outbox.drop(env)

@@ -107,7 +107,7 @@ class _Reorder(Stage[Any, Any]):
                     await outbox.send(ready)
                 next_seq += 1
                 self.slots.release()
-        if pending or live:
+        if (pending or live) and not run.crashed:  # a crashed stage explains the missing items
             raise LedgerError(f"reorder ended with {len(pending)} items pending")
 
 
@@ -301,8 +301,10 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    # A stage that died closes its inbox, so upstream sees BrokenResourceError: a consequence.
-    causes = [e for e in leaves if not isinstance(e, anyio.BrokenResourceError)] or leaves
+    # A stage that died closes its inbox, so upstream sees BrokenResourceError, and the ledger
+    # comes up short: consequences, not causes.
+    consequences = (anyio.BrokenResourceError, LedgerError)
+    causes = [e for e in leaves if not isinstance(e, consequences)] or leaves
     found: BaseException = causes[0] if len(causes) == 1 else group
     return found
 
@@ -458,6 +460,7 @@ class _Run:
                 else:
                     await stage.run(inbox, outbox)
             except Exception as error:
+                self.state.crashed = True
                 _attach_stage(error, stage.name)
                 raise
 

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from anyio import EndOfStream, WouldBlock
-from anyio.lowlevel import checkpoint
+from anyio.lowlevel import cancel_shielded_checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._envelope import Envelope, Failed
@@ -145,6 +145,7 @@ class RunState:
         self.on_stop: Callable[[], None] | None = None
         self.admit: Callable[[], Awaitable[None]] | None = None
         self.source_busy = False
+        self.crashed = False
 
     def request_stop(self, reason: str) -> None:
         """Stop reading input; items already in flight finish. The first reason wins."""
@@ -194,7 +195,8 @@ class Inbox(Generic[T]):
             self._tick += 1
             if self._tick >= _CHECKPOINT_EVERY:
                 self._tick = 0
-                await checkpoint()
+                # shielded: a cancelled receive must not lose the item it already took
+                await cancel_shielded_checkpoint()
         self._stats.received += 1 if env.members is None else len(env.members)
         return env
 

@@ -463,3 +463,43 @@ async def test_stop_while_the_source_is_blocked_on_backpressure_loses_nothing() 
     report = results.report
     assert report is not None and report.balanced and report.complete
     assert report.ok == report.rows_in == len(got) >= 1
+
+
+async def test_fatal_error_in_an_ordered_run_raises_the_original() -> None:
+    with anyio.fail_after(5), pytest.raises(ValueError, match="seven-ish value 14"):
+        await Pipeline(
+            pl.map(double, workers=3), pl.map(fails_on_sevens, on_error="fatal"), ordered=True
+        ).run(range(1, 10**6))
+
+
+async def test_a_cancelled_receive_loses_no_item() -> None:
+    got: list[int] = []
+
+    class Patient(Stage[int, int]):
+        async def run(self, inbox: Inbox[int], outbox: Outbox[int]) -> None:
+            while True:
+                with anyio.move_on_after(0):  # cancelled as soon as it would wait or checkpoint
+                    try:
+                        env = await inbox.receive()
+                    except anyio.EndOfStream:
+                        return
+                    got.append(env.value)
+                    await outbox.send(env)
+
+    report = await Pipeline(Patient(buffer=1024)).run(range(2000))
+    assert report.ok == 2000 and report.balanced
+    assert sorted(got) == list(range(2000))
+
+
+async def test_a_map_over_a_batch_keeps_it_a_batch() -> None:
+    class Pairs(Stage[int, list[int]]):
+        async def run(self, inbox: Inbox[int], outbox: Outbox[list[int]]) -> None:
+            held: list[Envelope[int]] = []
+            async for env in inbox:
+                held.append(env)
+                if len(held) == 2:
+                    await outbox.send(Envelope([m.value for m in held], held[0].seq, members=held))
+                    held = []
+
+    report = await Pipeline(Pairs(), pl.map(sum), pl.map(str, name="fmt")).run(range(6))
+    assert report.balanced and report.ok == 6  # three batches standing for six items
