@@ -373,7 +373,7 @@ class _Run:
         if self.reorder is not None:
             self.wake = self.channels[self.reorder_at - 1][0].clone()
             self.ledger.notify = self._wake_reorder
-            self.state.admit = self.reorder.slots.acquire
+            self.state.admit = self._admit
         tg.start_soon(self._dead_letter_task, name="dead letter")
         if self.metrics is not None:
             tg.start_soon(self._metrics_task, name="metrics")
@@ -391,6 +391,15 @@ class _Run:
         depths: list[int | None] = [None]
         depths += [recv.statistics().current_buffer_used for _, recv in self.channels[:-1]]
         self.metrics.flush(self.stats, depths)
+
+    async def _admit(self) -> None:
+        """Take a slot of the ordering window, waiting only when the window is full."""
+        assert self.reorder is not None
+        slots = self.reorder.slots
+        try:
+            slots.acquire_nowait()
+        except WouldBlock:
+            await slots.acquire()
 
     def _wake_reorder(self) -> None:
         if self.wake is not None:
