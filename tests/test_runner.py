@@ -266,7 +266,9 @@ async def test_ordered_window_bounds_how_far_the_source_runs_ahead() -> None:
             out += 1
             max_ahead = max(max_ahead, emitted - out)
             assert value == out - 1
-    assert max_ahead <= 10 + 1
+    # the window holds the source back from the oldest unfinished item; results the reorder
+    # already released may wait in the final channel (its buffer is min(window, 1024))
+    assert max_ahead <= 10 + 10 + 1
 
 
 async def test_ordered_with_flat_map_keeps_children_together() -> None:
