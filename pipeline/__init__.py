@@ -1,6 +1,7 @@
 """Asynchronous stream-processing pipelines for calling LLM APIs at scale.
 
-Declare a pipeline from stages connected by bounded channels, then run it::
+Declare a pipeline from stages connected by bounded channels, then run it (the stage library
+is the ``stages`` package; the simulated server for tests is :mod:`pipeline.testing`)::
 
     import pipeline
 
