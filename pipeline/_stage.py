@@ -59,7 +59,7 @@ class StageStats:
         failed: Items sent to the dead letter.
         dropped: Items deliberately discarded (a filter saying no).
         created: Extra items made from one input (``flat_map``); negative never.
-        busy_s: Seconds spent handling items, summed over workers.
+        busy_s: Seconds spent handling items, summed over workers (blocked time excluded).
         blocked_s: Seconds spent waiting for room in a full outbox (backpressure).
         retries: Retries made by the stage (callers count these).
         requests: Requests sent to a server (callers count these).
@@ -214,7 +214,7 @@ class Inbox(Generic[T]):
 class Outbox(Generic[T]):
     """The sending end of a stage, and its handle on the run (dead letter, spans, logging)."""
 
-    __slots__ = ("_index", "_run", "_stats", "_stream", "log", "stage")
+    __slots__ = ("_index", "_run", "_stats", "_stream", "blocked_s", "log", "stage")
 
     def __init__(
         self,
@@ -230,6 +230,7 @@ class Outbox(Generic[T]):
         self._index = index
         self.stage = stage
         self.log = stage.log
+        self.blocked_s = 0.0  # this worker's share of stats.blocked_s
 
     @property
     def stats(self) -> StageStats:
@@ -246,7 +247,9 @@ class Outbox(Generic[T]):
         except WouldBlock:
             started = _perf()
             await stream.send(env)
-            self._stats.blocked_s += _perf() - started
+            waited = _perf() - started
+            self.blocked_s += waited
+            self._stats.blocked_s += waited
         self._stats.emitted += 1 if env.members is None else len(env.members)
 
     async def emit(
@@ -507,6 +510,7 @@ class ItemStage(Stage[In, Out]):
         handle = self.handle
         async for env in inbox:
             started = _perf()
+            blocked = outbox.blocked_s
             try:
                 if tracing:
                     with outbox.span(env):
@@ -515,4 +519,5 @@ class ItemStage(Stage[In, Out]):
                     await handle(env, outbox)
             except Exception as error:  # cancellation is BaseException: never caught here
                 await outbox.handle_error(env, error)
-            stats.busy_s += _perf() - started
+            # busy excludes the time spent waiting for room downstream (reported as blocked)
+            stats.busy_s += _perf() - started - (outbox.blocked_s - blocked)
