@@ -77,6 +77,9 @@ class _UsageCollector(BaseCallbackHandler):
     """Adds up the token usage every chat model inside one runnable call reports."""
 
     run_inline = True  # plain counters: no need for the executor a sync handler gets otherwise
+    # only the end of each model call matters: every other event skips this handler
+    ignore_chain = ignore_agent = ignore_retriever = ignore_retry = ignore_chat_model = True
+    ignore_custom_event = True
 
     def __init__(self) -> None:
         super().__init__()
