@@ -967,41 +967,43 @@ class _LocalJob:
             *stages,
             dead_letter=_make_dead_letter_sink(journal, self.causes),
             name="job",
-            tracing=tracer if tracer is not None else False,
+            tracing=tracer,
         )
-        report = None
+        failure: Exception | None = None
         finished = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._count, settings.input)
                 with anyio.CancelScope() as run_scope:
-                    async with pipe.open() as results:
-                        self.results = results
-                        if self.on_progress is not None:
-                            tg.start_soon(self._progress_task)
-                        if self.stop_event is not None:
-                            tg.start_soon(self._stop_task, results, run_scope, finished)
-                        async for _ in results:
-                            self.ok += 1
-                    report = results.report
+                    try:
+                        async with pipe.open() as results:
+                            self.results = results
+                            if self.on_progress is not None:
+                                tg.start_soon(self._progress_task)
+                            if self.stop_event is not None:
+                                tg.start_soon(self._stop_task, results, run_scope, finished)
+                            async for _ in results:
+                                self.ok += 1
+                    except Exception as error:  # raised below, outside the task group
+                        failure = error
                 finished.set()
-                if run_scope.cancelled_caught:
-                    report = results.report
                 tg.cancel_scope.cancel()
-        except (ConfigError, FatalError):
-            await anyio.to_thread.run_sync(journal.close)
-            raise
-        except Exception as error:
-            await anyio.to_thread.run_sync(journal.close)
-            if isinstance(error, OSError):
-                raise JobFailedError(
-                    f"{error.strerror or error}: {error.filename or ''}".rstrip(": "),
-                    self._summary(report),
-                ) from error
-            raise
         finally:
             if tracer is not None:
                 await anyio.to_thread.run_sync(tracer.shutdown)
+        report = self.results.report if self.results is not None else None
+        if failure is not None:
+            await anyio.to_thread.run_sync(journal.close)
+            if isinstance(failure, (ConfigError, JobFailedError)):
+                raise failure
+            if isinstance(failure, FatalError):
+                raise JobFailedError(str(failure), self._summary(report)) from failure
+            if isinstance(failure, OSError):
+                where = f" ({failure.filename})" if failure.filename else ""
+                raise JobFailedError(
+                    f"{failure.strerror or failure}{where}", self._summary(report)
+                ) from failure
+            raise failure
         assert report is not None
         self.stopped = self.stopped or report.stopped
         complete = report.complete and report.stopped is None

@@ -1,0 +1,435 @@
+"""The command line: ``python -m pipeline run|demo|sim|serve`` (also installed as ``llm-pipeline``).
+
+``run`` reads its settings from a job file (``--config``) and flags (which override it), runs
+the job with a progress display and prints a summary. Exit status: 0 every row answered, 3 the
+job finished with some rows in the dead letter, 1 a fatal error or a stop before the end (a
+budget), 2 a usage error, 130 interrupted (Ctrl-C; the job can be resumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from ._errors import ConfigError
+from ._job import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
+from ._logging import StageFilter
+from ._progress import ProgressDisplay, summary_table
+
+PROG = "llm-pipeline"
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_FAILED_ROWS = 3
+EXIT_INTERRUPTED = 130
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _param(text: str) -> tuple[str, Any]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw  # a bare word is a string: --param user=alice
+    return name.strip(), value
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _run_parser(parser: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    bool_flag = argparse.BooleanOptionalAction
+    parser.add_argument(
+        "input", nargs="?", default=s, help="input file (JSONL, CSV, Parquet; - for stdin)"
+    )
+    parser.add_argument("-o", "--output", default=s, help="output file (format by extension)")
+    job = parser.add_argument_group("model and request")
+    job.add_argument("--model", default=s, help="model name (Azure: deployment)")
+    job.add_argument(
+        "--prompt", default=s, metavar="TEMPLATE", help='template over row fields: "Hello {name}"'
+    )
+    job.add_argument("--system", default=s, metavar="TEXT", help="system prompt")
+    job.add_argument("--base-url", default=s, metavar="URL", help="API root (default: provider's)")
+    job.add_argument(
+        "--api-key-env", default=s, metavar="NAME", help="environment variable holding the key"
+    )
+    job.add_argument("--endpoint", choices=["chat", "embeddings"], default=s)
+    job.add_argument("--provider", choices=["openai", "azure", "anthropic"], default=s)
+    job.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        type=_param,
+        default=s,
+        metavar="KEY=VALUE",
+        help="request body field, JSON value (repeatable): --param temperature=0.2",
+    )
+    job.add_argument(
+        "--header",
+        dest="headers",
+        action="append",
+        type=_header,
+        default=s,
+        metavar="'NAME: VALUE'",
+        help="extra HTTP header (repeatable)",
+    )
+    job.add_argument("--stream", action=bool_flag, default=s, help="stream answers (SSE)")
+    job.add_argument("--json-output", action=bool_flag, default=s, help="parse each answer as JSON")
+    job.add_argument(
+        "--output-field", default=s, metavar="FIELD", help="field for the answer (response)"
+    )
+    job.add_argument("--id-field", default=s, metavar="FIELD", help="row key (default: line no.)")
+    job.add_argument("--batch-size", type=_int, default=s, help="rows per embeddings request")
+    limits = parser.add_argument_group("limits and retries")
+    limits.add_argument(
+        "--concurrency", type=_int, default=s, metavar="N", help="fixed (default adaptive)"
+    )
+    limits.add_argument(
+        "--max-concurrency", type=_int, default=s, metavar="N", help="adaptive ceiling"
+    )
+    limits.add_argument("--rpm", type=_number, default=s, metavar="N", help="requests per minute")
+    limits.add_argument("--tpm", type=_number, default=s, metavar="N", help="tokens per minute")
+    limits.add_argument(
+        "--limiter", default=s, metavar="redis://HOST:PORT/DB", help="share limits through Redis"
+    )
+    limits.add_argument("--max-retries", type=_int, default=s, metavar="N")
+    limits.add_argument(
+        "--timeout", type=_number, default=s, metavar="SECONDS", help="per attempt (600)"
+    )
+    limits.add_argument(
+        "--deadline", type=_number, default=s, metavar="SECONDS", help="per row, retries included"
+    )
+    limits.add_argument(
+        "--budget", type=_number, default=s, metavar="USD", help="stop reading input at this cost"
+    )
+    files = parser.add_argument_group("files and resume")
+    files.add_argument("--dead-letter", default=s, metavar="PATH", help="OUTPUT.failed.jsonl")
+    files.add_argument("--resume", action="store_true", default=s, help="continue a stopped job")
+    files.add_argument(
+        "--overwrite", action="store_true", default=s, help="discard a stopped job, start over"
+    )
+    files.add_argument("--ordered", action=bool_flag, default=s, help="output in input order")
+    files.add_argument("--cache", default=s, metavar="DIR", help="response cache directory")
+    files.add_argument("--input-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
+    files.add_argument("--output-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
+    files.add_argument("--summary-json", default=s, metavar="PATH", help="write the summary here")
+    files.add_argument("--config", default=s, metavar="job.toml", help="settings from a job file")
+    run = parser.add_argument_group("running")
+    run.add_argument("--engine", choices=["local", "ray"], default=s)
+    run.add_argument("--ray-address", default=s, metavar="ADDR")
+    run.add_argument("--trace", choices=["console", "otlp"], default=s, help="export spans")
+    run.add_argument(
+        "--grace", type=_number, default=s, metavar="SECONDS", help="Ctrl-C wait for rows (30)"
+    )
+    run.add_argument("--quiet", action="store_true", default=s, help="no progress or summary")
+    run.add_argument("--debug", action="store_true", default=False, help="tracebacks, debug log")
+    run.add_argument(
+        "--progress-interval",
+        type=_number,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between progress lines when not on a terminal (5)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the whole command line."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Push files of rows through LLM APIs: fast, within rate limits, resumable.",
+    )
+    try:
+        from importlib.metadata import version
+
+        shown = version("llm-pipeline")
+    except Exception:  # pragma: no cover - not installed
+        shown = "unknown"
+    parser.add_argument("--version", action="version", version=f"{PROG} {shown}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="run a job: INPUT -> LLM -> OUTPUT",
+        description="Send every row of INPUT to an LLM and write OUTPUT; see docs/cli.md.",
+    )
+    _run_parser(run)
+    commands.add_parser("demo", help="speed demo against a simulated server (no key needed)")
+    commands.add_parser("sim", help="serve the simulated LLM API (see sim --help)")
+    commands.add_parser("serve", help="HTTP job server (needs the [server] extra)")
+    return parser
+
+
+def _flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def settings_from_args(args: dict[str, Any]) -> tuple[JobSettings, set[str]]:
+    """Merge a job file (``--config``) with the flags given; return settings and flag names.
+
+    Raises:
+        ConfigError: The job file or a setting is invalid.
+    """
+    data: dict[str, Any] = {}
+    config = args.pop("config", None)
+    if config is not None:
+        data = {k.replace("-", "_"): v for k, v in read_job_file(config).items()}
+    flags = set(args)
+    for name, value in args.items():
+        if name == "params":
+            merged = dict(data.get("params") or {})
+            merged.update(dict(value))
+            data["params"] = merged
+        elif name == "headers":
+            merged_headers = dict(data.get("headers") or {})
+            merged_headers.update(dict(value))
+            data["headers"] = merged_headers
+        else:
+            data[name] = value
+    where = config if config is not None else "settings"
+    try:
+        settings = JobSettings.from_mapping(data, where=where)
+    except ConfigError as error:
+        raise ConfigError(_flag_words(str(error), flags)) from None
+    return settings, flags
+
+
+def _flag_words(message: str, flags: set[str]) -> str:
+    """Name settings given as flags the way the user typed them (``--max-retries``)."""
+
+    def swap(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return _flag_name(name) if name in flags else match.group(0)
+
+    return re.sub(r"setting '(\w+)'", swap, message)
+
+
+def _configure_logging(quiet: bool, debug: bool) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(StageFilter())
+    handler.setFormatter(logging.Formatter("%(levelname)s [%(stage)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING
+    logging.getLogger("pipeline").setLevel(level)
+    logging.getLogger("stages").setLevel(level)
+    handler.setLevel(level)
+    return handler
+
+
+def _error(text: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {text}\n")
+    sys.stderr.flush()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split("\n")[0].split()) if "\n" in text else text
+
+
+def _exit_status(summary: JobSummary) -> int:
+    if summary.complete:
+        return EXIT_FAILED_ROWS if summary.total_failed else EXIT_OK
+    return EXIT_FATAL
+
+
+def _write_summary(path: str | None, summary: JobSummary, status: int, error: str | None) -> None:
+    if not path:
+        return
+    data = summary.to_dict()
+    data["exit_status"] = status
+    data["error"] = error
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        _error(f"cannot write the summary to {path!r}: {exc.strerror or exc}")
+
+
+async def _watch_signals(stop: anyio.Event, display: ProgressDisplay | None) -> None:
+    """First Ctrl-C (or SIGTERM): stop reading input, finish rows in flight. Second: exit."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not stop.is_set():
+                text = (
+                    f"{signal.Signals(signum).name}: stopping: no new rows are read; rows in"
+                    " flight finish (Ctrl-C again to exit now; the job stays resumable)"
+                )
+                if display is not None:
+                    display.message(text)
+                else:
+                    sys.stderr.write(text + "\n")
+                    sys.stderr.flush()
+                stop.set()
+            else:
+                sys.stderr.write(
+                    "\ninterrupted again: exiting now; run the same command with --resume to"
+                    " continue\n"
+                )
+                sys.stderr.flush()
+                os._exit(EXIT_INTERRUPTED)
+
+
+async def _run_async(
+    settings: JobSettings, display: ProgressDisplay | None, interval: float
+) -> JobSummary:
+    stop = anyio.Event()
+    failure: Exception | None = None
+    summary: JobSummary | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, stop, display)
+        try:
+            summary = await run_job(
+                settings,
+                on_progress=display.update if display is not None else None,
+                stop_event=stop,
+                stop_reason="interrupted",
+                progress_interval=interval,
+            )
+        except Exception as error:  # re-raised outside the task group, unwrapped
+            failure = error
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    assert summary is not None
+    return summary
+
+
+def run_command(argv: Sequence[str]) -> int:
+    """Run ``llm-pipeline run ...``; return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} run",
+        description="Send every row of INPUT to an LLM and write OUTPUT; see docs/cli.md.",
+    )
+    _run_parser(parser)
+    args = vars(parser.parse_args(list(argv)))  # usage errors exit 2 here
+    debug = bool(args.pop("debug", False))
+    interval = args.pop("progress_interval", None)
+    try:
+        settings, _flags = settings_from_args(args)
+        settings.require_paths()
+    except ConfigError as error:
+        _error(str(error))
+        return EXIT_USAGE
+    display = None if settings.quiet else ProgressDisplay()
+    if interval is None:
+        interval = 0.2 if display is not None and display.tty else 5.0
+    if interval <= 0:
+        _error(f"--progress-interval must be > 0, got {interval:g}")
+        return EXIT_USAGE
+    handler = _configure_logging(settings.quiet, debug)
+    try:
+        try:
+            summary = anyio.run(
+                _run_async,
+                settings,
+                display,
+                interval,
+                backend="asyncio",
+                backend_options={"use_uvloop": True},
+            )
+        except ConfigError as error:
+            if display is not None:
+                display.close()
+            _error(str(error))
+            return EXIT_USAGE
+        except JobFailedError as error:
+            if display is not None:
+                display.close()
+            if debug:
+                traceback.print_exception(error)
+            _error(_one_line(error))
+            _write_summary(settings.summary_json, error.summary, EXIT_FATAL, str(error))
+            return EXIT_FATAL
+        except Exception as error:
+            if display is not None:
+                display.close()
+            if debug:
+                traceback.print_exception(error)
+            _error(f"{type(error).__name__}: {_one_line(error)}")
+            return EXIT_FATAL
+    finally:
+        logging.getLogger().removeHandler(handler)
+    if display is not None:
+        display.close()
+    status = _exit_status(summary)
+    if summary.stopped == "interrupted":
+        status = EXIT_INTERRUPTED
+    if not settings.quiet:
+        sys.stdout.write(summary_table(summary) + "\n")
+        sys.stdout.flush()
+    message = None
+    if not summary.complete:
+        left = f"{summary.total_ok + summary.total_failed:,} rows done so far"
+        message = f"stopped before the end ({summary.stopped}): {left}"
+        _error(f"{message}; run the same command with --resume to continue")
+    _write_summary(settings.summary_json, summary, status, message)
+    return status
+
+
+def _delegate(module: str, argv: Sequence[str], extra: str | None = None) -> int:
+    try:
+        target = importlib.import_module(module)
+    except ImportError as error:
+        if extra is None:
+            raise
+        _error(
+            f"this command needs the [{extra}] extra: pip install 'llm-pipeline[{extra}]' ({error})"
+        )
+        return EXIT_FATAL
+    status = target.main(list(argv))
+    return int(status or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "run":
+        return run_command(args[1:])
+    if args and args[0] == "demo":
+        return _delegate("pipeline._demo", args[1:])
+    if args and args[0] == "sim":
+        return _delegate("pipeline._sim", args[1:])
+    if args and args[0] == "serve":
+        return _delegate("pipeline._server", args[1:], extra="server")
+    parser = build_parser()
+    if not args:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    parser.parse_args(args)  # --help, --version, or an unknown command (exit 2)
+    return EXIT_USAGE  # pragma: no cover - parse_args exits
+
+
+__all__ = ["build_parser", "main", "run_command", "settings_from_args"]

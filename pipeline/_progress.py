@@ -1,0 +1,193 @@
+"""Progress display and summary table for file jobs.
+
+On a terminal, :class:`ProgressDisplay` redraws one status line in place (a bar when the total
+is known, rows/s, tokens/s, retries, errors, cost and ETA); elsewhere (a log file, CI) it prints
+a plain progress line each time it is updated, which the CLI does every few seconds.
+:func:`summary_table` formats a :class:`~pipeline._job.JobSummary` for people.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from ._job import JobProgress, JobSummary
+
+_BAR_WIDTH = 24
+
+
+def _count(n: float) -> str:
+    """``1234567`` -> ``1,234,567``; ``12345.6`` -> ``12,346``."""
+    return f"{n:,.0f}"
+
+
+def _rate(n: float) -> str:
+    """A per-second rate, compact: ``950``, ``12.3k``, ``1.2M``."""
+    if n >= 999_500:
+        return f"{n / 1e6:.1f}M"
+    if n >= 9_995:
+        return f"{n / 1e3:.1f}k"
+    if n >= 100:
+        return f"{n:.0f}"
+    return f"{n:.1f}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """``75.2`` -> ``1:15``; ``3725`` -> ``1:02:05``; ``None`` -> ``?``."""
+    if seconds is None:
+        return "?"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes}:{secs:02d}"
+
+
+def _cost(usd: float) -> str:
+    return f"${usd:.4f}" if usd < 100 else f"${usd:,.2f}"
+
+
+def _fraction(progress: JobProgress) -> float | None:
+    total = progress.rows_total
+    if not total:
+        return None
+    return min(progress.rows_done / total, 1.0)
+
+
+def format_bar(progress: JobProgress, width: int = 100) -> str:
+    """Return the one-line terminal status, at most ``width`` characters."""
+    fraction = _fraction(progress)
+    parts = []
+    if fraction is not None and progress.rows_total is not None:
+        filled = int(fraction * _BAR_WIDTH)
+        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
+        parts.append(
+            f"{fraction * 100:5.1f}% [{bar}] "
+            f"{_count(progress.rows_done)}/{_count(progress.rows_total)}"
+        )
+    else:
+        parts.append(f"{_count(progress.rows_done)} rows")
+    parts.append(f"{_rate(progress.rows_per_s)} rows/s")
+    parts.append(f"{_rate(progress.tokens_per_s)} tok/s")
+    parts.append(f"retries {_count(progress.retries)}")
+    parts.append(f"errors {_count(progress.failed)}")
+    parts.append(_cost(progress.cost_usd))
+    if progress.stopping:
+        parts.append("stopping")
+    elif fraction is not None:
+        parts.append(f"ETA {format_duration(progress.eta_s)}")
+    line = "  ".join(parts)
+    return line if len(line) <= width else line[: max(width - 1, 0)]
+
+
+def format_line(progress: JobProgress) -> str:
+    """Return the plain progress line printed when the output is not a terminal."""
+    fraction = _fraction(progress)
+    if fraction is not None and progress.rows_total is not None:
+        done = (
+            f"{_count(progress.rows_done)}/{_count(progress.rows_total)} rows"
+            f" ({fraction * 100:.1f}%)"
+        )
+    else:
+        done = f"{_count(progress.rows_done)} rows"
+    text = (
+        f"progress: {done}, {_rate(progress.rows_per_s)} rows/s,"
+        f" {_rate(progress.tokens_per_s)} tok/s, {_count(progress.retries)} retries,"
+        f" {_count(progress.failed)} errors, {_cost(progress.cost_usd)},"
+        f" elapsed {format_duration(progress.elapsed_s)}"
+    )
+    if progress.stopping:
+        text += f", stopping ({progress.stopping})"
+    elif fraction is not None:
+        text += f", ETA {format_duration(progress.eta_s)}"
+    return text
+
+
+class ProgressDisplay:
+    """Shows a job's progress on a stream (standard error by default).
+
+    Pass :meth:`update` as ``run_job(..., on_progress=display.update)``; call :meth:`close`
+    before printing anything else.
+
+    Args:
+        stream: Where to draw.
+        tty: Draw a live status line (default: whether ``stream`` is a terminal).
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty and isatty())
+        self.tty = tty
+        self._drawn = False
+        self.updates = 0
+
+    def update(self, progress: JobProgress) -> None:
+        """Draw a snapshot (the live line on a terminal, a new line elsewhere)."""
+        self.updates += 1
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r\x1b[2K" + format_bar(progress, width))
+            self._drawn = True
+            if progress.final:
+                self.close()
+        else:
+            self.stream.write(format_line(progress) + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line of text without garbling the live status line."""
+        if self._drawn:
+            self.stream.write("\r\x1b[2K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the live line so that what follows starts on a fresh line."""
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+def summary_table(summary: JobSummary) -> str:
+    """Return the end-of-job summary as an aligned two-column table."""
+    rows: list[tuple[str, str]] = []
+    rows.append(("rows", _count(summary.rows_in)))
+    if summary.resumed_skipped:
+        rows.append(("skipped", f"{_count(summary.resumed_skipped)} (done by earlier runs)"))
+    rows.append(("ok", _count(summary.ok)))
+    rows.append(("failed", _count(summary.failed)))
+    for cause, n in summary.failed_by_cause.items():
+        rows.append(("", f"  {_count(n)} {cause}"))
+    rows.append(("requests", _count(summary.requests)))
+    rows.append(("retries", _count(summary.retries)))
+    if summary.cache_hits:
+        rows.append(("cache hits", _count(summary.cache_hits)))
+    rows.append(
+        (
+            "tokens",
+            f"{_count(summary.prompt_tokens)} prompt + {_count(summary.completion_tokens)}"
+            " completion",
+        )
+    )
+    rows.append(("cost", _cost(summary.cost_usd)))
+    rows.append(("elapsed", f"{summary.elapsed_s:.2f} s"))
+    rows.append(("rows/s", f"{summary.rows_per_s:,.1f}"))
+    if summary.complete:
+        rows.append(("output", f"{summary.output} ({_count(summary.total_ok)} rows)"))
+        if summary.dead_letter:
+            rows.append(
+                ("dead letter", f"{summary.dead_letter} ({_count(summary.total_failed)} rows)")
+            )
+    elif summary.stopped:
+        rows.append(("stopped", summary.stopped))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
+
+
+__all__ = ["ProgressDisplay", "format_bar", "format_duration", "format_line", "summary_table"]
