@@ -19,7 +19,9 @@ reached Redis are kept (at most one per waiting worker); every turn reserved aft
 If Redis becomes unreachable mid-job the limiter either stops the run with
 :class:`RedisUnavailableError` or, with ``fallback="local"``, carries on alone with a local
 :class:`~pipeline._limits.RateLimiter` at ``fallback_share`` of the limits (each process
-assumes it shares the quota with others), logging a warning. It never falls back to no limit.
+assumes it shares the quota with others), logging a warning. The local limiter starts after
+the last turn this process had already reserved in Redis, so the two never overlap. It never
+falls back to no limit.
 """
 
 from __future__ import annotations
@@ -191,6 +193,7 @@ class RedisRateLimiter:
         self._acquired = 0
         self._waited = 0.0
         self._last_tokens = 0  # the estimate of the latest acquire, for an exhausted budget
+        self._reserved_until = -math.inf  # the latest turn this process got from Redis
 
     @classmethod
     def from_url(
@@ -295,6 +298,7 @@ class RedisRateLimiter:
             return await self._local.acquire(tokens)
         self._acquired += 1
         target = max(time.monotonic() + wait, self._paused_until)
+        self._reserved_until = max(self._reserved_until, target)
         while (delay := target - time.monotonic()) > 0:
             await anyio.sleep(delay)
             target = max(target, self._paused_until)
@@ -338,6 +342,8 @@ class RedisRateLimiter:
 
     def _unreachable(self, error: BaseException) -> None:
         """Stop with a clear error, or fall back to a local limiter at the configured share."""
+        if self._local is not None:
+            return  # another worker's call failed first: one local limiter for everyone
         reason = f"{type(error).__name__}: {error}"
         if self._fallback == "error":
             raise RedisUnavailableError(
@@ -351,7 +357,9 @@ class RedisRateLimiter:
             burst_s=self._burst_s,
             learn=False,
         )
-        remaining_pause = self._paused_until - time.monotonic()
+        # Turns this process already reserved in Redis still go at their times: the local
+        # limiter starts after the last of them, so the two never add up.
+        remaining_pause = max(self._paused_until, self._reserved_until) - time.monotonic()
         if remaining_pause > 0:
             local.pause(remaining_pause)
         self._local = local
