@@ -573,7 +573,7 @@ async def release_caller(caller: LLMCaller) -> None:
             await aclose()
 
 
-async def preflight(caller: LLMCaller, *, within: float = 10.0) -> None:
+async def preflight(caller: LLMCaller, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
     """Check that the caller's server accepts TCP connections.
 
     A wrong ``base_url`` would otherwise be retried and then dead-letter every row.
@@ -592,11 +592,11 @@ async def preflight(caller: LLMCaller, *, within: float = 10.0) -> None:
     shown = f"{parts.scheme}://{host}:{port}"
     reason: str | None = None
     try:
-        with anyio.fail_after(within):
+        with anyio.fail_after(timeout):
             stream = await anyio.connect_tcp(host, port)
         await stream.aclose()
     except TimeoutError:
-        reason = f"no answer within {within:g}s"
+        reason = f"no answer within {timeout:g}s"
     except OSError as error:
         reason = _os_reason(error)
     if reason is not None:
@@ -928,7 +928,7 @@ class _LocalJob:
         caller = await anyio.to_thread.run_sync(build_caller, settings)
         self.caller = caller
         try:
-            await preflight(caller, within=min(10.0, settings.timeout))
+            await preflight(caller, timeout=min(10.0, settings.timeout))
             await anyio.to_thread.run_sync(journal.open)
             self.journal = journal
             if journal.complete:  # a resume finished publishing what an earlier run left
