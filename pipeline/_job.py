@@ -25,6 +25,7 @@ import inspect
 import logging
 import math
 import os
+import socket
 import string
 import sys
 import time
@@ -612,8 +613,12 @@ def _os_reason(error: BaseException) -> str:
         if isinstance(candidate, OSError) and candidate.strerror:
             inner = candidate
             break
-    text = inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner)
-    text = text or type(inner).__name__
+    if isinstance(inner, OSError) and not isinstance(inner, socket.gaierror) and inner.errno:
+        text = os.strerror(inner.errno)  # asyncio words it "Connect call failed (...)"
+    elif isinstance(inner, OSError) and inner.strerror:
+        text = inner.strerror
+    else:
+        text = str(inner) or type(inner).__name__
     return text[0].lower() + text[1:]
 
 
@@ -752,12 +757,38 @@ def _cause(failed: Failed) -> str:
     return failed.error_type
 
 
-def _make_dead_letter_sink(journal: Journal, causes: dict[str, int]) -> Any:
+def _first_requests_rule(failed: Failed, job: _LocalJob) -> None:
+    """Stop the job when its first requests fail in a way that every row would.
+
+    Before any row of the run succeeded, an HTTP 404/405 (a wrong URL path or model) or a
+    connection failure (after the caller's retries) is the setup's fault, not the row's:
+    dead-lettering it would dead-letter the whole file.
+    """
+    caller = job.caller
+    if job.ok or caller is None or failed.stage != caller.name:
+        return
+    if failed.status in (404, 405):
+        raise FatalError(
+            f"the first requests fail with HTTP {failed.status} before any succeeded"
+            f" ({failed.message}): check the base URL and the model name"
+        )
+    connection = ("connection error", "could not connect")
+    if failed.status is None and any(word in failed.message for word in connection):
+        raise FatalError(
+            f"the server cannot be reached: the first requests failed before any succeeded"
+            f" ({failed.message})"
+        )
+
+
+def _make_dead_letter_sink(journal: Journal, job: _LocalJob) -> Any:
     from stages._files import DeadLetterSink
+
+    causes = job.causes
 
     class CountingDeadLetterSink(DeadLetterSink):
         def payload(self, env: Envelope[Any]) -> bytes:
             if isinstance(env.value, Failed):
+                _first_requests_rule(env.value, job)
                 cause = _cause(env.value)
                 causes[cause] = causes.get(cause, 0) + 1
             return super().payload(env)
@@ -965,7 +996,7 @@ class _LocalJob:
             tracer = _make_tracer_provider(settings.trace)
         pipe = Pipeline(
             *stages,
-            dead_letter=_make_dead_letter_sink(journal, self.causes),
+            dead_letter=_make_dead_letter_sink(journal, self),
             name="job",
             tracing=tracer,
         )
@@ -993,7 +1024,8 @@ class _LocalJob:
                 await anyio.to_thread.run_sync(tracer.shutdown)
         report = self.results.report if self.results is not None else None
         if failure is not None:
-            await anyio.to_thread.run_sync(journal.close)
+            if await anyio.to_thread.run_sync(journal.discard):
+                log.debug("no row was finished: removed the job's checkpoint and journals")
             if isinstance(failure, (ConfigError, JobFailedError)):
                 raise failure
             if isinstance(failure, FatalError):

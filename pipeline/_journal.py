@@ -871,6 +871,28 @@ class Journal:
         self.output.close()
         self.dead_letter.close()
 
+    def discard(self) -> bool:
+        """Delete a fresh job's files when it finished no row; return whether it did.
+
+        A job that stops on its first requests (a wrong URL, a rejected key) then leaves
+        nothing behind, and running it again needs neither ``--resume`` nor ``--overwrite``.
+        A resumed job, or one that journaled any row, is kept.
+        """
+        self.close()
+        if self.resumed or not self._manifest:
+            return False
+        for journal in (self.output, self.dead_letter):
+            try:
+                if os.path.getsize(journal.path) > 0:
+                    return False
+            except FileNotFoundError:
+                pass
+        for path in (self.output.path, self.dead_letter.path, self.manifest_path):
+            _remove(path)
+        fsync_dir(_dir_of(self.manifest_path))
+        self._manifest = {}
+        return True
+
 
 def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
