@@ -58,29 +58,35 @@ def _fraction(progress: JobProgress) -> float | None:
 
 
 def format_bar(progress: JobProgress, width: int = 100) -> str:
-    """Return the one-line terminal status, at most ``width`` characters."""
+    """Return the one-line terminal status, at most ``width`` characters.
+
+    The bar shrinks, then goes, before the figures are cut.
+    """
     fraction = _fraction(progress)
-    parts = []
-    if fraction is not None and progress.rows_total is not None:
-        filled = int(fraction * _BAR_WIDTH)
-        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-        parts.append(
-            f"{fraction * 100:5.1f}% [{bar}] "
-            f"{_count(progress.rows_done)}/{_count(progress.rows_total)}"
-        )
-    else:
-        parts.append(f"{_count(progress.rows_done)} rows")
-    parts.append(f"{_rate(progress.rows_per_s)} rows/s")
-    parts.append(f"{_rate(progress.tokens_per_s)} tok/s")
-    parts.append(f"retries {_count(progress.retries)}")
-    parts.append(f"errors {_count(progress.failed)}")
-    parts.append(_cost(progress.cost_usd))
+    figures = [
+        f"{_rate(progress.rows_per_s)} rows/s",
+        f"{_rate(progress.tokens_per_s)} tok/s",
+        f"retries {_count(progress.retries)}",
+        f"errors {_count(progress.failed)}",
+        _cost(progress.cost_usd),
+    ]
     if progress.stopping:
-        parts.append("stopping")
+        figures.append("stopping")
     elif fraction is not None:
-        parts.append(f"ETA {format_duration(progress.eta_s)}")
-    line = "  ".join(parts)
-    return line if len(line) <= width else line[: max(width - 1, 0)]
+        figures.append(f"ETA {format_duration(progress.eta_s)}")
+    tail = "  ".join(figures)
+    if fraction is None or progress.rows_total is None:
+        line = f"{_count(progress.rows_done)} rows  {tail}"
+        return line[:width]
+    done = f"{_count(progress.rows_done)}/{_count(progress.rows_total)}"
+    line = ""
+    for bar_width in (_BAR_WIDTH, _BAR_WIDTH // 2, 0):
+        filled = int(fraction * bar_width)
+        bar = f"[{'#' * filled}{'-' * (bar_width - filled)}] " if bar_width else ""
+        line = f"{fraction * 100:5.1f}% {bar}{done}  {tail}"
+        if len(line) <= width:
+            return line
+    return line[:width]
 
 
 def format_line(progress: JobProgress) -> str:
