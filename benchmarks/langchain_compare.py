@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import httpx
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
@@ -74,10 +75,13 @@ def make_rows(n: int) -> list[dict[str, Any]]:
 async def langchain_abatch(
     url: str, rows: list[dict[str, Any]], concurrency: int
 ) -> dict[str, Any]:
-    chain = PROMPT | ChatOpenAI(model="sim-1", base_url=url, api_key=KEY) | StrOutputParser()
-    started = time.perf_counter()
-    out = await chain.abatch(rows, config={"max_concurrency": concurrency}, return_exceptions=True)
-    elapsed = time.perf_counter() - started
+    async with httpx.AsyncClient() as http:
+        model = ChatOpenAI(model="sim-1", base_url=url, api_key=KEY, http_async_client=http)
+        chain = PROMPT | model | StrOutputParser()
+        started = time.perf_counter()
+        config: Any = {"max_concurrency": concurrency}
+        out = await chain.abatch(rows, config=config, return_exceptions=True)
+        elapsed = time.perf_counter() - started
     ok = sum(1 for o in out if isinstance(o, str) and o.startswith("echo: "))
     return {"elapsed": elapsed, "ok": ok, "lost": len(rows) - ok}
 
@@ -85,16 +89,19 @@ async def langchain_abatch(
 async def runnable_stage(
     url: str, rows: list[dict[str, Any]], concurrency: int, rpm: float | None
 ) -> dict[str, Any]:
-    model = ChatOpenAI(model="sim-1", base_url=url, api_key=KEY, max_retries=0)
-    stage = RunnableStage(
-        PROMPT | model | StrOutputParser(), concurrency=concurrency, rpm=rpm, max_retries=6
-    )
-    started = time.perf_counter()
-    ok = 0
-    async with Pipeline(rows, stage).open() as results:
-        async for row in results:
-            ok += row["response"].startswith("echo: ")
-    elapsed = time.perf_counter() - started
+    async with httpx.AsyncClient() as http:
+        model = ChatOpenAI(
+            model="sim-1", base_url=url, api_key=KEY, max_retries=0, http_async_client=http
+        )
+        stage = RunnableStage(
+            PROMPT | model | StrOutputParser(), concurrency=concurrency, rpm=rpm, max_retries=6
+        )
+        started = time.perf_counter()
+        ok = 0
+        async with Pipeline(rows, stage).open() as results:
+            async for row in results:
+                ok += row["response"].startswith("echo: ")
+        elapsed = time.perf_counter() - started
     assert results.report is not None
     return {"elapsed": elapsed, "ok": ok, "lost": len(rows) - ok}
 

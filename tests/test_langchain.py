@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from anyio.lowlevel import checkpoint
 from langchain_core.language_models.fake_chat_models import (
@@ -213,8 +214,13 @@ async def test_budget_stops_reading_input() -> None:
 
 
 async def test_chat_openai_against_the_simulator_with_faults() -> None:
-    async with serve(SimConfig(error_5xx=0.2, error_429=0.05, retry_after_s=0.01, seed=7)) as sim:
-        model = ChatOpenAI(model="sim-1", base_url=sim.url, api_key=KEY, max_retries=0)
+    async with (
+        serve(SimConfig(error_5xx=0.2, error_429=0.05, retry_after_s=0.01, seed=7)) as sim,
+        httpx.AsyncClient() as http,  # closed here: ChatOpenAI would leave its own open
+    ):
+        model = ChatOpenAI(
+            model="sim-1", base_url=sim.url, api_key=KEY, max_retries=0, http_async_client=http
+        )
         stage = RunnableStage(
             PROMPT | model | StrOutputParser(),
             concurrency=8,
@@ -238,9 +244,14 @@ async def test_chat_openai_streaming_sends_deltas_and_assembles_the_answer() -> 
     def on_delta(env: Any, text: str) -> None:
         deltas.setdefault(env.key, []).append(text)
 
-    async with serve(SimConfig()) as sim:
+    async with serve(SimConfig()) as sim, httpx.AsyncClient() as http:
         model = ChatOpenAI(
-            model="sim-1", base_url=sim.url, api_key=KEY, max_retries=0, stream_usage=True
+            model="sim-1",
+            base_url=sim.url,
+            api_key=KEY,
+            max_retries=0,
+            stream_usage=True,
+            http_async_client=http,
         )
         stage = RunnableStage(PROMPT | model, stream=True, on_delta=on_delta, output="value")
         out, report = await collect(Pipeline([{"name": "a b c"}, {"name": "d"}], stage))
@@ -252,8 +263,10 @@ async def test_chat_openai_streaming_sends_deltas_and_assembles_the_answer() -> 
 
 
 async def test_rejected_key_stops_the_job_and_is_never_shown() -> None:
-    async with serve(SimConfig(require_key="the-right-key")) as sim:
-        model = ChatOpenAI(model="sim-1", base_url=sim.url, api_key=KEY, max_retries=0)
+    async with serve(SimConfig(require_key="the-right-key")) as sim, httpx.AsyncClient() as http:
+        model = ChatOpenAI(
+            model="sim-1", base_url=sim.url, api_key=KEY, max_retries=0, http_async_client=http
+        )
         stage = RunnableStage(PROMPT | model, concurrency=2)
         with pytest.raises(AuthenticationError) as caught:
             await collect(Pipeline(rows(10), stage))
@@ -423,3 +436,18 @@ async def test_sync_invoke_inside_a_loop_is_refused_clearly() -> None:
 def test_a_pipeline_with_its_own_source_is_refused() -> None:
     with pytest.raises(ConfigError, match="declares a source"):
         PipelineRunnable(Pipeline(["a"], map(shout)))
+
+
+def test_the_langchain_example_runs_cleanly() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "langchain_chain.py"
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(example)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no unclosed sockets or other warnings
+    assert "stage: 50 ok, 0 failed" in done.stdout
+    assert "chain: 50 answers, first: topic 0 -> echo: One word for topic 0" in done.stdout
