@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -274,3 +276,20 @@ async def test_a_killed_server_process_loses_nothing(tmp_path: Path) -> None:
                         said += await process.stderr.receive()
             assert b"Application shutdown complete" in said  # SIGTERM stops it cleanly
         assert sim.counters()["requests"] <= 60 + 2
+
+
+@pytest.mark.skipif(
+    not (shutil.which("curl") and shutil.which("jq")), reason="the example needs curl and jq"
+)
+def test_the_service_example_runs() -> None:
+    script = Path(__file__).resolve().parent.parent / "examples" / "service.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "without the token: HTTP 401" in out
+    assert '{"status":"succeeded","counters":{"ok":20,"failed":0,"requests":20' in out
+    assert '{"status":"succeeded","rows":20,"ok":20}' in out
+    assert '"error":{"type":"MissingFieldError"' in out
+    assert '{"status":"cancelled"' in out
+    assert '"status":"succeeded","runs":2' in out
+    assert "rows: 60 unique of 60" in out
