@@ -765,7 +765,7 @@ def _first_requests_rule(failed: Failed, job: _LocalJob) -> None:
     dead-lettering it would dead-letter the whole file.
     """
     caller = job.caller
-    if job.ok or caller is None or failed.stage != caller.name:
+    if job.ok or caller is None or failed.stage != caller.name or job.answered():
         return
     if failed.status in (404, 405):
         raise FatalError(
@@ -1089,6 +1089,12 @@ class _LocalJob:
         while True:
             await anyio.sleep(self.progress_interval)
             await _call_progress(self.on_progress, self._progress())
+
+    def answered(self) -> bool:
+        """Whether the caller has answered any row of this run (on its way to the sink)."""
+        if self.results is None or self.caller is None:
+            return False
+        return any(s.name == self.caller.name and s.emitted for s in self.results.stats)
 
     def _counts(self) -> dict[str, Any]:
         stats = self.results.stats if self.results is not None else ()

@@ -124,6 +124,25 @@ def test_fresh_job_creates_manifest_then_commit_publishes(tmp_path: Path) -> Non
     assert journal.complete
 
 
+def test_discard_removes_a_job_that_finished_no_row(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    journal = Journal(out, input=None)
+    journal.open()
+    assert files_in(tmp_path) == [
+        "out.jsonl.checkpoint.json", "out.jsonl.failed.jsonl.partial", "out.jsonl.partial"
+    ]  # fmt: skip
+    assert journal.discard()
+    assert files_in(tmp_path) == []
+    started = Journal(out)
+    started.open()
+    append_records(started.dead_letter, [(1, 1, {"dead": 1})])
+    assert not started.discard()  # a row is finished: the job stays resumable
+    resumed = Journal(out, resume=True)
+    resumed.open()
+    assert not resumed.discard() and 1 in resumed.done
+    assert "out.jsonl.checkpoint.json" in files_in(tmp_path)
+
+
 def test_leftovers_without_resume_are_refused_with_a_hint(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     Journal(out).open()

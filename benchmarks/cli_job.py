@@ -1,0 +1,217 @@
+"""A million-row JSONL through ``python -m pipeline run`` beside a bare aiohttp script.
+
+    python benchmarks/cli_job.py                 # 1,000,000 rows (a few minutes)
+    python benchmarks/cli_job.py --rows 100000   # quicker
+
+Both contenders run as child processes against the same zero-latency simulated server (its own
+process), with the same concurrency, reading the same file and writing one output row per
+input row. For each the script reports rows/s over the whole process (start-up and publishing
+included), peak RSS (``wait4``: the child's own maximum) and, for the CLI, when the first
+output row reached its journal (measured from the process start and from the moment the job
+started, i.e. when its checkpoint appeared: the difference is Python start-up and imports).
+
+Targets (issue 4): peak RSS under 150 MB; the first row within one server latency (zero here)
+plus 0.5 s of start-up; at least 0.9 of the bare script's rows/s.
+
+The bare script is what a careful user would write without a library: one aiohttp session
+(uvloop, like the CLI), a pool and ``N`` worker tasks fed by a bounded queue, stdlib ``json``,
+buffered writes, no retries, no journal, no fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the bare contender ----------------------------------------------------------------------
+
+
+async def bare(inp: str, out: str, url: str, concurrency: int) -> int:
+    import aiohttp
+
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=2 * concurrency)
+    done = 0
+    endpoint = url + "/chat/completions"
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        with open(out, "wb") as sink:  # noqa: ASYNC230 - plain buffered writes, as users do
+
+            async def worker() -> None:
+                nonlocal done
+                while True:
+                    line = await queue.get()
+                    if line is None:
+                        return
+                    row = json.loads(line)
+                    body = {
+                        "model": "m",
+                        "messages": [{"role": "user", "content": f"Hi {row['name']}"}],
+                    }
+                    async with session.post(endpoint, json=body) as resp:
+                        resp.raise_for_status()
+                        data = await resp.json()
+                    row["response"] = data["choices"][0]["message"]["content"]
+                    sink.write(json.dumps(row).encode() + b"\n")
+                    done += 1
+
+            tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+            with open(inp, "rb") as source:  # noqa: ASYNC230
+                for line in source:
+                    if line.strip():
+                        await queue.put(line)
+            for _ in tasks:
+                await queue.put(None)
+            await asyncio.gather(*tasks)
+    return done
+
+
+def run_bare(argv: list[str]) -> None:
+    inp, out, url, concurrency = argv
+    import uvloop
+
+    rows = uvloop.run(bare(inp, out, url, int(concurrency)))
+    print(rows)
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def make_input(path: Path, rows: int) -> None:
+    with open(path, "w") as f:
+        chunk = []
+        for i in range(rows):
+            chunk.append(f'{{"id": {i}, "name": "user {i}", "city": "Paris"}}\n')
+            if len(chunk) == 10_000:
+                f.writelines(chunk)
+                chunk.clear()
+        f.writelines(chunk)
+
+
+def start_server() -> tuple[subprocess.Popen[str], str]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "sim", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    url = line.split()[4]  # "simulated LLM server on http://127.0.0.1:PORT/v1 ..."
+    return server, url
+
+
+def counters(url: str, *, reset: bool = False) -> dict[str, Any]:
+    base = url.rsplit("/v1", 1)[0]
+    if reset:
+        urllib.request.urlopen(urllib.request.Request(base + "/sim/reset", method="POST"))
+    with urllib.request.urlopen(base + "/sim/counters") as resp:
+        data: dict[str, Any] = json.load(resp)
+    return data
+
+
+def measure(argv: list[str], watch: Path | None, started_marker: Path | None) -> dict[str, Any]:
+    """Run a child; return wall time, peak RSS (MB), first-row times, exit status."""
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
+    first_row: float | None = None
+    job_start: float | None = None
+    while watch is not None and first_row is None:
+        if job_start is None and started_marker is not None and started_marker.exists():
+            job_start = time.perf_counter() - started
+        try:
+            if watch.stat().st_size > 0:
+                first_row = time.perf_counter() - started
+        except FileNotFoundError:
+            pass
+        if child.poll() is not None:
+            break
+        time.sleep(0.001)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "first_row_s": first_row,
+        "job_start_s": job_start,
+        "status": child.returncode,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--workdir", default=None, help="where to put the files (a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        inp = work / "in.jsonl"
+        make_input(inp, args.rows)
+        size_mb = inp.stat().st_size / 1e6
+        server, url = start_server()
+        try:
+            results = {}
+            counters(url, reset=True)
+            bare_out = work / "bare.jsonl"
+            results["bare aiohttp"] = measure(
+                [sys.executable, __file__, "--bare", str(inp), str(bare_out), url,
+                 str(args.concurrency)],
+                None, None,
+            )  # fmt: skip
+            results["bare aiohttp"]["requests"] = counters(url)["requests"]
+            counters(url, reset=True)
+            out = work / "out.jsonl"
+            cli = [
+                sys.executable, "-m", "pipeline", "run", str(inp), "-o", str(out),
+                "--model", "m", "--prompt", "Hi {name}", "--base-url", url,
+                "--concurrency", str(args.concurrency), "--quiet",
+                "--summary-json", str(work / "summary.json"),
+            ]  # fmt: skip
+            results["llm-pipeline CLI"] = measure(
+                cli, Path(str(out) + ".partial"), Path(str(out) + ".checkpoint.json")
+            )
+            results["llm-pipeline CLI"]["requests"] = counters(url)["requests"]
+            summary = json.loads((work / "summary.json").read_text())
+            with open(out, "rb") as f:
+                written = sum(1 for _ in f)
+        finally:
+            server.terminate()
+            server.wait(10)
+    print(f"{args.rows:,} rows ({size_mb:.0f} MB JSONL), concurrency {args.concurrency},"
+          " zero-latency simulated server")  # fmt: skip
+    print(f"{'':<18}{'rows/s':>10}{'wall s':>9}{'peak RSS MB':>13}{'first row s':>13}{'exit':>6}")
+    for name, r in results.items():
+        first = "-" if r["first_row_s"] is None else f"{r['first_row_s']:.2f}"
+        print(f"{name:<18}{args.rows / r['wall_s']:>10,.0f}{r['wall_s']:>9.1f}"
+              f"{r['peak_rss_mb']:>13.0f}{first:>13}{r['status']:>6}")  # fmt: skip
+    ours, base = results["llm-pipeline CLI"], results["bare aiohttp"]
+    ratio = base["wall_s"] / ours["wall_s"]
+    job_rate = summary["rows_per_s"]
+    print(f"CLI output rows: {written:,}; job rows/s (summary, start-up excluded): {job_rate:,.0f}")
+    print(f"CLI job started (checkpoint written) at {ours['job_start_s'] or 0:.2f} s;"
+          f" first row {ours['first_row_s'] - (ours['job_start_s'] or 0):.3f} s later")  # fmt: skip
+    print(f"rows/s ratio CLI / bare: {ratio:.2f} (target >= 0.9)")
+    print(f"peak RSS {ours['peak_rss_mb']:.0f} MB (target < 150 MB)")
+    print(
+        f"first row at {ours['first_row_s']:.2f} s from process start (target <= 0.5 s + latency)"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--bare":
+        run_bare(sys.argv[2:])
+    else:
+        main()
