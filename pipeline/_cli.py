@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -248,6 +249,11 @@ def _configure_logging(quiet: bool, debug: bool) -> logging.Handler:
     return handler
 
 
+def backend_options() -> dict[str, Any]:
+    """Return anyio's asyncio options: uvloop when it is installed."""
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+
+
 def _error(text: str) -> None:
     sys.stderr.write(f"{PROG}: error: {text}\n")
     sys.stderr.flush()
@@ -358,7 +364,7 @@ def run_command(argv: Sequence[str]) -> int:
                 display,
                 interval,
                 backend="asyncio",
-                backend_options={"use_uvloop": True},
+                backend_options=backend_options(),
             )
         except ConfigError as error:
             if display is not None:

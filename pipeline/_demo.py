@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         "--output", default=None, help="keep the enriched sample here (default: not kept)"
     )
     args = parser.parse_args(argv)
+    from ._cli import backend_options
+
     if args.latency_ms < 0 or args.jitter_ms < 0 or args.concurrency < 1:
         parser.error("latency and jitter must be >= 0 and concurrency >= 1")
     try:
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 output=args.output,
             ),
             backend="asyncio",
-            backend_options={"use_uvloop": True},
+            backend_options=backend_options(),
         )
     except KeyboardInterrupt:
         return 130

@@ -442,12 +442,39 @@ def test_limiter_shares_limits_through_redis(
 # -- subcommands -----------------------------------------------------------------------------
 
 
+def test_cache_hits_through_the_cli(tmp_path: Path, sim: Simulator) -> None:
+    src = write_rows(tmp_path / "in.jsonl", names(6))
+    cache = str(tmp_path / "cache")
+    for out in ("a.jsonl", "b.jsonl"):
+        assert run_cli(tmp_path, sim, str(src), "-o", str(tmp_path / out), "--prompt", "{name}",
+                       "--cache", cache, "--quiet",
+                       "--summary-json", str(tmp_path / f"{out}.json")) == 0  # fmt: skip
+    first = json.loads((tmp_path / "a.jsonl.json").read_text())
+    second = json.loads((tmp_path / "b.jsonl.json").read_text())
+    assert (first["cache_hits"], first["requests"]) == (0, 6)
+    assert (second["cache_hits"], second["requests"], second["ok"]) == (6, 0, 6)
+    assert sim.counters()["requests"] == 6
+    assert sorted(read_jsonl(tmp_path / "a.jsonl"), key=str) == sorted(
+        read_jsonl(tmp_path / "b.jsonl"), key=str
+    )
+
+
+def test_uvloop_is_used_when_installed() -> None:
+    from pipeline._cli import backend_options
+
+    pytest.importorskip("uvloop")
+    assert backend_options() == {"use_uvloop": True}
+
+
 def test_sim_and_serve_are_delegated(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(SystemExit) as caught:
         main(["sim", "--help"])
     assert caught.value.code == 0 and "--latency-ms" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--help"])
+    assert caught.value.code == 0 and "usage:" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "pipeline._server", None)  # as if the extra were missing
     assert main(["serve"]) == 1
     assert "needs the [server] extra: pip install 'llm-pipeline[server]'" in capsys.readouterr().err
