@@ -1,7 +1,10 @@
 """The stage library: sources, the LLM caller, SSE parsing, batching, sinks, limits.
 
 Each stage's whole story is in one private module; this package lists the public names.
+Names from optional extras (LangChain) load on first use, so ``import stages`` needs none.
 """
+
+from typing import Any as _Any
 
 from ._batch import Batcher as Batcher
 from ._batch import Unbatch as Unbatch
@@ -42,6 +45,25 @@ from ._sse import StreamError as StreamError
 from ._sse import StreamErrorEvent as StreamErrorEvent
 from ._sse import TruncatedStreamError as TruncatedStreamError
 
+_LAZY = {
+    "ItemFailedError": "stages._langchain",
+    "PipelineRunnable": "stages._langchain",
+    "RunnableStage": "stages._langchain",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    """Import a name of an optional extra on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stages' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "AnthropicStreamAssembler",
     "AuthenticationError",
@@ -57,6 +79,7 @@ __all__ = [
     "FileSink",
     "FileSource",
     "InvalidOutputError",
+    "ItemFailedError",
     "JsonlSink",
     "JsonlSource",
     "LLMCallError",
@@ -64,10 +87,12 @@ __all__ = [
     "MalformedChunkError",
     "ParquetSink",
     "ParquetSource",
+    "PipelineRunnable",
     "Price",
     "RedisRateLimiter",
     "RedisUnavailableError",
     "ResponseCache",
+    "RunnableStage",
     "SSEDecoder",
     "SSEParse",
     "ServerSentEvent",
