@@ -421,7 +421,14 @@ def _delegate(module: str, argv: Sequence[str], extra: str | None = None) -> int
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # before the job's own handler is in place
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+def _main(args: list[str]) -> int:
     if args and args[0] == "run":
         return run_command(args[1:])
     if args and args[0] == "demo":
