@@ -47,6 +47,7 @@ import string
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from json.encoder import encode_basestring
 from typing import Any, Literal, TypeVar
 
 import aiohttp
@@ -208,9 +209,12 @@ class _RunState:
     """What all workers of the caller share during one run."""
 
     __slots__ = (
+        "chat_parts",
+        "chat_url",
         "concurrency",
         "fatal",
         "key",
+        "limited",
         "limiter",
         "session",
         "stopping",
@@ -224,11 +228,18 @@ class _RunState:
         limiter: Limiter,
         concurrency: AdaptiveConcurrency,
         session: aiohttp.ClientSession | None,
+        limited: bool,
     ) -> None:
         self.key = key
         self.limiter = limiter
         self.concurrency = concurrency
         self.session = session
+        # Whether the limiter can hold a request back. A run's own limiter with no rpm/tpm
+        # lets everything through at once until a 429 pauses it or a response states a limit
+        # to learn: until then asking it costs time and changes nothing, so it is skipped.
+        self.limited = limited
+        self.chat_url = ""
+        self.chat_parts: tuple[str, str] | None = None
         self.succeeded = False
         self.stopping = False
         self.fatal: FatalError | None = None  # the error that is stopping the run
@@ -627,7 +638,12 @@ class LLMCaller(ItemStage[Any, Any]):
             session = aiohttp.ClientSession(
                 connector=connector, headers=headers, timeout=self._timeouts
             )
-        self._state = _RunState(key, limiter, concurrency, session)
+        limited = self.limiter is not None or self.rpm is not None or self.tpm is not None
+        state = _RunState(key, limiter, concurrency, session, limited)
+        if self.provider is not None:
+            state.chat_url = self.provider.url("chat", self.model)
+            state.chat_parts = self._chat_parts()
+        self._state = state
         try:
             yield
         finally:
@@ -786,19 +802,75 @@ class LLMCaller(ItemStage[Any, Any]):
 
     # -- chat ----------------------------------------------------------------------------------
 
+    def _prompt_text(self, record: Any) -> str | None:
+        """Return the one user message of ``record``, or ``None`` if it has other messages.
+
+        Raises:
+            MissingFieldError: A template field is missing from the record.
+        """
+        if self.template is not None:
+            return self.template.render(record)
+        if isinstance(record, str):
+            return record
+        if (
+            isinstance(record, Mapping)
+            and not isinstance(record.get("messages"), list)
+            and isinstance(record.get("prompt"), str)
+        ):
+            return str(record["prompt"])
+        return None  # _messages() reads it, or says what is missing
+
+    def _chat_parts(self) -> tuple[str, str] | None:
+        """Split the chat body of a one-message request around the message's JSON string.
+
+        A row's body is then ``head + json_string(text) + tail``, byte for byte what encoding
+        the whole body would give, without building and encoding the body per row. ``None``
+        when the body cannot be split that way, or the cache needs the body itself for its key.
+        """
+        if self.provider is None or self.endpoint != "chat" or self.cache is not None:
+            return None
+        marker = "\x00llm-pipeline-prompt\x00"
+        body = self.provider.chat_body(
+            self.model, [{"role": "user", "content": marker}], self.system, self.params, self.stream
+        )
+        try:
+            encoded = _ENCODER.encode(body)
+        except (TypeError, ValueError):  # params that are not JSON: the slow path says so
+            return None
+        quoted = encode_basestring(marker)
+        if encoded.count(quoted) != 1:
+            return None
+        head, tail = encoded.split(quoted)
+        return head, tail
+
     async def _chat(
         self, env: Envelope[Any], outbox: Outbox[Any], deadline: float | None
     ) -> tuple[Answer, Any, float, bool]:
-        assert self.provider is not None
-        messages = self._messages(env.value)
-        url = self.provider.url("chat", self.model)
+        state = self._state
+        provider = self.provider
+        assert state is not None and provider is not None
+        url = state.chat_url
+        messages: list[dict[str, Any]] | None = None
+        text: str | None = None
+        parts = state.chat_parts
+        if parts is not None:
+            text = self._prompt_text(env.value)
+        if text is None:
+            messages = self._messages(env.value)
         total_cost = 0.0
         any_cached = False
         for round_ in range(self.reask + 1):
-            body = self.provider.chat_body(
-                self.model, messages, self.system, self.params, self.stream
-            )
-            answer, cost, cached = await self._request(env, outbox, url, body, 1, deadline)
+            if messages is None:
+                assert text is not None and parts is not None
+                payload = _one_message_payload(parts, text)
+                answer, cost, cached = await self._request(
+                    env, outbox, url, None, 1, deadline, payload
+                )
+            else:
+                body = provider.chat_body(
+                    self.model, messages, self.system, self.params, self.stream
+                )
+                answer, cost, cached = await self._request(env, outbox, url, body, 1, deadline)
             total_cost += cost
             any_cached = any_cached or cached
             if self.validator is None:
@@ -813,6 +885,8 @@ class LLMCaller(ItemStage[Any, Any]):
                         attempts=env.attempts,
                     ) from None
                 self.totals.reasks += 1
+                if messages is None:
+                    messages = [{"role": "user", "content": text}]
                 messages = [
                     *messages,
                     {"role": "assistant", "content": answer.text or ""},
@@ -949,17 +1023,22 @@ class LLMCaller(ItemStage[Any, Any]):
         env: Envelope[Any],
         outbox: Outbox[Any],
         url: str,
-        body: dict[str, Any],
+        body: dict[str, Any] | None,
         count: int,
         deadline: float | None,
+        payload: bytes | None = None,
     ) -> tuple[Answer, float, bool]:
-        """Return ``(answer, cost, cached)`` for one request body, with cache and retries."""
-        try:
-            payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        except UnicodeEncodeError as exc:
-            raise ItemError(f"the request holds text that is not valid Unicode: {exc}") from None
+        """Return ``(answer, cost, cached)`` for one request, with cache and retries.
+
+        ``payload`` is the encoded ``body``; pass one of them (``body`` when there is a cache:
+        its key is computed from the body).
+        """
+        if payload is None:
+            assert body is not None
+            payload = _encode(body)
         key: str | None = None
         if self.cache is not None:
+            assert body is not None
             key = request_key(url, body)
             raw = await self.cache.get(key)
             if raw is not None:
@@ -973,13 +1052,26 @@ class LLMCaller(ItemStage[Any, Any]):
                         await _call_hook(self.on_delta, env, answer.text)
                     return answer, 0.0, True
         estimate = self._estimate(len(payload))
-
-        async def attempt() -> Answer:
-            return await self._send(env, outbox, url, payload, count, estimate)
-
-        answer = await self._retrying(env, outbox, attempt, deadline)
+        # The first attempt runs bare (see _retrying); this is the same, without a closure.
+        env.attempts += 1
+        try:
+            if deadline is None:
+                answer = await self._send(env, outbox, url, payload, count, estimate)
+            else:
+                answer = await self._within(
+                    deadline, lambda: self._send(env, outbox, url, payload, count, estimate), env
+                )
+        except LLMCallError as error:
+            answer = await self._retry(
+                env,
+                outbox,
+                lambda: self._send(env, outbox, url, payload, count, estimate),
+                deadline,
+                error,
+            )
         cost = self._account(outbox, answer, estimate)
-        if self.cache is not None and key is not None:
+        if key is not None:
+            assert self.cache is not None
             await self.cache.put(key, answer.to_bytes())
         return answer, cost, False
 
@@ -998,17 +1090,28 @@ class LLMCaller(ItemStage[Any, Any]):
         """Run ``attempt`` until it succeeds, a non-retryable error, the attempts or deadline.
 
         The first attempt runs bare: most rows need no retry, and tenacity's machinery costs
-        tens of microseconds per row. Its failure is replayed as tenacity's attempt 1, so the
-        stop, wait and retry policy see every attempt.
+        tens of microseconds per row. Its failure is replayed as tenacity's attempt 1 (see
+        :meth:`_retry`), so the stop, wait and retry policy see every attempt.
         """
-        policy = _RowPolicy(self, deadline)
         env.attempts += 1
         try:
             return await self._within(deadline, attempt, env)
         except LLMCallError as error:
-            if not error.retryable:
-                raise self._final(error, env, policy) from None
-            pending: LLMCallError | None = error
+            return await self._retry(env, outbox, attempt, deadline, error)
+
+    async def _retry(
+        self,
+        env: Envelope[Any],
+        outbox: Outbox[Any],
+        attempt: Callable[[], Awaitable[R]],
+        deadline: float | None,
+        error: LLMCallError,
+    ) -> R:
+        """Retry after a failed first attempt (``error``) with tenacity, or give up now."""
+        policy = _RowPolicy(self, deadline)
+        if not error.retryable:
+            raise self._final(error, env, policy) from None
+        pending: LLMCallError | None = error
         retrying = AsyncRetrying(
             stop=policy.stop,
             wait=policy.wait,
@@ -1028,8 +1131,8 @@ class LLMCaller(ItemStage[Any, Any]):
                     stats.retries += 1
                     env.attempts += 1
                     result = await self._within(deadline, attempt, env)
-        except LLMCallError as error:
-            raise self._final(error, env, policy) from None
+        except LLMCallError as final:
+            raise self._final(final, env, policy) from None
         return result  # type: ignore[return-value]
 
     async def _within(
@@ -1118,24 +1221,50 @@ class LLMCaller(ItemStage[Any, Any]):
         count: int,
         estimate: int,
     ) -> Answer:
-        """Make one HTTP attempt and return the answer; raise :class:`LLMCallError` if not."""
-        state = self.run_state
+        """Make one HTTP attempt and return the answer; raise :class:`LLMCallError` if not.
+
+        This runs once per row, so it inlines what would otherwise be helper calls.
+        """
+        state = self._state
         provider = self.provider
+        assert state is not None and provider is not None
         session = state.session
-        assert provider is not None and session is not None
-        await self._acquire(state, outbox, estimate)
-        async with self._slot(state, outbox):
+        assert session is not None
+        if state.limited:
+            await self._acquire(state, outbox, estimate)
+        stats = outbox.stats
+        asked = _perf()
+        # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
+        async with state.concurrency.slot():
+            if state.fatal is not None:
+                # the job is stopping (a rejected key, no credit): send nothing more, wait to
+                # be cancelled with the rest of the run
+                await anyio.sleep_forever()
+            waited = _perf() - asked
+            if waited > 0.001:
+                self._slot_waited(outbox, waited)
+            else:
+                stats.limiter_wait_s += waited
+                self.totals.slot_wait_s += waited
+            stats.requests += 1
             try:
                 async with session.post(url, data=payload, timeout=self._timeouts) as resp:
-                    state.limiter.observe(resp.headers)
+                    headers = resp.headers
+                    if state.limited or _states_limits(resp.raw_headers):
+                        state.limited = True
+                        state.limiter.observe(headers)
                     if not 200 <= resp.status < 300:
                         raw = await self._read_body(resp)
                         raise self._http_error(
-                            provider.classify(resp.status, resp.headers, raw), resp.headers
+                            provider.classify(resp.status, headers, raw), headers
                         )
-                    content_type = resp.headers.get("Content-Type", "")
-                    if self.stream and content_type.startswith("text/event-stream"):
+                    if self.stream and headers.get("Content-Type", "").startswith(
+                        "text/event-stream"
+                    ):
                         answer = await self._read_stream(env, resp)
+                    elif resp.content.is_eof():
+                        # the whole body came with the headers (most small answers): no timer
+                        answer = self._parse_body(await resp.read(), count)
                     else:
                         answer = self._parse_body(await self._read_body(resp), count)
             except (LLMCallError, FatalError):
@@ -1160,27 +1289,38 @@ class LLMCaller(ItemStage[Any, Any]):
                     retryable=True,
                 ) from None
             except StreamError as exc:
-                code = _event_code(exc)
-                if code in QUOTA_CODES:
-                    quota = QuotaExhaustedError(
-                        self._scrub(
-                            f"{self.provider_name} refused mid-stream for lack of quota or "
-                            f"credit ({exc}); retrying cannot help"
-                        ),
-                        status=200,
-                        code=code,
-                    )
-                    state.fatal = state.fatal or quota
-                    raise quota from None
-                if code in _OVERLOAD_CODES:
-                    self._overloaded(state, None)
-                raise LLMCallError(
-                    self._scrub(f"stream failed: {type(exc).__name__}: {exc}"),
-                    retryable=True,
-                ) from None
+                raise self._stream_failure(state, exc) from None
         state.concurrency.success()
         state.succeeded = True
         return answer
+
+    def _slot_waited(self, outbox: Outbox[Any], waited: float) -> None:
+        """Count a noticeable wait for a concurrency slot, and note it on the row's span."""
+        self.totals.slot_wait_s += waited
+        outbox.stats.limiter_wait_s += waited
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("llm.slot_wait", {"seconds": waited})
+
+    def _stream_failure(self, state: _RunState, exc: StreamError) -> Exception:
+        code = _event_code(exc)
+        if code in QUOTA_CODES:
+            quota = QuotaExhaustedError(
+                self._scrub(
+                    f"{self.provider_name} refused mid-stream for lack of quota or "
+                    f"credit ({exc}); retrying cannot help"
+                ),
+                status=200,
+                code=code,
+            )
+            state.fatal = state.fatal or quota
+            return quota
+        if code in _OVERLOAD_CODES:
+            self._overloaded(state, None)
+        return LLMCallError(
+            self._scrub(f"stream failed: {type(exc).__name__}: {exc}"),
+            retryable=True,
+        )
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         """Read a whole body; once the headers are in, it may not take ``idle_timeout``.
@@ -1274,6 +1414,7 @@ class LLMCaller(ItemStage[Any, Any]):
         """The server asked to slow down: pause every worker and shrink the concurrency."""
         self.totals.rate_limited += 1
         state.concurrency.overload()
+        state.limited = True
         state.limiter.pause(retry_after if retry_after is not None else self.backoff_base)
         span = trace.get_current_span()
         if span.is_recording():
@@ -1291,7 +1432,8 @@ class LLMCaller(ItemStage[Any, Any]):
             return 0.0
         stats.prompt_tokens += usage.prompt_tokens
         stats.completion_tokens += usage.completion_tokens
-        state.limiter.reconcile(estimate, usage.total_tokens)
+        if state.limited:  # else the estimate was never charged (see _RunState.limited)
+            state.limiter.reconcile(estimate, usage.total_tokens)
         price = self._price(answer.model)
         if price is None:
             return 0.0
@@ -1374,6 +1516,41 @@ class _RowPolicy:
             self.caller._scrub(str(error)),
             state.upcoming_sleep or 0.0,
         )
+
+
+_LIMIT_HEADER_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+_LIMIT_HEADER_FIRST = frozenset(b"xXaA")
+
+
+def _states_limits(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Return whether a response carries rate-limit headers (cheaper than parsing them)."""
+    for name, _ in raw_headers:
+        if (
+            name
+            and name[0] in _LIMIT_HEADER_FIRST
+            and name.lower().startswith(_LIMIT_HEADER_PREFIXES)
+        ):
+            return True
+    return False
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _encode(body: Any) -> bytes:
+    """Return a request body as compact UTF-8 JSON."""
+    try:
+        return _ENCODER.encode(body).encode()
+    except UnicodeEncodeError as exc:
+        raise ItemError(f"the request holds text that is not valid Unicode: {exc}") from None
+
+
+def _one_message_payload(parts: tuple[str, str], text: str) -> bytes:
+    """Return the body of a one-message chat request from its parts (see ``_chat_parts``)."""
+    try:
+        return (parts[0] + encode_basestring(text) + parts[1]).encode()
+    except UnicodeEncodeError as exc:
+        raise ItemError(f"the request holds text that is not valid Unicode: {exc}") from None
 
 
 def _is_retryable(error: BaseException) -> bool:

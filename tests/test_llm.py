@@ -3,6 +3,7 @@ and the happy paths end to end through a real socket against the simulated provi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from tenacity import RetryCallState
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, MissingFieldError
+from pipeline._limits import RateLimiter
 from pipeline._report import RunReport
 from pipeline._runner import Pipeline
 from pipeline._sim import SimConfig, embedding_for, serve
@@ -24,7 +26,10 @@ from stages._llm import (
     LLMCallError,
     Price,
     _answer_of,
+    _encode,
+    _one_message_payload,
     _RowPolicy,
+    _states_limits,
     _Template,
     _Validator,
 )
@@ -570,6 +575,81 @@ async def test_rpm_limit_spaces_requests() -> None:
     assert elapsed >= 0.25
     assert report.ok == 16 and report.stages[1].limiter_wait_s > 0
     assert caller.totals.limiter_wait_s > 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("server_rpm", [None, 60_000])
+async def test_a_caller_without_rpm_asks_its_limiter_once_the_server_states_a_limit(
+    server_rpm: int | None,
+) -> None:
+    async with serve(SimConfig(rpm=server_rpm)) as sim:
+        caller = LLMCaller(model="m", prompt="{name}", base_url=sim.url, concurrency=1)
+        with anyio.fail_after(10):
+            async with Pipeline(ROWS[:3], caller).open() as results:
+                async for _ in results:
+                    state = caller.run_state
+                    limiter = state.limiter
+                    assert isinstance(limiter, RateLimiter)
+                    stats = limiter.statistics()
+                    if server_rpm is None:
+                        assert not state.limited and stats.rpm is None
+                    else:  # learned from the first answer's headers, obeyed from then on
+                        assert state.limited and stats.rpm == server_rpm and stats.learned
+                        assert stats.acquired >= 1
+
+
+def test_rate_limit_headers_are_noticed_in_any_case() -> None:
+    assert _states_limits([(b"Date", b"x"), (b"X-RateLimit-Remaining-Requests", b"3")])
+    assert _states_limits([(b"anthropic-ratelimit-tokens-limit", b"10")])
+    assert not _states_limits([(b"Content-Type", b"application/json"), (b"age", b"1")])
+    assert not _states_limits([])
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("system", [None, 'Be "brief"\n'])
+def test_one_message_body_is_the_body_encoded_whole(
+    provider: Any, stream: bool, system: str | None
+) -> None:
+    caller = LLMCaller(
+        model="m",
+        provider=provider,
+        base_url="http://127.0.0.1:9/v1",
+        system=system,
+        stream=stream,
+        params={"temperature": 0.5, "stop": ["\u2028", "é"], "metadata": {"k": [1, None]}},
+    )
+    parts = caller._chat_parts()
+    assert parts is not None and caller.provider is not None
+    for text in ["", "plain", 'quotes " and \\ backslashes', "é 😀 \u2028 \x00 \n\t"]:
+        fast = _one_message_payload(parts, text)
+        body = caller.provider.chat_body(
+            "m", [{"role": "user", "content": text}], system, caller.params, stream
+        )
+        assert fast == _encode(body)
+        assert json.loads(fast) == body
+
+
+def test_one_message_body_is_not_split_when_the_cache_needs_the_body(tmp_path: Any) -> None:
+    cache = ResponseCache(tmp_path / "cache.db")
+    assert LLMCaller(model="m", base_url="http://127.0.0.1:9", cache=cache)._chat_parts() is None
+    embed = LLMCaller(model="m", base_url="http://127.0.0.1:9", endpoint="embeddings")
+    assert embed._chat_parts() is None
+
+
+@pytest.mark.anyio
+async def test_text_that_is_not_valid_unicode_fails_the_row_on_either_body_path() -> None:
+    async with serve() as sim:
+        caller = LLMCaller(model="m", prompt="{name}", base_url=sim.url)
+        plain = LLMCaller(model="m", base_url=sim.url, name="plain")
+        rows = [{"name": "ok"}, {"name": "bad \ud800"}]
+        results, report = await _run(caller, rows)
+        listed = [{"messages": [{"role": "user", "content": "bad \udfff"}]}]
+        _, listed_report = await _run(plain, listed)
+    assert results == [{"name": "ok", "response": "echo: ok"}]
+    (failed,) = report.failures
+    assert "not valid Unicode" in failed.message and failed.item == {"name": "bad \ud800"}
+    assert "not valid Unicode" in listed_report.failures[0].message
 
 
 @pytest.mark.anyio
