@@ -942,6 +942,7 @@ class _LocalJob:
         self.caller: LLMCaller | None = None
         self.journal: Journal | None = None
         self.stopped: str | None = None
+        self.tracer: TracerProvider | None = None
 
     async def run(self) -> JobSummary:
         settings = self.settings
@@ -956,6 +957,8 @@ class _LocalJob:
             overwrite=settings.overwrite,
             ordered=settings.ordered,
         )
+        if settings.trace is not None:
+            self.tracer = _make_tracer_provider(settings.trace)
         caller = await anyio.to_thread.run_sync(build_caller, settings)
         self.caller = caller
         try:
@@ -965,12 +968,16 @@ class _LocalJob:
             if journal.complete:  # a resume finished publishing what an earlier run left
                 return self._summary(None, complete=True)
             return await self._run(journal, caller)
-        except (ConfigError, JobFailedError):
+        except Exception as error:
+            if self.journal is not None:  # a job that finished no row leaves nothing behind
+                await anyio.to_thread.run_sync(journal.discard)
+            if isinstance(error, FatalError) and not isinstance(error, JobFailedError):
+                raise JobFailedError(str(error), self._summary(None)) from error
             raise
-        except FatalError as error:
-            raise JobFailedError(str(error), self._summary(None)) from error
         finally:
             await release_caller(caller)
+            if self.tracer is not None:  # the run never started
+                await anyio.to_thread.run_sync(self.tracer.shutdown)
 
     async def _run(self, journal: Journal, caller: LLMCaller) -> JobSummary:
         from pipeline._runner import Pipeline
@@ -991,9 +998,7 @@ class _LocalJob:
             stages.append(Batcher(max_items=settings.batch_size, max_wait=0.02))
         stages.append(caller)
         stages.append(open_sink(journal.output, fmt=settings.output_format))
-        tracer: TracerProvider | None = None
-        if settings.trace is not None:
-            tracer = _make_tracer_provider(settings.trace)
+        tracer = self.tracer
         pipe = Pipeline(
             *stages,
             dead_letter=_make_dead_letter_sink(journal, self),
@@ -1021,11 +1026,11 @@ class _LocalJob:
                 tg.cancel_scope.cancel()
         finally:
             if tracer is not None:
+                self.tracer = None
                 await anyio.to_thread.run_sync(tracer.shutdown)
         report = self.results.report if self.results is not None else None
         if failure is not None:
-            if await anyio.to_thread.run_sync(journal.discard):
-                log.debug("no row was finished: removed the job's checkpoint and journals")
+            await anyio.to_thread.run_sync(journal.close)
             if isinstance(failure, (ConfigError, JobFailedError)):
                 raise failure
             if isinstance(failure, FatalError):

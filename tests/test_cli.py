@@ -411,6 +411,20 @@ def test_trace_console(tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFix
     assert '"name": "llm"' in capsys.readouterr().err
 
 
+def test_trace_otlp_without_the_exporter_says_which_extra(
+    tmp_path: Path,
+    sim: Simulator,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    src = write_rows(tmp_path / "in.jsonl", names(1))
+    assert run_cli(tmp_path, sim, str(src), "-o", str(tmp_path / "o.jsonl"), "--prompt",
+                   "{name}", "--trace", "otlp") == 2  # fmt: skip
+    assert "needs the OTLP exporter: pip install 'llm-pipeline[otel]'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
 @pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
 def test_limiter_shares_limits_through_redis(
     tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
