@@ -1,0 +1,227 @@
+"""The LLM caller's performance targets (issue 3), every ratio taken from one run.
+
+Run: ``python -m benchmarks.caller [--rows N] [--rounds K] [--profile]``.
+
+The simulated server runs in its own process pinned to one core; each client runs in its own
+process pinned to the other (``benchmarks/_contenders.py``: the same clients as the suite).
+
+1. Throughput against a zero-latency server, concurrency 64, the best of ``--rounds``
+   alternating runs of each: ``Pipeline(rows, LLMCaller(...))`` must reach >= 0.90 of the
+   requests/s of bare aiohttp + ``asyncio.gather`` + a semaphore, and >= 10x the official
+   ``openai`` SDK (``AsyncOpenAI`` + a semaphore, ``max_retries=0``).
+2. Rate limits: against a server enforcing R requests/minute, a job configured with ``rpm=R``
+   must finish with no 429 and >= 0.95 of the throughput the quota allows; with no limit
+   configured it must learn the limit from the headers and 429s and still reach >= 0.85.
+   Throughput the quota allows: after the server's initial burst (one second of quota), R/60
+   requests per second; the share is that least possible time over the time taken.
+
+``--profile`` also runs the caller under cProfile in this process and prints where its time
+goes. Results are written to ``benchmarks/results/caller.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._contenders import LABELS, Job
+from benchmarks.run import RESULTS, Server, Worker, cores, machine
+from benchmarks.scenarios import GREETING
+
+CONCURRENCY = 64
+RPM = 6_000
+
+
+def _job(contender: str, url: str, rows: int, **extra: Any) -> Job:
+    concurrency = extra.pop("concurrency", CONCURRENCY)
+    return Job(
+        contender=contender,
+        scenario="caller",
+        base_url=url,
+        rows=rows,
+        template=GREETING,
+        concurrency=concurrency,
+        retries=extra.pop("retries", 4),
+        **extra,
+    )
+
+
+def _check(result: dict[str, Any], what: str) -> None:
+    if result.get("error") or result["correct"] != result["rows"]:
+        raise SystemExit(
+            f"{what}: {result['correct']}/{result['rows']} rows correct, error {result['error']}"
+        )
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def throughput(
+    server: Server,
+    workers: dict[str, Worker],
+    rows: int,
+    rounds: int,
+    sdk_rows: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """Best-of-``rounds`` requests/s of bare aiohttp and of the caller, alternating."""
+    best: dict[str, dict[str, Any]] = {}
+    order = ["aiohttp", "pipeline"] * rounds + ["openai"] * max(1, rounds - 1)
+    for contender in order:
+        n = sdk_rows if contender == "openai" else rows
+        server.configure({})
+        cpu0 = server.cpu_s()
+        extra: dict[str, Any] = {"concurrency": concurrency}
+        if contender == "openai":
+            extra["retries"] = 0
+        result = workers[contender].run(_job(contender, server.url, n, **extra), timeout=600)
+        _check(result, contender)
+        requests = server.counters()["requests"]
+        rate = requests / result["elapsed_s"]
+        run = {
+            "requests_per_s": rate,
+            "cpu_per_1k": result["cpu_s"] / requests * 1000,
+            "server_cpu_per_1k": (server.cpu_s() - cpu0) / requests * 1000,
+            "rows": n,
+        }
+        print(
+            f"  {LABELS[contender]:<26} {rate:8,.0f} req/s   client CPU "
+            f"{run['cpu_per_1k']:.2f} s/1k req   server CPU {run['server_cpu_per_1k']:.2f} s/1k",
+            flush=True,
+        )
+        if contender not in best or rate > best[contender]["requests_per_s"]:
+            best[contender] = run
+    return best
+
+
+def rate_limited(server: Server, workers: dict[str, Worker], rows: int) -> dict[str, Any]:
+    """The caller configured at the quota, then with no limit set, against RPM quota."""
+    sim = {"rpm": RPM}
+    rate = RPM / 60
+    ideal = max(0.0, rows - rate * 1.0) / rate
+    out = {}
+    for contender, extra in (("pipeline", {"rpm": RPM}), ("pipeline-learn", {})):
+        server.configure(sim)
+        result = workers[contender].run(_job(contender, server.url, rows, **extra), timeout=600)
+        _check(result, contender)
+        counters = server.counters()
+        out[contender] = {
+            "elapsed_s": result["elapsed_s"],
+            "rows_per_s": rows / result["elapsed_s"],
+            "share": ideal / result["elapsed_s"],
+            "http_429": counters["http_429"],
+            "requests": counters["requests"],
+            "peak_rps": counters["timestamps"]["peak_rps"],
+        }
+    return out
+
+
+def profile(url: str, rows: int) -> None:
+    """Run the caller under cProfile in this process and print where the time goes."""
+    import cProfile
+    import pstats
+
+    from benchmarks._contenders import run_job
+
+    job = _job("pipeline", url, rows)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = run_job(job)
+    profiler.disable()
+    _check(result, "profile")
+    print(f"\n# cProfile of the caller, {rows:,} rows (slowed down by profiling)")
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.caller", description=__doc__)
+    parser.add_argument("--rows", type=int, default=10_000, help="rows per throughput run")
+    parser.add_argument("--sdk-rows", type=int, default=2_000, help="rows per SDK run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument(
+        "--skip-limits", action="store_true", help="only the throughput part (exploration)"
+    )
+    parser.add_argument("--rate-rows", type=int, default=1_500, help="rows per quota run")
+    parser.add_argument("--profile", action="store_true", help="also profile the caller")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    server_cpus, client_cpus = cores()
+    started = time.perf_counter()
+    server = Server(server_cpus)
+    workers: dict[str, Worker] = {}
+    try:
+        for contender in ("aiohttp", "pipeline", "openai", "pipeline-learn"):
+            workers[contender] = Worker(contender, None)
+        for worker in workers.values():
+            worker.wait_ready()
+            worker.pin(client_cpus)
+        print(
+            f"# LLM caller targets: zero-latency server, concurrency {args.concurrency}, best of "
+            f"{args.rounds} ({args.rows:,} rows; SDK {args.sdk_rows:,} rows)",
+            flush=True,
+        )
+        best = throughput(server, workers, args.rows, args.rounds, args.sdk_rows, args.concurrency)
+        if args.skip_limits:
+            return 0
+        print(f"# rate limit: server quota {RPM:,} requests/min, {args.rate_rows:,} rows")
+        limits = rate_limited(server, workers, args.rate_rows)
+        if args.profile:
+            server.configure({})
+            profile(server.url, args.rows // 2)
+    finally:
+        for worker in workers.values():
+            worker.close()
+        server.close()
+
+    bare = best["aiohttp"]["requests_per_s"]
+    ours = best["pipeline"]["requests_per_s"]
+    sdk = best["openai"]["requests_per_s"]
+    configured, learned = limits["pipeline"], limits["pipeline-learn"]
+    checks = [
+        ("caller / bare aiohttp requests/s", ours / bare, ">= 0.90", ours / bare >= 0.90),
+        ("caller / openai SDK requests/s", ours / sdk, ">= 10", ours / sdk >= 10),
+        (
+            "configured rpm: share of quota",
+            configured["share"],
+            ">= 0.95",
+            configured["share"] >= 0.95,
+        ),
+        ("configured rpm: 429s", configured["http_429"], "== 0", configured["http_429"] == 0),
+        ("no limit set: share of quota", learned["share"], ">= 0.85", learned["share"] >= 0.85),
+    ]
+    print()
+    print(f"bare aiohttp + gather + semaphore  {bare:8,.0f} req/s   1.00x")
+    print(f"llm-pipeline LLMCaller             {ours:8,.0f} req/s   {ours / bare:.2f}x bare")
+    print(f"openai SDK, max_retries=0          {sdk:8,.0f} req/s   ours is {ours / sdk:.1f}x it")
+    for name, figures in (("configured rpm", configured), ("no limit set", learned)):
+        print(
+            f"{name:<16} {figures['rows_per_s']:6.1f} rows/s of {RPM / 60:.0f} allowed, share "
+            f"{figures['share']:.3f}, {figures['http_429']} x 429, peak {figures['peak_rps']}/s"
+        )
+    print()
+    for name, value, target, ok in checks:
+        print(f"{verdict(ok)}  {name}: {value:.3g} (target {target})")
+    data = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": time.perf_counter() - started,
+        "machine": machine(),
+        "args": vars(args) | {"out": str(args.out)},
+        "throughput": best,
+        "rate_limit": limits | {"rpm": RPM},
+        "checks": [{"name": n, "value": v, "target": t, "pass": ok} for n, v, t, ok in checks],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "caller.json").write_text(json.dumps(data, indent=1) + "\n")
+    return 0 if all(ok for *_, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
