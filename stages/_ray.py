@@ -1131,6 +1131,8 @@ async def run_job_on_ray(
         raise ConfigError("the Ray engine reads a file, not standard input ('-')")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if settings.trace is not None:
+        log.warning("trace=%r is ignored on the Ray engine: actors export no spans", settings.trace)
     await anyio.to_thread.run_sync(_check_files, settings)
     started = time.perf_counter()
 
