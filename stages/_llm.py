@@ -37,6 +37,7 @@ scrubbed from every message this module builds.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import json
@@ -59,7 +60,7 @@ from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, FatalError, ItemError, MissingFieldError
 from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
 from pipeline._limits import AdaptiveConcurrency, Limiter, RateLimiter, parse_retry_after
-from pipeline._stage import ItemStage, OnError, Outbox
+from pipeline._stage import Inbox, ItemStage, OnError, Outbox
 from stages._batch import split_batch
 from stages._cache import ResponseCache, request_key
 from stages._providers import (
@@ -216,6 +217,7 @@ class _RunState:
         "key",
         "limited",
         "limiter",
+        "seats",
         "session",
         "stopping",
         "succeeded",
@@ -240,10 +242,33 @@ class _RunState:
         self.limited = limited
         self.chat_url = ""
         self.chat_parts: tuple[str, str] | None = None
+        self.seats = anyio.Semaphore(concurrency.maximum)  # see LLMCaller.run
         self.succeeded = False
         self.stopping = False
         self.fatal: FatalError | None = None  # the error that is stopping the run
         self.warned: set[str] = set()
+
+
+class _Seat:
+    """A worker's right to take new rows, given up while its row waits to be retried."""
+
+    __slots__ = ("held", "seats")
+
+    def __init__(self, seats: anyio.Semaphore) -> None:
+        self.seats = seats
+        self.held = False
+
+    async def take(self) -> None:
+        await self.seats.acquire()
+        self.held = True
+
+    def give_up(self) -> None:
+        if self.held:
+            self.held = False
+            self.seats.release()
+
+
+_SEAT: contextvars.ContextVar[_Seat | None] = contextvars.ContextVar("llm_seat", default=None)
 
 
 class _Template:
@@ -423,7 +448,9 @@ class LLMCaller(ItemStage[Any, Any]):
             gets the same limiter, concurrency, retries, deadline and accounting. A returned
             string is the answer text; an object with ``usage`` is counted.
         name: Stage name (default ``"llm"``).
-        workers: Rows in flight (default twice the concurrency ceiling).
+        workers: Rows handled at once (default twice the concurrency ceiling). As many as
+            the ceiling take new rows; the others do only while rows wait to be retried, so
+            a row in backoff does not idle a request slot.
         buffer: Inbox capacity.
         on_error: What to do with unexpected exceptions (see :data:`pipeline._stage.OnError`).
     """
@@ -661,6 +688,39 @@ class LLMCaller(ItemStage[Any, Any]):
         return self._state
 
     # -- handling rows -------------------------------------------------------------------------
+
+    async def run(self, inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
+        """Handle rows one at a time, like :meth:`ItemStage.run`, taking a seat first.
+
+        A worker takes a new row only with a seat, and there are as many seats as the
+        concurrency ceiling: the spare workers wait for one without touching the inbox, and
+        get one only while a row waits to be retried (its worker gives the seat up). Without
+        retries each row thus finds a request slot free instead of queueing for one, which
+        would cost every row a wake-up.
+        """
+        state = self.run_state
+        seat = _Seat(state.seats)
+        token = _SEAT.set(seat)
+        stats = outbox.stats
+        handle = self.handle
+        try:
+            while True:
+                if not seat.held:
+                    await seat.take()
+                try:
+                    env = await inbox.receive()
+                except anyio.EndOfStream:
+                    return
+                started = _perf()
+                try:
+                    with outbox.span(env):
+                        await handle(env, outbox)
+                except Exception as error:  # cancellation is BaseException: never caught here
+                    await outbox.handle_error(env, error)
+                stats.busy_s += _perf() - started
+        finally:
+            seat.give_up()
+            _SEAT.reset(token)
 
     async def handle(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         """Answer one row, or every member of a batch envelope."""
@@ -1111,6 +1171,9 @@ class LLMCaller(ItemStage[Any, Any]):
         policy = _RowPolicy(self, deadline)
         if not error.retryable:
             raise self._final(error, env, policy) from None
+        seat = _SEAT.get()
+        if seat is not None:  # let a spare worker take a new row while this one waits
+            seat.give_up()
         pending: LLMCallError | None = error
         retrying = AsyncRetrying(
             stop=policy.stop,

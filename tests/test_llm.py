@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -527,6 +528,56 @@ async def test_call_escape_hatch_gets_limits_retries_and_accounting() -> None:
     assert stats.requests == 6 and stats.retries == 3
     assert stats.prompt_tokens == 9 and stats.completion_tokens == 3
     assert stats.cost_usd == pytest.approx(9.0)
+
+
+class _ServerError(Exception):
+    """What an SDK raises for a 500 that asks to be retried after 0.2 s."""
+
+    status_code = 500
+
+    def __init__(self) -> None:
+        super().__init__("internal error")
+        self.response = SimpleNamespace(headers={"retry-after": "0.2"})
+
+
+@pytest.mark.anyio
+async def test_a_spare_worker_takes_a_row_while_another_waits_to_be_retried() -> None:
+    answered: list[str] = []
+
+    async def call(record: str) -> str:
+        if record == "a" and not answered:
+            answered.append("a failed")
+            raise _ServerError()
+        answered.append(record)
+        return record
+
+    # one request slot, two workers: while "a" waits 0.2 s for its retry, "b" goes
+    caller = LLMCaller(call=call, concurrency=1, workers=2)
+    results, report = await _run(caller, ["a", "b"])
+    assert answered == ["a failed", "b", "a"]
+    assert [r["response"] for r in results] == ["a", "b"] and report.stages[1].retries == 1
+
+
+@pytest.mark.anyio
+async def test_spare_workers_take_no_row_while_no_row_is_retried() -> None:
+    in_flight = 0
+    most = 0
+
+    async def call(record: str) -> str:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await anyio.sleep(0.01)  # the request's latency
+        in_flight -= 1
+        return record
+
+    # two slots, six workers: the four spare workers wait for a seat, not with a row for a
+    # slot (which would cost every row a wake-up)
+    caller = LLMCaller(call=call, concurrency=2, workers=6)
+    rows = [str(i) for i in range(12)]
+    results, report = await _run(caller, rows)
+    assert [r["response"] for r in results] == rows and most == 2
+    assert caller.totals.slot_wait_s < 0.005  # 10 ms per row of waiting without seats
 
 
 @pytest.mark.anyio
