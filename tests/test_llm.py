@@ -577,6 +577,7 @@ async def test_spare_workers_take_no_row_while_no_row_is_retried() -> None:
     rows = [str(i) for i in range(12)]
     results, report = await _run(caller, rows)
     assert [r["response"] for r in results] == rows and most == 2
+    assert report.stages[1].requests == 12
     assert caller.totals.slot_wait_s < 0.005  # 10 ms per row of waiting without seats
 
 
