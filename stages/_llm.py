@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -725,7 +726,13 @@ class LLMCaller(ItemStage[Any, Any]):
     async def handle(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         """Answer one row, or every member of a batch envelope."""
         try:
-            await self._handle(env, outbox)
+            if env.members is None:
+                value = await self._answer_row(env, outbox)
+                await outbox.send(env.replace(value))
+            elif self.endpoint == "embeddings" and self.call is None:
+                await self._embed_batch(env, outbox)
+            else:
+                await self._each_member(env, outbox)
         except FatalError as error:
             state = self._state
             if state is not None:
@@ -736,15 +743,6 @@ class LLMCaller(ItemStage[Any, Any]):
                     await anyio.sleep_forever()
                 state.fatal = error
             raise
-
-    async def _handle(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
-        if env.members is None:
-            value = await self._answer_row(env, outbox)
-            await outbox.send(env.replace(value))
-        elif self.endpoint == "embeddings" and self.call is None:
-            await self._embed_batch(env, outbox)
-        else:
-            await self._each_member(env, outbox)
 
     async def _each_member(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         """Answer the members of a batch concurrently, each failing on its own."""
@@ -1404,7 +1402,7 @@ class LLMCaller(ItemStage[Any, Any]):
         provider = self.provider
         assert provider is not None
         try:
-            data = json.loads(raw)
+            data = _loads(raw)
         except ValueError:
             snippet = _short(raw.decode("utf-8", "replace").strip(), 120)
             raise LLMCallError(
@@ -1598,6 +1596,27 @@ def _states_limits(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+_orjson: Any
+try:
+    _orjson = importlib.import_module("orjson")
+except ImportError:  # pragma: no cover - orjson is an optional speed-up
+    _orjson = None
+
+
+def _loads(raw: bytes) -> Any:
+    """Parse a response body: orjson when installed, else the stdlib on the decoded text.
+
+    (``json.loads`` of bytes decodes with ``surrogatepass``, much slower than a plain decode.)
+    What the fast path refuses (``NaN``, UTF-16, lone surrogates) goes to ``json.loads`` as
+    is, which raises :class:`ValueError` if the body is not JSON at all.
+    """
+    try:
+        if _orjson is not None:
+            return _orjson.loads(raw)
+        return json.loads(raw.decode())
+    except ValueError:
+        return json.loads(raw)
 
 
 def _encode(body: Any) -> bytes:

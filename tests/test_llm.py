@@ -19,6 +19,7 @@ from pipeline._limits import RateLimiter
 from pipeline._report import RunReport
 from pipeline._runner import Pipeline
 from pipeline._sim import SimConfig, embedding_for, serve
+from stages import _llm as llm_module
 from stages._batch import Batcher
 from stages._cache import ResponseCache
 from stages._llm import (
@@ -28,6 +29,7 @@ from stages._llm import (
     Price,
     _answer_of,
     _encode,
+    _loads,
     _one_message_payload,
     _RowPolicy,
     _states_limits,
@@ -648,6 +650,21 @@ async def test_a_caller_without_rpm_asks_its_limiter_once_the_server_states_a_li
                     else:  # learned from the first answer's headers, obeyed from then on
                         assert state.limited and stats.rpm == server_rpm and stats.learned
                         assert stats.acquired >= 1
+
+
+@pytest.mark.parametrize("fast", ["orjson", "stdlib"])
+def test_response_bodies_parse_like_json_loads(fast: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if fast == "stdlib":
+        monkeypatch.setattr(llm_module, "_orjson", None)
+    body = {"choices": [{"message": {"content": "é 😀"}}], "usage": {"prompt_tokens": 3}}
+    assert _loads(json.dumps(body).encode()) == body
+    assert _loads(json.dumps(body, ensure_ascii=False).encode("utf-16")) == body
+    nan = _loads(b'{"x": NaN}')["x"]  # the stdlib's extension, refused by orjson
+    assert nan != nan
+    with pytest.raises(ValueError):
+        _loads(b"<html>502 Bad Gateway</html>")
+    with pytest.raises(ValueError):
+        _loads(b"")
 
 
 def test_rate_limit_headers_are_noticed_in_any_case() -> None:
