@@ -1043,6 +1043,11 @@ def _fold_parts(directory: str, journal: Any, tally: _Tally | None) -> None:
         os.remove(path)
 
 
+def _has_parts(directory: str) -> bool:
+    """Whether ``directory`` holds part files (an interrupted Ray run's answers)."""
+    return bool(glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True))
+
+
 def _count_parts(directory: str, seen: dict[str, tuple[int, int]]) -> tuple[int, int]:
     """Count answered and failed rows in the part files written so far (for progress)."""
     pq = importlib.import_module("pyarrow.parquet")
@@ -1204,9 +1209,13 @@ async def _run_on_ray(
         ordered=settings.ordered,
     )
     directory = parts_dir(settings.output)
-    if settings.overwrite:
-        await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
-    elif not settings.resume and await anyio.Path(directory).exists():
+
+    def remove_parts() -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    if settings.overwrite or not await anyio.to_thread.run_sync(_has_parts, directory):
+        await anyio.to_thread.run_sync(remove_parts)  # nothing of value (or not wanted)
+    elif not settings.resume:
         raise ConfigError(
             f"an interrupted Ray job left part files in {directory!r}: use --resume to"
             " continue it or --overwrite to start over"
@@ -1215,7 +1224,8 @@ async def _run_on_ray(
     # the sinks set the journals' writers: publishing writes the local engine's formats
     open_sink(journal.output, fmt=settings.output_format)
     DeadLetterSink(journal.dead_letter)
-    if journal.complete:
+    if journal.complete:  # an earlier run's publish, finished now
+        await anyio.to_thread.run_sync(remove_parts)
         return JobSummary(
             complete=True,
             output=settings.output,
@@ -1224,7 +1234,14 @@ async def _run_on_ray(
             elapsed_s=time.perf_counter() - started,
         )
     leftover = _Tally()
-    if await anyio.Path(directory).is_dir():  # a crashed Ray run: keep what it finished
+    if await anyio.to_thread.run_sync(_has_parts, directory):  # a crashed run's answers
+        if not journal.resumed:  # no checkpoint says which job they belong to
+            await anyio.to_thread.run_sync(journal.discard)
+            raise ConfigError(
+                f"found part files in {directory!r} but no checkpoint"
+                f" ({settings.output}.checkpoint.json): not left by a job that can be resumed;"
+                " use --overwrite to delete them and start over"
+            )
         await anyio.to_thread.run_sync(_fold_parts, directory, journal, leftover)
     resumed_skipped = len(journal.done)
     await anyio.Path(directory).mkdir(exist_ok=True)
@@ -1366,7 +1383,7 @@ async def _run_on_ray(
     fatal = await anyio.to_thread.run_sync(_read_fatal, directory)
     if failure is not None or fatal is not None:
         if await anyio.to_thread.run_sync(journal.discard):  # nothing done: leave nothing
-            await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+            await anyio.to_thread.run_sync(remove_parts)
         summary.stopped = None
         if fatal is not None and fatal.get("config"):
             raise ConfigError(str(fatal.get("message"))) from failure
@@ -1379,7 +1396,7 @@ async def _run_on_ray(
         raise JobFailedError(message, summary) from failure
     if stopped is None:
         await anyio.to_thread.run_sync(journal.commit)
-        await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+        await anyio.to_thread.run_sync(remove_parts)
         summary.complete = True
     else:
         await anyio.to_thread.run_sync(journal.close)

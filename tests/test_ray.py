@@ -300,3 +300,28 @@ def test_fold_parts_skips_torn_files_and_rows_already_journaled(tmp_path: Path) 
     journal.commit()
     assert read_jsonl(output) == [{"text": "a", "response": "A"}]
     assert json.loads((tmp_path / "out.jsonl.failed.jsonl").read_text())["key"] == 2
+
+
+async def test_part_files_without_their_job_are_refused(
+    local_ray: Any, sim: Simulator, tmp_path: Path
+) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = write_rows(tmp_path / "in.jsonl", [{"text": "a"}])
+    out = tmp_path / "out.jsonl"
+    directory = Path(parts_dir(str(out)))
+    (directory / "old").mkdir(parents=True)
+    part = _JobColumns()
+    part.add("ok", 1, 1, "in.jsonl:1", b'{"text":"a","response":"from another job"}')
+    pq.write_table(part.table(), directory / "old" / "a.parquet")
+    settings = JobSettings(
+        input=str(src), output=str(out), model="m", prompt="{text}", base_url=sim.url,
+        api_key_env=KEY_ENV,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="use --resume to continue it or --overwrite"):
+        await run_job_on_ray(settings, actors=1)
+    with pytest.raises(ConfigError, match="but no checkpoint"):
+        await run_job_on_ray(settings.replace(resume=True), actors=1)
+    # nothing was sent, nothing was created, the part file is still there
+    assert sim.counters()["requests"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl.ray-parts"]
+    assert (directory / "old" / "a.parquet").exists()
