@@ -452,7 +452,9 @@ class LLMCaller(ItemStage[Any, Any]):
         workers: Rows handled at once (default twice the concurrency ceiling). As many as
             the ceiling take new rows; the others do only while rows wait to be retried, so
             a row in backoff does not idle a request slot.
-        buffer: Inbox capacity.
+        buffer: Inbox capacity (default the concurrency ceiling, at least 16): answers come
+            back in bursts, and a burst that finds its next rows already waiting costs no
+            wake-up per row.
         on_error: What to do with unexpected exceptions (see :data:`pipeline._stage.OnError`).
     """
 
@@ -495,7 +497,7 @@ class LLMCaller(ItemStage[Any, Any]):
         call: CallHook | None = None,
         name: str | None = None,
         workers: int | None = None,
-        buffer: int = 16,
+        buffer: int | None = None,
         on_error: OnError = "dead_letter",
     ) -> None:
         if call is None and not model:
@@ -539,7 +541,10 @@ class LLMCaller(ItemStage[Any, Any]):
                 raise ConfigError("stream=True applies to chat, not embeddings")
         ceiling = concurrency or max_concurrency
         super().__init__(
-            name=name or "llm", workers=workers or 2 * ceiling, buffer=buffer, on_error=on_error
+            name=name or "llm",
+            workers=workers or 2 * ceiling,
+            buffer=max(16, ceiling) if buffer is None else buffer,
+            on_error=on_error,
         )
         self.model = model
         self.template = _Template(prompt) if prompt is not None else None

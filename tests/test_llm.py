@@ -110,6 +110,9 @@ def test_secrets_lists_the_key_and_sensitive_headers(monkeypatch: pytest.MonkeyP
 def test_default_workers_are_twice_the_concurrency_ceiling() -> None:
     assert LLMCaller(model="m", concurrency=5).workers == 10
     assert LLMCaller(model="m", max_concurrency=20).workers == 40
+    assert LLMCaller(model="m").buffer == 64  # a burst of answers finds rows waiting
+    assert LLMCaller(model="m", concurrency=5).buffer == 16
+    assert LLMCaller(model="m", buffer=3).buffer == 3
     assert LLMCaller(model="m", workers=3).workers == 3
 
 
