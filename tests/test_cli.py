@@ -599,3 +599,54 @@ def test_demo_sample_and_example_job_file_exist() -> None:
     assert os.path.getsize(sample_path()) > 0
     settings = JobSettings.from_toml(ROOT / "examples" / "job.toml")
     assert settings.input is not None and os.path.exists(settings.input)
+
+
+def test_trace_otlp_exports_spans_to_a_collector(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers.get("Content-Type", ""), body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=collector.serve_forever, daemon=True)
+    thread.start()
+    port = collector.server_address[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{port}/v1/traces")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-otlp-SECRET-4242")
+    src = write_rows(tmp_path / "in.jsonl", names(3))
+    try:
+        assert run_cli(tmp_path, sim, str(src), "-o", str(tmp_path / "o.jsonl"), "--prompt",
+                       "{name}", "--trace", "otlp", "--quiet") == 0  # fmt: skip
+    finally:
+        collector.shutdown()
+        collector.server_close()
+        thread.join(5)
+    assert received, "no spans reached the collector"
+    spans = []
+    for path, content_type, body in received:
+        assert path == "/v1/traces" and content_type == "application/x-protobuf"
+        assert b"SECRET-4242" not in body
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        for resource in request.resource_spans:
+            for scope in resource.scope_spans:
+                spans.extend(span.name for span in scope.spans)
+    assert spans.count("llm") == 3  # one span per row in the caller stage
