@@ -757,27 +757,36 @@ def _cause(failed: Failed) -> str:
     return failed.error_type
 
 
-def _first_requests_rule(failed: Failed, job: _LocalJob) -> None:
-    """Stop the job when its first requests fail in a way that every row would.
+def setup_failure(failed: Failed) -> FatalError | None:
+    """Return the error that stops a job whose first requests fail as every row would.
 
-    Before any row of the run succeeded, an HTTP 404/405 (a wrong URL path or model) or a
+    Before any row of a run succeeded, an HTTP 404/405 (a wrong URL path or model) or a
     connection failure (after the caller's retries) is the setup's fault, not the row's:
-    dead-lettering it would dead-letter the whole file.
+    dead-lettering it would dead-letter the whole file. ``None`` when ``failed`` is a row's own.
+    Both engines apply it (the Ray engine per actor).
     """
-    caller = job.caller
-    if job.ok or caller is None or failed.stage != caller.name or job.answered():
-        return
     if failed.status in (404, 405):
-        raise FatalError(
+        return FatalError(
             f"the first requests fail with HTTP {failed.status} before any succeeded"
             f" ({failed.message}): check the base URL and the model name"
         )
     connection = ("connection error", "could not connect")
     if failed.status is None and any(word in failed.message for word in connection):
-        raise FatalError(
+        return FatalError(
             f"the server cannot be reached: the first requests failed before any succeeded"
             f" ({failed.message})"
         )
+    return None
+
+
+def _first_requests_rule(failed: Failed, job: _LocalJob) -> None:
+    """Apply :func:`setup_failure` until the run's caller has answered a row."""
+    caller = job.caller
+    if job.ok or caller is None or failed.stage != caller.name or job.answered():
+        return
+    error = setup_failure(failed)
+    if error is not None:
+        raise error
 
 
 def _make_dead_letter_sink(journal: Journal, job: _LocalJob) -> Any:

@@ -426,23 +426,16 @@ class _ActorRuntime:
     ) -> None:
         """Stop the job when this actor's first requests fail as every row would.
 
-        The local engine's rule (``pipeline._job``), per actor: before the caller answered
-        any row, an HTTP 404/405 (a wrong URL path or model) or a connection failure after
-        the retries is the setup's fault; dead-lettering it would dead-letter the whole file.
+        The local engine's rule (:func:`pipeline._job.setup_failure`), per actor: it applies
+        until this actor's caller answered a row.
         """
+        from pipeline._job import setup_failure
+
         if caller is None or failed.stage != caller.name or self._answered(caller, batch):
             return
-        if failed.status in (404, 405):
-            raise FatalError(
-                f"the first requests fail with HTTP {failed.status} before any succeeded"
-                f" ({failed.message}): check the base URL and the model name"
-            )
-        connection = ("connection error", "could not connect")
-        if failed.status is None and any(word in failed.message for word in connection):
-            raise FatalError(
-                "the server cannot be reached: the first requests failed before any succeeded"
-                f" ({failed.message})"
-            )
+        error = setup_failure(failed)
+        if error is not None:
+            raise error
 
     def _answered(self, caller: LLMCaller, batch: _BatchRun) -> bool:
         if self.succeeded or batch.outputs:
