@@ -11,6 +11,8 @@ is the ``stages`` package; the simulated server for tests is :mod:`pipeline.test
     report = await pipeline.Pipeline([{"name": "ada"}], pipeline.map(enrich)).run()
 """
 
+from typing import Any as _Any
+
 from ._envelope import Envelope as Envelope
 from ._envelope import Failed as Failed
 from ._errors import ConfigError as ConfigError
@@ -36,6 +38,27 @@ from ._stage import Source as Source
 from ._stage import Stage as Stage
 from ._stage import StageStats as StageStats
 
+_LAZY = {
+    "JobFailedError": "pipeline._job",
+    "JobProgress": "pipeline._job",
+    "JobSettings": "pipeline._job",
+    "JobSummary": "pipeline._job",
+    "run_job": "pipeline._job",
+}
+
+
+def __getattr__(name: str) -> _Any:
+    """Load the file-job API (and the HTTP stack it needs) on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "ConfigError",
     "Envelope",
@@ -45,6 +68,10 @@ __all__ = [
     "ItemError",
     "ItemStage",
     "IterSource",
+    "JobFailedError",
+    "JobProgress",
+    "JobSettings",
+    "JobSummary",
     "LedgerError",
     "MissingFieldError",
     "Outbox",
@@ -61,4 +88,5 @@ __all__ = [
     "filter",
     "flat_map",
     "map",
+    "run_job",
 ]
