@@ -37,6 +37,7 @@ scrubbed from every message this module builds.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import dataclasses
 import importlib
@@ -243,30 +244,75 @@ class _RunState:
         self.limited = limited
         self.chat_url = ""
         self.chat_parts: tuple[str, str] | None = None
-        self.seats = anyio.Semaphore(concurrency.maximum)  # see LLMCaller.run
+        self.seats = _Seats(concurrency)  # see LLMCaller.run
         self.succeeded = False
         self.stopping = False
         self.fatal: FatalError | None = None  # the error that is stopping the run
         self.warned: set[str] = set()
 
 
+class _Seats:
+    """Which workers may take a new row: as many as the concurrency limit, now.
+
+    A worker holding a seat takes rows one after the other; the others wait here without
+    touching the inbox. A worker gives its seat up while its row waits to be retried (so a
+    spare worker keeps the request slot busy), and when the adaptive limit went down.
+    Waiters are admitted in arrival order.
+    """
+
+    __slots__ = ("concurrency", "taken", "waiting")
+
+    def __init__(self, concurrency: AdaptiveConcurrency) -> None:
+        self.concurrency = concurrency
+        self.taken = 0
+        self.waiting: collections.deque[anyio.Event] = collections.deque()
+
+    async def take(self) -> None:
+        """Wait for a seat."""
+        if self.taken < self.concurrency.limit and not self.waiting:
+            self.taken += 1
+            return
+        granted = anyio.Event()
+        self.waiting.append(granted)
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():
+                self.give_back()
+            else:
+                self.waiting.remove(granted)
+            raise
+
+    def give_back(self) -> None:
+        """Free a seat (and admit waiters the limit allows)."""
+        self.taken -= 1
+        self.admit()
+
+    def admit(self) -> None:
+        """Seat waiters while the limit allows (it may have grown since they came)."""
+        limit = self.concurrency.limit
+        while self.waiting and self.taken < limit:
+            self.taken += 1
+            self.waiting.popleft().set()
+
+
 class _Seat:
-    """A worker's right to take new rows, given up while its row waits to be retried."""
+    """One worker's seat, given up while its row waits to be retried."""
 
     __slots__ = ("held", "seats")
 
-    def __init__(self, seats: anyio.Semaphore) -> None:
+    def __init__(self, seats: _Seats) -> None:
         self.seats = seats
         self.held = False
 
     async def take(self) -> None:
-        await self.seats.acquire()
+        await self.seats.take()
         self.held = True
 
     def give_up(self) -> None:
         if self.held:
             self.held = False
-            self.seats.release()
+            self.seats.give_back()
 
 
 _SEAT: contextvars.ContextVar[_Seat | None] = contextvars.ContextVar("llm_seat", default=None)
@@ -699,18 +745,27 @@ class LLMCaller(ItemStage[Any, Any]):
         """Handle rows one at a time, like :meth:`ItemStage.run`, taking a seat first.
 
         A worker takes a new row only with a seat, and there are as many seats as the
-        concurrency ceiling: the spare workers wait for one without touching the inbox, and
-        get one only while a row waits to be retried (its worker gives the seat up). Without
-        retries each row thus finds a request slot free instead of queueing for one, which
-        would cost every row a wake-up.
+        concurrency limit (see :class:`_Seats`): the spare workers wait for one without
+        touching the inbox, and get one only while a row waits to be retried (its worker gives
+        the seat up) or when the adaptive limit grows. Without retries each row thus finds a
+        request slot free instead of queueing for one, which would cost every row a wake-up.
         """
         state = self.run_state
-        seat = _Seat(state.seats)
+        seats = state.seats
+        concurrency = state.concurrency
+        seat = _Seat(seats)
         token = _SEAT.set(seat)
         stats = outbox.stats
         handle = self.handle
         try:
             while True:
+                if seat.held:
+                    # the adaptive limit may have moved since the last row
+                    limit = concurrency.limit
+                    if seats.taken > limit:
+                        seat.give_up()
+                    elif seats.waiting and seats.taken < limit:
+                        seats.admit()
                 if not seat.held:
                     await seat.take()
                 try:

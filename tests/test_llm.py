@@ -587,6 +587,29 @@ async def test_spare_workers_take_no_row_while_no_row_is_retried() -> None:
 
 
 @pytest.mark.anyio
+async def test_seats_follow_the_adaptive_limit() -> None:
+    in_flight = 0
+    most = 0
+
+    async def call(record: str) -> str:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await anyio.sleep(0.005)  # the request's latency
+        in_flight -= 1
+        return record
+
+    # the limit starts at 16 and grows by one every 16 or so answers, up to 20: each time
+    # one more worker gets a seat, and no row ever waits with a seat for a request slot
+    caller = LLMCaller(call=call, max_concurrency=20)
+    rows = [str(i) for i in range(120)]
+    results, report = await _run(caller, rows)
+    assert [r["response"] for r in results] == rows and report.stages[1].requests == 120
+    assert 16 < most <= 20
+    assert caller.totals.slot_wait_s < 0.005
+
+
+@pytest.mark.anyio
 async def test_call_escape_hatch_does_not_retry_a_plain_bug() -> None:
     async def call(record: Any) -> str:
         raise ValueError("bug in user code")
