@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 import logging
@@ -41,6 +42,7 @@ from ._compat import tomllib
 from ._envelope import Envelope, Failed
 from ._errors import ConfigError, FatalError
 from ._journal import Journal
+from ._limits import Limiter
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -871,6 +873,7 @@ async def run_job(
     stop_event: _Waitable | None = None,
     stop_reason: str = "stop requested",
     progress_interval: float = 0.5,
+    limiter: Limiter | None = None,
 ) -> JobSummary:
     """Run a file job to the end (or until stopped) and return its summary.
 
@@ -885,6 +888,8 @@ async def run_job(
             stays resumable.
         stop_reason: The summary's ``stopped`` text when ``stop_event`` stops the job.
         progress_interval: Seconds between progress snapshots.
+        limiter: A rate limiter shared with other jobs on the same API key (the HTTP server
+            passes one per key), instead of one built from the settings.
 
     Returns:
         The summary; ``complete`` is true when the files were published.
@@ -898,7 +903,8 @@ async def run_job(
     settings.require_paths()
     if settings.engine == "ray":
         return await _run_on_ray(settings, on_progress, stop_event)
-    return await _LocalJob(settings, on_progress, stop_event, stop_reason, progress_interval).run()
+    job = _LocalJob(settings, on_progress, stop_event, stop_reason, progress_interval, limiter)
+    return await job.run()
 
 
 async def _run_on_ray(
@@ -936,8 +942,10 @@ class _LocalJob:
         stop_event: _Waitable | None,
         stop_reason: str,
         progress_interval: float,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
+        self.limiter = limiter
         self.on_progress = on_progress
         self.stop_event = stop_event
         self.stop_reason = stop_reason
@@ -968,7 +976,9 @@ class _LocalJob:
         )
         if settings.trace is not None:
             self.tracer = _make_tracer_provider(settings.trace)
-        caller = await anyio.to_thread.run_sync(build_caller, settings)
+        caller = await anyio.to_thread.run_sync(
+            functools.partial(build_caller, settings, limiter=self.limiter)
+        )
         self.caller = caller
         try:
             await preflight(caller, timeout=min(10.0, settings.timeout))

@@ -465,6 +465,29 @@ class RateLimiter:
             self._tokens, info.limit_tokens, info.remaining_tokens, info.reset_tokens, now
         )
 
+    def lower(self, *, rpm: float | None = None, tpm: float | None = None) -> None:
+        """Lower the configured limits to ``rpm``/``tpm`` where they are lower (or unset).
+
+        Used when several users share one limiter (jobs on one API key): the strictest wins.
+        """
+        now = self._clock()
+        configured_rpm, configured_tpm = self._configured
+        if rpm is not None and (configured_rpm is None or rpm < configured_rpm):
+            self._rescale(self._requests, rpm, now)
+            configured_rpm = rpm
+        if tpm is not None and (configured_tpm is None or tpm < configured_tpm):
+            self._rescale(self._tokens, tpm, now)
+            configured_tpm = tpm
+        self._configured = (configured_rpm, configured_tpm)
+
+    @staticmethod
+    def _rescale(bucket: _Bucket, per_minute: float, now: float) -> None:
+        rate = per_minute / 60.0
+        if bucket.rate is not None and bucket.tat > now:
+            bucket.tat = now + (bucket.tat - now) * bucket.rate / rate  # keep the debt
+        bucket.rate = rate
+        bucket.per_minute = per_minute
+
     def _update(
         self, bucket: _Bucket, configured: float | None, limit: int | None, now: float
     ) -> None:
@@ -472,12 +495,8 @@ class RateLimiter:
             return
         if configured is not None and limit >= configured:
             return
-        rate = limit / 60.0
-        if bucket.rate != rate:
-            if bucket.rate is not None and bucket.tat > now:
-                bucket.tat = now + (bucket.tat - now) * bucket.rate / rate  # keep the debt
-            bucket.rate = rate
-            bucket.per_minute = limit
+        if bucket.rate != limit / 60.0:
+            self._rescale(bucket, limit, now)
             self._learned = True
             log.info("rate limit learned from the server: %s per minute", limit)
 

@@ -66,6 +66,7 @@ from ._envelope import Failed
 from ._errors import ConfigError, FatalError
 from ._job import JobFailedError, JobProgress, JobSettings, JobSummary, run_job
 from ._journal import atomic_write
+from ._limits import RateLimiter
 
 try:
     from fastapi import FastAPI, Request, Security
@@ -286,6 +287,23 @@ class JobManager:
         self.enriching = 0
         self._tg: TaskGroup | None = None
         self._closing = False
+        self._limiters: dict[tuple[Any, ...], RateLimiter] = {}
+
+    def limiter_for(self, settings: JobSettings) -> RateLimiter:
+        """Return the rate limiter shared by every job and enrich call on the same API key.
+
+        Jobs on one key share its quota: one job's 429 pauses the others, and what the server
+        teaches through its rate-limit headers serves them all. Keyed by provider, base URL, the
+        key's environment variable and model; the first job's ``rpm``/``tpm`` set the limits
+        (later jobs may lower them, never raise them).
+        """
+        key = (settings.provider, settings.base_url, settings.api_key_env, settings.model)
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            limiter = self._limiters[key] = RateLimiter(rpm=settings.rpm, tpm=settings.tpm)
+        else:
+            limiter.lower(rpm=settings.rpm, tpm=settings.tpm)
+        return limiter
 
     @property
     def jobs_dir(self) -> Path:
@@ -518,6 +536,7 @@ class JobManager:
                 stop_event=job.stop_event,
                 stop_reason=job.stop_why or "stop requested",
                 progress_interval=self.config.progress_interval,
+                limiter=self.limiter_for(settings),
             )
         except anyio.get_cancelled_exc_class():
             job.update(
@@ -985,7 +1004,7 @@ async def _prepared_caller(settings: JobSettings, manager: JobManager) -> Any:
     from ._job import build_caller, preflight, release_caller
 
     try:
-        caller = build_caller(settings)
+        caller = build_caller(settings, limiter=manager.limiter_for(settings))
     except ConfigError as error:
         raise RequestError(422, str(error)) from None
     try:

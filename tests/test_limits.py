@@ -724,3 +724,12 @@ async def test_aimd_oscillates_near_server_capacity() -> None:
     assert capacity // 2 <= min(tail)
     assert max(tail) <= capacity + 1
     assert capacity * 0.6 <= sum(tail) / len(tail) <= capacity
+
+
+def test_lower_only_ever_tightens_the_configured_limits() -> None:
+    limiter = RateLimiter(rpm=600, tpm=None)
+    limiter.lower(rpm=900, tpm=50_000)  # a higher rpm is ignored; an unset tpm is set
+    stats = limiter.statistics()
+    assert (stats.rpm, stats.tpm) == (600, 50_000)
+    limiter.lower(rpm=300)
+    assert limiter.statistics().rpm == 300

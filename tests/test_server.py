@@ -386,3 +386,21 @@ async def test_a_crash_leaves_running_jobs_that_come_back_interrupted(
         state = (await client.get(f"/v1/jobs/{job['id']}")).json()
         assert state["status"] == "interrupted"
         assert "server stopped" in state["stopped"]
+
+
+async def test_jobs_on_one_api_key_share_its_rate_limit(tmp_path: Path) -> None:
+    # the server allows 600 requests/minute (10/s); each job alone is configured at that rate
+    async with serve(SimConfig(rpm=600)) as quota_sim, running(tmp_path, quota_sim) as client:
+        settings = {**SETTINGS, "rpm": 600}
+        ids = []
+        for _ in range(2):
+            r = await client.post("/v1/jobs", json={"rows": rows(15), "settings": settings})
+            assert r.status_code == 202
+            ids.append(r.json()["id"])
+        finals = [await wait_end(client, job_id) for job_id in ids]
+        assert [f["status"] for f in finals] == ["succeeded", "succeeded"]
+        counters = quota_sim.counters()
+        # two separate limiters would send 20/s together and meet 429s; one shared limiter
+        # keeps both jobs inside the key's quota
+        assert counters["http_429"] == 0
+        assert counters["requests"] == 30
