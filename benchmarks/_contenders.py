@@ -432,8 +432,8 @@ async def run_langchain(job: Job, rows: Rows, probe: Probe) -> None:
     if rate is not None:
         from langchain_core.rate_limiters import InMemoryRateLimiter
 
-        limiter = InMemoryRateLimiter(
-            requests_per_second=rate, check_every_n_seconds=0.01, max_bucket_size=1
+        limiter = InMemoryRateLimiter(  # half a second of burst, like llm-pipeline's limiter
+            requests_per_second=rate, check_every_n_seconds=0.01, max_bucket_size=max(1, rate / 2)
         )
     model = ChatOpenAI(
         model=MODEL,
@@ -663,17 +663,18 @@ def _cpu(who: int) -> float:
 class _Watchdog(threading.Thread):
     """Ends a job that passes its memory or time cap, reporting what it had done by then."""
 
-    def __init__(self, job: Job, emit: Callable[[dict[str, Any]], None], state: Any) -> None:
+    def __init__(
+        self, job: Job, probe: Probe, emit: Callable[[dict[str, Any]], None], state: Any
+    ) -> None:
         super().__init__(daemon=True)
-        self.job, self.emit, self.state = job, emit, state
+        self.job, self.probe, self.emit, self.state = job, probe, emit, state
         self.done = threading.Event()
 
     def run(self) -> None:
         job = self.job
-        started = time.perf_counter()
         while not self.done.wait(0.01):
             rss = max(_status_mb("VmRSS:"), CHILD["rss"])
-            elapsed = time.perf_counter() - started
+            elapsed = time.perf_counter() - self.probe.t0  # the CLI's clock starts late
             reason = None
             if job.rss_cap_mb is not None and rss > job.rss_cap_mb:
                 reason = f"memory cap of {job.rss_cap_mb:,.0f} MB passed"
@@ -707,7 +708,7 @@ def run_job(job: Job, emit: Callable[[dict[str, Any]], None] | None = None) -> d
             "contender": job.contender,
             "scenario": job.scenario,
             "rows": job.rows,
-            "rows_pulled": rows.pulled,
+            "rows_pulled": rows.pulled if not cli else None,  # the CLI reads its own file
             "elapsed_s": elapsed,
             "cpu_s": (
                 _cpu(resource.RUSAGE_CHILDREN) - child0  # the CLI's process, once it is reaped
@@ -722,7 +723,7 @@ def run_job(job: Job, emit: Callable[[dict[str, Any]], None] | None = None) -> d
 
     watchdog = None
     if emit is not None and (job.rss_cap_mb is not None or job.time_cap_s is not None):
-        watchdog = _Watchdog(job, emit, state)
+        watchdog = _Watchdog(job, probe, emit, state)
         watchdog.start()
     probe.t0 = time.perf_counter()
     error = None

@@ -601,7 +601,13 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
         f"Latest {data['mode']} run: {data['date']}, {data['duration_s']:.0f} s "
         f"(limit {data['limit_s']} s), commit `{m.get('commit') or '?'}`"
         + (f", row counts scaled by {data['scale']:g}" if data["scale"] != 1 else "")
-        + ".",
+        + "."
+        + (
+            " This is a quick run: row counts in the titles and methods are the full run's; "
+            "the 'rows run' columns give the counts used here."
+            if data["mode"] == "quick"
+            else ""
+        ),
         "",
         f"![benchmark chart]({rel(png_path, docs.parent)})",
         "",
@@ -652,6 +658,9 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
         "runs a prefix of the same rows; the 'rows run' column says so.",
         "",
     ]
+    caller = json_path.parent / "caller.json"
+    if caller.exists():
+        parts += _caller_section(json.loads(caller.read_text()), caller)
     for scenario, headers, rows in tables(data):
         parts += [f"## {scenario.number}. {scenario.title}", "", scenario.method, ""]
         parts += [_md_table(headers, rows), ""]
@@ -660,6 +669,50 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
             parts += [*notes, ""]
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text("\n".join(parts))
+
+
+def _caller_section(data: dict[str, Any], path: Path) -> list[str]:
+    """The LLM caller's own targets, from ``python -m benchmarks.caller``'s results file."""
+    args = data["args"]
+    rows = [
+        [c["name"], f"{c['value']:.3g}", c["target"], "PASS" if c["pass"] else "FAIL"]
+        for c in data["checks"]
+    ]
+    figures = []
+    for run in data["throughput"]:
+        for name, label in (
+            ("aiohttp", "bare aiohttp + gather + semaphore"),
+            ("pipeline", "llm-pipeline LLMCaller in a Pipeline"),
+            ("openai", "openai SDK + semaphore, max_retries=0"),
+        ):
+            if name in run["best"]:
+                best = run["best"][name]
+                figures.append(
+                    [
+                        label,
+                        str(run["concurrency"]),
+                        f"{best['requests_per_s']:,.0f}",
+                        f"{best['cpu_per_1k']:.2f}",
+                        f"{best['rows']:,}",
+                    ]
+                )
+    return [
+        "## The LLM caller's targets",
+        "",
+        f"From `python -m benchmarks.caller` ({data['date']}, `{os.path.relpath(path, ROOT)}`): "
+        f"zero-latency server, the best of {args['rounds']} alternating runs of each client "
+        f"at concurrency {args['concurrency']} and again at {args['saturated']} (where the "
+        "client's core, not the round trip, is the bottleneck); then a server enforcing "
+        f"{data['rate_limit']['rpm']:,} requests/minute, {args['rate_rows']:,} rows, with the "
+        "caller configured at that quota and with no limit set.",
+        "",
+        _md_table(
+            ["client", "concurrency", "requests/s", "client CPU s / 1k req", "rows"], figures
+        ),
+        "",
+        _md_table(["check", "value", "target", "result"], rows),
+        "",
+    ]
 
 
 def _notes(data: dict[str, Any], key: str) -> list[str]:
