@@ -1086,7 +1086,8 @@ class LLMCaller(ItemStage[Any, Any]):
 
         async def attempt() -> Any:
             state = self.run_state
-            await self._acquire(state, outbox, estimate)
+            if state.limited:
+                await self._acquire(state, outbox, estimate)
             async with self._slot(state, outbox):
                 try:
                     result = await call(record)
