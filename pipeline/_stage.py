@@ -407,7 +407,8 @@ class Stage(Generic[In, Out]):
     Args:
         name: Name used in errors, spans, metrics, logs and the run report.
         workers: Concurrent copies of the stage sharing one inbox.
-        buffer: Capacity of the stage's inbox (items the previous stage may run ahead).
+        buffer: Capacity of the stage's inbox (items the previous stage may run ahead); the
+            runtime raises it to the previous stage's ``workers`` when that is larger.
         on_error: Per-item errors as data (``"dead_letter"``) or ``"fatal"``; see :data:`OnError`.
     """
 
