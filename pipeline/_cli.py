@@ -9,6 +9,7 @@ budget), 2 a usage error, 130 interrupted (Ctrl-C; the job can be resumed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -18,7 +19,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -236,17 +237,29 @@ def _flag_words(message: str, flags: set[str]) -> str:
     return re.sub(r"setting '(\w+)'", swap, message)
 
 
-def _configure_logging(quiet: bool, debug: bool) -> logging.Handler:
+@contextlib.contextmanager
+def _configured_logging(quiet: bool, debug: bool) -> Iterator[None]:
+    """Show the library's records on stderr for one command; restore logging after it.
+
+    ``main`` also runs inside other programs (and tests): the levels it sets must not outlive it.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(StageFilter())
     handler.setFormatter(logging.Formatter("%(levelname)s [%(stage)s] %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.addHandler(handler)
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING
-    logging.getLogger("pipeline").setLevel(level)
-    logging.getLogger("stages").setLevel(level)
+    loggers = [logging.getLogger("pipeline"), logging.getLogger("stages")]
+    previous = [logger.level for logger in loggers]
+    root.addHandler(handler)
+    for logger in loggers:
+        logger.setLevel(level)
     handler.setLevel(level)
-    return handler
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for logger, old in zip(loggers, previous, strict=True):
+            logger.setLevel(old)
 
 
 def backend_options() -> dict[str, Any]:
@@ -355,8 +368,7 @@ def run_command(argv: Sequence[str]) -> int:
     if interval <= 0:
         _error(f"--progress-interval must be > 0, got {interval:g}")
         return EXIT_USAGE
-    handler = _configure_logging(settings.quiet, debug)
-    try:
+    with _configured_logging(settings.quiet, debug):
         try:
             summary = anyio.run(
                 _run_async,
@@ -386,8 +398,6 @@ def run_command(argv: Sequence[str]) -> int:
                 traceback.print_exception(error)
             _error(f"{type(error).__name__}: {_one_line(error)}")
             return EXIT_FATAL
-    finally:
-        logging.getLogger().removeHandler(handler)
     if display is not None:
         display.close()
     status = _exit_status(summary)

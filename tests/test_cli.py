@@ -650,3 +650,15 @@ def test_trace_otlp_exports_spans_to_a_collector(
             for scope in resource.scope_spans:
                 spans.extend(span.name for span in scope.spans)
     assert spans.count("llm") == 3  # one span per row in the caller stage
+
+
+def test_main_leaves_logging_as_it_found_it(tmp_path: Path, sim: Simulator) -> None:
+    import logging
+
+    before = [logging.getLogger(n).level for n in ("pipeline", "stages")]
+    handlers = list(logging.getLogger().handlers)
+    src = write_rows(tmp_path / "in.jsonl", names(2))
+    assert run_cli(tmp_path, sim, str(src), "-o", str(tmp_path / "o.jsonl"), "--prompt",
+                   "{name}", "--quiet") == 0  # fmt: skip
+    assert [logging.getLogger(n).level for n in ("pipeline", "stages")] == before
+    assert logging.getLogger().handlers == handlers
