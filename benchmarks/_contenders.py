@@ -585,14 +585,15 @@ def run_cli(job: Job, rows: Rows, probe: Probe) -> None:
             probe.fail(None, "dead-lettered by the CLI")
 
 
-CHILD: dict[str, Any] = {"proc": None, "peak": 0.0, "rss": 0.0}
-"""The CLI's child process while it runs, and its peak and current RSS (MB)."""
+CHILD: dict[str, Any] = {"proc": None, "peak": 0.0, "rss": 0.0, "wait": 0.0}
+"""The CLI's child process while it runs: its peak and current RSS (MB), its CPU wait (s)."""
 
 
 def _watch_child(child: subprocess.Popen[bytes]) -> None:
     """Sample a child's VmHWM and VmRSS until it exits (VmHWM only grows: the last is its peak)."""
     status = Path(f"/proc/{child.pid}/status")
     while child.poll() is None:
+        CHILD["wait"] = max(CHILD["wait"], runqueue_wait_s(child.pid))
         try:
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -655,6 +656,14 @@ def _status_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def runqueue_wait_s(pid: int | str = "self") -> float:
+    """Seconds a process's main thread has spent runnable but waiting for a CPU (Linux)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _cpu(who: int) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
@@ -699,7 +708,8 @@ def run_job(job: Job, emit: Callable[[dict[str, Any]], None] | None = None) -> d
     probe = Probe(job)
     cpu0 = _cpu(resource.RUSAGE_SELF)
     child0 = _cpu(resource.RUSAGE_CHILDREN)
-    CHILD.update(proc=None, peak=0.0, rss=0.0)
+    CHILD.update(proc=None, peak=0.0, rss=0.0, wait=0.0)
+    wait0 = runqueue_wait_s()
 
     def state(elapsed: float) -> dict[str, Any]:
         # the CLI contender is its child process: its CPU and memory, not this worker's
@@ -716,6 +726,7 @@ def run_job(job: Job, emit: Callable[[dict[str, Any]], None] | None = None) -> d
                 else _cpu(resource.RUSAGE_SELF) - cpu0
             ),
             "peak_rss_mb": CHILD["peak"] if cli else _status_mb("VmHWM:"),
+            "cpu_wait_s": CHILD["wait"] if cli else runqueue_wait_s() - wait0,
             "error": None,
             "stopped": None,
             **probe.snapshot(),

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks._contenders import BASELINES, LABELS, OURS, Job
+from benchmarks._contenders import BASELINES, LABELS, OURS, Job, runqueue_wait_s
 from benchmarks.scenarios import (
     BY_KEY,
     RSS_CAP_MB,
@@ -115,6 +115,10 @@ class Server:
         """User + system CPU seconds the server has used so far."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def wait_s(self) -> float:
+        """Seconds the server has spent waiting for a CPU while runnable."""
+        return runqueue_wait_s(self.proc.pid)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -335,7 +339,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         for scenario, size, contender in runs:
             job = make_job(scenario, size, contender, server.url, quick, args.scale)
             server.configure(scenario.server(quick))
-            cpu0 = server.cpu_s()
+            cpu0, wait0 = server.cpu_s(), server.wait_s()
             try:
                 if size is None:
                     result = workers[contender].run(job, timeout=300)
@@ -345,6 +349,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                 result = _failed_run(job, str(error))
             counters = server.counters()
             server_cpu = server.cpu_s() - cpu0
+            result["server_cpu_wait_s"] = server.wait_s() - wait0
             record = {
                 "scenario": scenario.key,
                 "size": job.rows if size is not None else None,
@@ -415,6 +420,11 @@ def _progress(scenario: Scenario, record: dict[str, Any]) -> None:
     size = f" @{record['size']:,}" if record["size"] else ""
     what = ", ".join(f"{c.header} {_fmt(c, f.get(c.key))}" for c in scenario.columns if c.key in f)
     note = f"  ERROR {result['error']}" if result.get("error") else ""
+    if _contended(record):
+        note += (
+            f"  (waited for a CPU: client {result.get('cpu_wait_s', 0):.1f} s, "
+            f"server {result.get('server_cpu_wait_s', 0):.1f} s)"
+        )
     print(
         f"  [{scenario.number}] {record['contender']:<15}{size} {f['elapsed_s']:6.1f}s  {what}"
         f"{note}",
@@ -652,6 +662,9 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
         "gather, aiohttp) retry 408/409/429/5xx, connection errors and broken or truncated "
         "answers up to 4 times, honouring Retry-After; the SDK and LangChain use their "
         "built-in retries (max_retries=4); llm-pipeline uses max_retries=4.",
+        "- The machine is shared: each run records how long its client and the server were "
+        "runnable but waiting for a CPU (Linux schedstat); runs held off for more than 10% of "
+        "their time (and half a second) are flagged under their table.",
         "- Ratios compare each contender's main figure with the best baseline of the same "
         "scenario in the same run (>1 = better than it, whichever direction is better).",
         "- Where a slow contender runs fewer rows to keep the suite under its time limit, it "
@@ -715,14 +728,33 @@ def _caller_section(data: dict[str, Any], path: Path) -> list[str]:
     ]
 
 
+def _contended(record: dict[str, Any]) -> bool:
+    """Whether other processes held the client or the server off its core for > 10% of a run
+    (and more than half a second)."""
+    result = record["result"]
+    waited = result.get("cpu_wait_s", 0.0) + result.get("server_cpu_wait_s", 0.0)
+    elapsed = result["elapsed_s"]
+    return bool(elapsed == elapsed and waited > max(0.5, 0.1 * elapsed))
+
+
 def _notes(data: dict[str, Any], key: str) -> list[str]:
-    """Facts worth showing under a table: errors and examples of wrong or failed rows."""
+    """Facts worth showing under a table: errors, examples of wrong or failed rows, and runs
+    that other processes on the machine slowed down."""
     lines = []
     for run in data["runs"]:
         if run["scenario"] != key:
             continue
         result = run["result"]
         label = LABELS.get(run["contender"], run["contender"])
+        if run["size"]:
+            label += f" @ {run['size']:,} rows"
+        if _contended(run):
+            lines.append(
+                f"- {label}: other processes kept it waiting for a CPU "
+                f"{result.get('cpu_wait_s', 0):.1f} s (client) + "
+                f"{result.get('server_cpu_wait_s', 0):.1f} s (server) of its "
+                f"{result['elapsed_s']:.1f} s run; its figures are pessimistic."
+            )
         if result.get("error"):
             lines.append(f"- {label}: error `{result['error'][:200]}`")
         if result.get("example_wrong"):
