@@ -797,7 +797,7 @@ def ray_transform(
             pickled.
     """
     import_ray()
-    cloudpickle = importlib.import_module("cloudpickle")  # comes with Ray
+    cloudpickle = importlib.import_module("ray.cloudpickle")  # vendored by Ray
 
     if concurrency < 1 or max_in_flight < 1 or batch_size < 1:
         raise ConfigError("concurrency, max_in_flight and batch_size must be >= 1")
