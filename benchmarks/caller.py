@@ -75,15 +75,16 @@ def throughput(
     sdk_rows: int | None,
 ) -> dict[str, Any]:
     """Best-of-``rounds`` requests/s of bare aiohttp and of the caller (alternating), and of
-    the SDK when ``sdk_rows`` is given."""
-    best: dict[str, dict[str, Any]] = {}
+    the SDK when ``sdk_rows`` is given. Runs during which the client or the server waited for a
+    CPU more than 10% of the time (other processes) count only if every run did."""
+    runs: dict[str, list[dict[str, Any]]] = {}
     order = ["aiohttp", "pipeline"] * rounds
     if sdk_rows:
         order += ["openai"] * max(1, rounds - 1)
     for contender in order:
         n = sdk_rows if contender == "openai" and sdk_rows else rows
         server.configure({})
-        cpu0 = server.cpu_s()
+        cpu0, wait0 = server.cpu_s(), server.wait_s()
         extra: dict[str, Any] = {"concurrency": concurrency}
         if contender == "openai":
             extra["retries"] = 0
@@ -91,19 +92,27 @@ def throughput(
         _check(result, contender)
         requests = server.counters()["requests"]
         rate = requests / result["elapsed_s"]
+        waited = result["cpu_wait_s"] + server.wait_s() - wait0
         run = {
             "requests_per_s": rate,
             "cpu_per_1k": result["cpu_s"] / requests * 1000,
             "server_cpu_per_1k": (server.cpu_s() - cpu0) / requests * 1000,
             "rows": n,
+            "cpu_wait_s": waited,
+            "contended": waited > 0.1 * result["elapsed_s"],
         }
         print(
             f"  {LABELS[contender]:<26} {rate:8,.0f} req/s   client CPU "
-            f"{run['cpu_per_1k']:.2f} s/1k req   server CPU {run['server_cpu_per_1k']:.2f} s/1k",
+            f"{run['cpu_per_1k']:.2f} s/1k req   server CPU {run['server_cpu_per_1k']:.2f} s/1k"
+            f"   waited for a CPU {waited:.2f} s" + ("  (contended)" if run["contended"] else ""),
             flush=True,
         )
-        if contender not in best or rate > best[contender]["requests_per_s"]:
-            best[contender] = run
+        runs.setdefault(contender, []).append(run)
+    best: dict[str, dict[str, Any]] = {}
+    for contender, tries in runs.items():
+        # other processes share the machine: prefer runs they did not hold off a CPU
+        clean = [r for r in tries if not r["contended"]] or tries
+        best[contender] = max(clean, key=lambda r: r["requests_per_s"])
     return best
 
 
@@ -237,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     for name, value, target, ok in checks:
-        print(f"{verdict(ok)}  {name}: {value:.3g} (target {target})")
+        shown = str(value) if isinstance(value, int) else f"{value:.2f}"
+        print(f"{verdict(ok)}  {name}: {shown} (target {target})")
     data = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": time.perf_counter() - started,

@@ -595,7 +595,17 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path) -> None:
-    """Regenerate the benchmarks page from a results file (tables, chart, machine, method)."""
+    """Regenerate the benchmarks page from a results file (tables, chart, machine, method).
+
+    The figures are derived again from each run's raw counts, so the page always follows the
+    current definitions.
+    """
+    for record in data["runs"]:
+        scenario = BY_KEY[record["scenario"]]
+        record["figures"] = figures(
+            scenario, record["result"], record["counters"], record["server_cpu_s"], record["job"]
+        )
+    _compare(data["runs"])
     chart(data, png_path)
     m = data["machine"]
     rel = os.path.relpath
@@ -655,7 +665,9 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
         "numbering (which seeds the fault draws) and quota buckets are reset, so every "
         "contender meets the same server with the same rows and the same concurrency.",
         "- Answers are deterministic (an echo of the prompt), so every row's answer is checked "
-        "against the expected text; 'correct' counts exact matches.",
+        "against the expected text; 'correct' counts exact matches. In-process contenders "
+        "check each answer as it arrives (a few microseconds a row, counted in their CPU "
+        "time); the CLI's output file is checked after it exits.",
         "- Contenders (`benchmarks/_contenders.py`): "
         + "; ".join(f"**{LABELS[c]}**" for c in (*BASELINES, *OURS))
         + ". Every asyncio contender runs on uvloop. The hand-written clients (sequential, "
@@ -666,7 +678,8 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
         "runnable but waiting for a CPU (Linux schedstat); runs held off for more than 10% of "
         "their time (and half a second) are flagged under their table.",
         "- Ratios compare each contender's main figure with the best baseline of the same "
-        "scenario in the same run (>1 = better than it, whichever direction is better).",
+        "scenario in the same run (>1 = better than it, whichever direction is better); a "
+        "baseline that lost or garbled rows is the best only when every baseline did.",
         "- Where a slow contender runs fewer rows to keep the suite under its time limit, it "
         "runs a prefix of the same rows; the 'rows run' column says so.",
         "",
@@ -688,7 +701,12 @@ def _caller_section(data: dict[str, Any], path: Path) -> list[str]:
     """The LLM caller's own targets, from ``python -m benchmarks.caller``'s results file."""
     args = data["args"]
     rows = [
-        [c["name"], f"{c['value']:.3g}", c["target"], "PASS" if c["pass"] else "FAIL"]
+        [
+            c["name"],
+            str(c["value"]) if isinstance(c["value"], int) else f"{c['value']:.2f}",
+            c["target"],
+            "PASS" if c["pass"] else "FAIL",
+        ]
         for c in data["checks"]
     ]
     figures = []
