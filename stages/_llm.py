@@ -92,6 +92,7 @@ CallHook = Callable[[Any], Awaitable[Any]]
 
 _perf = time.perf_counter
 _REDACTED = "***"
+_LEARN_AFTER = 16  # answers seen before the completion estimate follows their average
 _OVERLOAD_CODES = frozenset({"overloaded_error", "rate_limit_error", "rate_limit_exceeded"})
 _SENSITIVE_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
 _FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
@@ -214,6 +215,8 @@ class _RunState:
     __slots__ = (
         "chat_parts",
         "chat_url",
+        "completion_mean",
+        "completions_seen",
         "concurrency",
         "fatal",
         "key",
@@ -249,6 +252,16 @@ class _RunState:
         self.stopping = False
         self.fatal: FatalError | None = None  # the error that is stopping the run
         self.warned: set[str] = set()
+        self.completion_mean = 0.0  # moving average of completion tokens per answer
+        self.completions_seen = 0
+
+    def observe_completion(self, tokens: int) -> None:
+        """Fold one answer's completion tokens into the moving average."""
+        self.completions_seen += 1
+        if self.completions_seen == 1:
+            self.completion_mean = float(tokens)
+        else:
+            self.completion_mean += (tokens - self.completion_mean) * 0.05
 
 
 class _Seats:
@@ -912,10 +925,18 @@ class LLMCaller(ItemStage[Any, Any]):
     def _estimate(self, size: int) -> int:
         """Return the tokens to reserve for a request of ``size`` characters or bytes.
 
-        A quarter of them, plus ``max_tokens`` (256 when not set) for a chat answer; the
-        limiter is reconciled with the real usage afterwards.
+        A quarter of them, plus the completion a chat answer is expected to use: ``max_tokens``
+        (256 when not set) until the run has seen enough answers, then a quarter more than
+        their recent average (never more than ``max_tokens``). Reserving ``max_tokens`` for
+        every answer would run a job far below its ``tpm`` when answers are short; the limiter
+        is reconciled with the real usage afterwards either way.
         """
-        completion = self._completion_estimate if self.endpoint == "chat" else 0
+        if self.endpoint != "chat":
+            return max(1, size // 4)
+        completion = self._completion_estimate
+        state = self._state
+        if state is not None and state.completions_seen >= _LEARN_AFTER:
+            completion = min(completion, int(state.completion_mean * 1.25) + 1)
         return max(1, size // 4) + completion
 
     # -- chat ----------------------------------------------------------------------------------
@@ -1124,7 +1145,7 @@ class LLMCaller(ItemStage[Any, Any]):
         if isinstance(status, int):
             retryable = status in (408, 409, 429) or status >= 500
             if status in (429, 503, 529):
-                self._overloaded(self.run_state, retry_after)
+                self._overloaded(self.run_state, retry_after, rate_limited=status == 429)
             return LLMCallError(
                 message, status=status, retryable=retryable, retry_after=retry_after
             )
@@ -1438,7 +1459,7 @@ class LLMCaller(ItemStage[Any, Any]):
             state.fatal = state.fatal or quota
             return quota
         if code in _OVERLOAD_CODES:
-            self._overloaded(state, None)
+            self._overloaded(state, None, rate_limited=code != "overloaded_error")
         return LLMCallError(
             self._scrub(f"stream failed: {type(exc).__name__}: {exc}"),
             retryable=True,
@@ -1523,7 +1544,7 @@ class LLMCaller(ItemStage[Any, Any]):
             )
         retry_after = parse_retry_after(headers) if failure.retryable else None
         if failure.overload:
-            self._overloaded(state, retry_after)
+            self._overloaded(state, retry_after, rate_limited=failure.status == 429)
         return LLMCallError(
             described,
             status=failure.status,
@@ -1532,10 +1553,19 @@ class LLMCaller(ItemStage[Any, Any]):
             retry_after=retry_after,
         )
 
-    def _overloaded(self, state: _RunState, retry_after: float | None) -> None:
-        """The server asked to slow down: pause every worker and shrink the concurrency."""
+    def _overloaded(
+        self, state: _RunState, retry_after: float | None, *, rate_limited: bool
+    ) -> None:
+        """The server rate-limits us (429) or is overloaded (503, 529): slow down.
+
+        The concurrency always shrinks. Every worker pauses when the server said for how long
+        (Retry-After), and on a rate limit without one (for ``backoff_base``); an overloaded
+        answer without Retry-After is one request's failure, and only its row backs off.
+        """
         self.totals.rate_limited += 1
         state.concurrency.overload()
+        if retry_after is None and not rate_limited:
+            return
         state.limited = True
         state.limiter.pause(retry_after if retry_after is not None else self.backoff_base)
         span = trace.get_current_span()
@@ -1554,6 +1584,7 @@ class LLMCaller(ItemStage[Any, Any]):
             return 0.0
         stats.prompt_tokens += usage.prompt_tokens
         stats.completion_tokens += usage.completion_tokens
+        state.observe_completion(usage.completion_tokens)
         if state.limited:  # else the estimate was never charged (see _RunState.limited)
             state.limiter.reconcile(estimate, usage.total_tokens)
         price = self._price(answer.model)

@@ -193,6 +193,37 @@ async def test_429_retry_after_pauses_every_worker() -> None:
         assert not [t for t in limiter.granted if began < t < began + seconds - 0.01]
 
 
+SEED_503 = 3  # a seed whose 5xx faults include 503s (the status is drawn among 500/502/503)
+
+
+async def test_a_503_without_retry_after_backs_off_its_row_only() -> None:
+    limiter = _RecordingLimiter()
+    async with serve(SimConfig(error_5xx=0.3, seed=SEED_503)) as sim:
+        caller = _caller(sim.url, limiter=limiter, concurrency=4)
+        results, report = await _run(caller)
+        counters = sim.counters()
+    failed_5xx = counters["faults"]["error_5xx"]
+    assert report.stages[1].retries == failed_5xx
+    assert counters["by_route"]["/v1/chat/completions"].get("503", 0) >= 1
+    assert [r["response"] for r in results] == _expected()
+    assert limiter.pauses == []  # nobody else waited for one request's 503
+    assert caller.totals.rate_limited >= 1  # the 503s still shrank the concurrency
+
+
+async def test_completion_estimate_follows_the_answers_seen() -> None:
+    async with serve(SimConfig()) as sim:
+        caller = _caller(sim.url, tpm=10_000_000, params={"max_tokens": 500})
+        async with Pipeline(ROWS, caller).open() as results:
+            async for _ in results:
+                pass
+            state = caller.run_state
+            assert state.completions_seen == len(ROWS)
+            learned = caller._estimate(40)
+    # answers here are a few tokens long: far below the max_tokens reserved at first
+    assert caller._estimate(40) == 10 + 500  # outside a run: max_tokens
+    assert learned < 10 + 50
+
+
 async def test_server_quota_429s_are_obeyed_until_all_rows_pass() -> None:
     # the server allows 600 rpm in 0.1 s buckets (1 request); the caller sends faster
     async with serve(SimConfig(rpm=600, burst_s=0.1)) as sim:
