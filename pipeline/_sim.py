@@ -891,7 +891,9 @@ class Simulator:
     def _openai_fault(self, fault: str, n: int, headers: dict[str, str]) -> web.Response | None:
         """Return the whole response of a fault that replaces the answer, else None."""
         if fault == "error_5xx":
-            status = random.Random(self._config.seed * 1_000_003 + n).choice((500, 502, 503))
+            # its own stream: reusing the fault draw's seed ties the status to the draw that
+            # picked the fault, and one of the three statuses then hardly ever came up
+            status = random.Random(f"{self._config.seed}:{n}:status").choice((500, 502, 503))
             return web.Response(
                 status=status, body=_5XX[status], content_type=_JSON, headers=headers
             )
