@@ -1021,6 +1021,23 @@ class ParquetSink(FileSink):
                 writer.write_table(pa.Table.from_arrays(columns, schema=schema))
 
 
+def dead_letter_record(failed: Failed) -> dict[str, Any]:
+    """Return the dead-letter record of one failed row, as every engine writes it."""
+    return {
+        "key": failed.key,
+        "line": line_of(failed.origin),
+        "origin": failed.origin,
+        "stage": failed.stage,
+        "row": failed.item,
+        "error": {
+            "type": failed.error_type,
+            "message": failed.message,
+            "status": failed.status,
+            "attempts": failed.attempts,
+        },
+    }
+
+
 class DeadLetterSink(FileSink):
     """Write dead-letter records (:class:`~pipeline._envelope.Failed`) as JSON Lines.
 
@@ -1043,19 +1060,7 @@ class DeadLetterSink(FileSink):
         failed = env.value
         if not isinstance(failed, Failed):
             failed = Failed(failed, "?", "Error", "not a Failed record", 1, env.seq, env.key)
-        record = {
-            "key": failed.key,
-            "line": line_of(failed.origin),
-            "origin": failed.origin,
-            "stage": failed.stage,
-            "row": failed.item,
-            "error": {
-                "type": failed.error_type,
-                "message": failed.message,
-                "status": failed.status,
-                "attempts": failed.attempts,
-            },
-        }
+        record = dead_letter_record(failed)
         try:
             return dumps(record)
         except (TypeError, ValueError):  # an unencodable item: keep its repr

@@ -55,7 +55,7 @@ from pipeline._journal import dumps, encode_record, key_json, loads
 from pipeline._limits import Limiter, RateLimiter
 from pipeline._runner import Pipeline, Results
 from pipeline._stage import Inbox, ItemStage, Outbox, Source, Stage
-from stages._files import DeadLetterSink, FileSink, line_of
+from stages._files import DeadLetterSink, FileSink, dead_letter_record, line_of
 from stages._llm import LLMCaller
 
 if TYPE_CHECKING:
@@ -465,19 +465,7 @@ def _pa() -> Any:
 
 def _record(failed: Failed) -> dict[str, Any]:
     """The dead-letter record of ``failed``, exactly as the local dead-letter file holds it."""
-    return {
-        "key": failed.key,
-        "line": line_of(failed.origin),
-        "origin": failed.origin,
-        "stage": failed.stage,
-        "row": failed.item,
-        "error": {
-            "type": failed.error_type,
-            "message": failed.message,
-            "status": failed.status,
-            "attempts": failed.attempts,
-        },
-    }
+    return dead_letter_record(failed)
 
 
 def _as_row(value: Any) -> dict[str, Any]:
