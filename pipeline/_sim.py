@@ -845,18 +845,9 @@ class Simulator:
             fault not in _CHAT_FAULTS or (fault in _STREAM_ONLY and not stream)
         ):
             fault = None
-        if fault is not None:
-            self._count_fault(fault)
-            if fault == "reset":
-                if delay:
-                    await asyncio.sleep(delay)
-                return self._abort(request, rst=True)
-        if delay:
-            await asyncio.sleep(delay)
-        if fault is not None:
-            early = self._openai_fault(fault, n, headers)
-            if early is not None:
-                return early
+        early = await self._fault_prelude(request, fault, delay, n, headers)
+        if early is not None:
+            return early
         c = self._c
         c.prompt_tokens += answer.prompt_tokens
         c.completion_tokens += answer.completion_tokens
@@ -887,6 +878,30 @@ class Simulator:
             _RATE_LIMITED if which == "requests" else _RATE_LIMITED.replace(b"requests", b"tokens")
         )
         return web.Response(status=429, body=body, content_type=_JSON, headers=headers)
+
+    async def _fault_prelude(
+        self,
+        request: web.Request,
+        fault: str | None,
+        delay: float,
+        n: int,
+        headers: dict[str, str],
+    ) -> web.StreamResponse | None:
+        """Count the fault, wait the latency, and return a fault's whole response, if it has one.
+
+        ``None`` means: go on and answer (possibly with a fault applied to the answer itself).
+        """
+        if fault is not None:
+            self._count_fault(fault)
+            if fault == "reset":
+                if delay:
+                    await asyncio.sleep(delay)
+                return self._abort(request, rst=True)
+        if delay:
+            await asyncio.sleep(delay)
+        if fault is not None:
+            return self._openai_fault(fault, n, headers)
+        return None
 
     def _openai_fault(self, fault: str, n: int, headers: dict[str, str]) -> web.Response | None:
         """Return the whole response of a fault that replaces the answer, else None."""
@@ -1199,18 +1214,9 @@ class Simulator:
         fault, delay = self._fault(n)
         if fault is not None and fault not in _EMBED_FAULTS:
             fault = None
-        if fault is not None:
-            self._count_fault(fault)
-            if fault == "reset":
-                if delay:
-                    await asyncio.sleep(delay)
-                return self._abort(request, rst=True)
-        if delay:
-            await asyncio.sleep(delay)
-        if fault is not None:
-            early = self._openai_fault(fault, n, headers)
-            if early is not None:
-                return early
+        early = await self._fault_prelude(request, fault, delay, n, headers)
+        if early is not None:
+            return early
         self._c.prompt_tokens += cost
         data: list[dict[str, Any]] = []
         for i, text in enumerate(texts):
