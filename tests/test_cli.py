@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from redis_server import RedisServer, redis_server_binary
+from sim_thread import ThreadSim
 
 from pipeline._cli import build_parser, main, settings_from_args
 from pipeline._job import JobProgress, JobSummary
@@ -25,42 +25,9 @@ from pipeline._progress import (
     format_line,
     summary_table,
 )
-from pipeline._sim import SimConfig, Simulator, serve
+from pipeline._sim import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class ThreadSim:
-    """The simulated server on its own event loop in a thread (the CLI runs its own loop)."""
-
-    def __init__(self) -> None:
-        self.ready = threading.Event()
-        self.sim: Simulator | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        async def serve_until_stopped() -> None:
-            self.loop = asyncio.get_running_loop()
-            self.stop = asyncio.Event()
-            async with serve(SimConfig()) as sim:
-                self.sim = sim
-                self.ready.set()
-                await self.stop.wait()
-
-        asyncio.run(serve_until_stopped())
-
-    def __enter__(self) -> Simulator:
-        self.thread.start()
-        assert self.ready.wait(10), "the simulator did not start"
-        assert self.sim is not None
-        return self.sim
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.loop is not None and self.stop is not None
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,19 @@ lines, no leftovers, and at most the rows in flight at each crash sent twice.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sim_thread import ThreadSim
 
-from pipeline._sim import SimConfig, Simulator, serve
+from pipeline._sim import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 400
@@ -45,40 +44,6 @@ if point:
 from pipeline._cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-class ThreadSim:
-    """The simulated server on its own event loop in a thread."""
-
-    def __init__(self, config: SimConfig) -> None:
-        self.config = config
-        self.ready = threading.Event()
-        self.sim: Simulator | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stop: asyncio.Event | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        async def serve_until_stopped() -> None:
-            self.loop = asyncio.get_running_loop()
-            self.stop = asyncio.Event()
-            async with serve(self.config) as sim:
-                self.sim = sim
-                self.ready.set()
-                await self.stop.wait()
-
-        asyncio.run(serve_until_stopped())
-
-    def __enter__(self) -> Simulator:
-        self.thread.start()
-        assert self.ready.wait(10), "the simulator did not start"
-        assert self.sim is not None
-        return self.sim
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.loop is not None and self.stop is not None
-        self.loop.call_soon_threadsafe(self.stop.set)
-        self.thread.join(10)
 
 
 @pytest.fixture
