@@ -271,8 +271,10 @@ class Pipeline:
                     yield results
                 finally:
                     if not run.exhausted:
+                        # Cancel, and keep the results channel open until every task has
+                        # unwound: closed now, a stage already woken with an item would fail
+                        # its next send with BrokenResourceError before seeing the cancel.
                         tg.cancel_scope.cancel()
-                    run.final_recv.close()
         except BaseExceptionGroup as group:
             error = _unwrap(group)
             raise error from None

@@ -505,3 +505,22 @@ async def test_a_map_over_a_batch_keeps_it_a_batch() -> None:
 
     report = await Pipeline(Pairs(), pl.map(sum), pl.map(str, name="fmt")).run(range(6))
     assert report.balanced and report.ok == 6  # three batches standing for six items
+
+
+async def test_leaving_early_while_a_stage_was_just_woken_with_an_item_is_clean() -> None:
+    go = anyio.Event()
+
+    class Late(Stage[int, int]):
+        async def run(self, inbox: Inbox[int], outbox: Outbox[int]) -> None:
+            async for env in inbox:
+                if env.value == 1:
+                    await go.wait()  # woken normally just before the caller leaves
+                await outbox.send(env)  # the caller is gone: must not fail the run
+
+    with anyio.fail_after(5):
+        async with Pipeline(Late()).open(range(100)) as results:
+            async for value in results:
+                assert value == 0
+                go.set()
+                break
+    assert results.report is not None and not results.report.complete
