@@ -856,15 +856,7 @@ class Simulator:
             usage = isinstance(options, dict) and options.get("include_usage") is True
             return await self._chat_stream(request, n, answer, usage, fault, headers)
         body = self._chat_body(n, answer)
-        if fault in ("truncate", "stall"):
-            assert fault is not None
-            return await self._cut_body(request, body, fault, _JSON, headers)
-        if fault == "malformed":
-            body = body[: len(body) // 2]
-        pace = self._config.tokens_per_s
-        if pace:
-            await asyncio.sleep(answer.completion_tokens / pace)
-        return web.Response(body=body, content_type=_JSON, headers=headers)
+        return await self._json_answer(request, body, fault, answer, headers)
 
     def _unauthorized(self) -> web.Response:
         return web.Response(
@@ -878,6 +870,24 @@ class Simulator:
             _RATE_LIMITED if which == "requests" else _RATE_LIMITED.replace(b"requests", b"tokens")
         )
         return web.Response(status=429, body=body, content_type=_JSON, headers=headers)
+
+    async def _json_answer(
+        self,
+        request: web.Request,
+        body: bytes,
+        fault: str | None,
+        answer: _Answer,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Send a whole JSON answer, cut or broken by its fault, after the token pacing."""
+        if fault in ("truncate", "stall"):
+            return await self._cut_body(request, body, fault, _JSON, headers)
+        if fault == "malformed":
+            body = body[: len(body) // 2]
+        pace = self._config.tokens_per_s
+        if pace:
+            await asyncio.sleep(answer.completion_tokens / pace)
+        return web.Response(body=body, content_type=_JSON, headers=headers)
 
     async def _fault_prelude(
         self,
@@ -1096,15 +1106,7 @@ class Simulator:
                 },
             }
         )
-        if fault in ("truncate", "stall"):
-            assert fault is not None
-            return await self._cut_body(request, body, fault, _JSON, headers)
-        if fault == "malformed":
-            body = body[: len(body) // 2]
-        pace = self._config.tokens_per_s
-        if pace:
-            await asyncio.sleep(answer.completion_tokens / pace)
-        return web.Response(body=body, content_type=_JSON, headers=headers)
+        return await self._json_answer(request, body, fault, answer, headers)
 
     async def _messages_stream(
         self,
