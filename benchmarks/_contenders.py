@@ -473,7 +473,7 @@ def _known_rate(job: Job) -> float | None:
 
 def _tokens_per_row(job: Job) -> float:
     """Mean prompt + answer tokens of the job's rows, by the simulator's counting rule."""
-    from pipeline._sim import tokens
+    from pipeline.testing._sim import tokens
 
     sample = [make_row(i) for i in range(min(job.rows, 1000))]
     total = 0
@@ -487,7 +487,7 @@ def _tokens_per_row(job: Job) -> float:
 
 
 def _caller(job: Job, probe: Probe, *, learn: bool) -> Any:
-    from stages._llm import LLMCaller
+    from stages.llm._caller import LLMCaller
 
     return LLMCaller(
         model=MODEL,
@@ -630,8 +630,8 @@ PRELOAD: dict[str, tuple[str, ...]] = {
         "langchain_core.rate_limiters",
         "uvloop",
     ),
-    "pipeline": ("pipeline._runner", "stages._llm", "uvloop"),
-    "pipeline-learn": ("pipeline._runner", "stages._llm", "uvloop"),
+    "pipeline": ("pipeline._runner", "stages.llm._caller", "uvloop"),
+    "pipeline-learn": ("pipeline._runner", "stages.llm._caller", "uvloop"),
     "cli": (),
 }
 """What each contender imports, loaded before any clock starts."""

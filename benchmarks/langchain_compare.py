@@ -43,8 +43,12 @@ KEY = "sk-bench-not-a-real-key"
 
 @contextlib.contextmanager
 def sim_server(*flags: str) -> Iterator[str]:
-    """Start ``python -m pipeline._sim`` on a free port; yield its base URL (``.../v1``)."""
-    cmd = [sys.executable, "-c", "import sys; from pipeline._sim import main; sys.exit(main())"]
+    """Start ``python -m pipeline.testing._sim`` on a free port; yield its base URL (``.../v1``)."""
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from pipeline.testing._sim import main; sys.exit(main())",
+    ]
     proc = subprocess.Popen(
         [*cmd, "--port", "0", *flags], stdout=subprocess.PIPE, text=True, bufsize=1
     )

@@ -78,7 +78,7 @@ class Server:
     """The simulated LLM server in a child process, pinned to its own core."""
 
     def __init__(self, cpus: set[int] | None) -> None:
-        code = "import sys; from pipeline._sim import main; sys.exit(main(sys.argv[1:]))"
+        code = "import sys; from pipeline.testing._sim import main; sys.exit(main(sys.argv[1:]))"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "--port", "0"],
             stdout=subprocess.PIPE,
@@ -657,8 +657,9 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
         "",
         "## Method",
         "",
-        "- The server is the project's simulated OpenAI-compatible server (`pipeline/_sim.py`), "
-        "in its own process pinned to its own core; each contender runs in its own process "
+        "- The server is the project's simulated OpenAI-compatible server "
+        "(`pipeline/testing/_sim.py`), in its own process pinned to its own core; each "
+        "contender runs in its own process "
         "pinned to the other core: a long-lived worker per contender (its libraries imported "
         "before any clock starts) and a fresh process per run in the memory scenario.",
         "- Before each run the server's configuration is replaced and its counters, request "

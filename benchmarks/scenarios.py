@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from benchmarks._contenders import BASELINES, make_row
-from pipeline._sim import tokens
+from pipeline.testing._sim import tokens
 
 ALL = ("sequential", "gather", "aiohttp", "openai", "langchain", "pipeline", "cli")
 GREETING = "Write a short greeting for {name} from {city}, customer number {id}."

@@ -20,7 +20,7 @@ from langchain_openai import ChatOpenAI
 
 from pipeline import Pipeline
 from pipeline.testing import SimConfig, serve
-from stages._langchain import PipelineRunnable, RunnableStage
+from stages import PipelineRunnable, RunnableStage
 
 
 async def main() -> None:

@@ -1,7 +1,9 @@
 """Asynchronous stream-processing pipelines for calling LLM APIs at scale.
 
 Declare a pipeline from stages connected by bounded channels, then run it (the stage library
-is the ``stages`` package; the simulated server for tests is :mod:`pipeline.testing`)::
+is the ``stages`` package; file jobs are :mod:`pipeline.jobs`, the HTTP service
+:mod:`pipeline.server`, the command line :mod:`pipeline.cli`, and the simulated server for
+tests :mod:`pipeline.testing`)::
 
     import pipeline
 
@@ -10,8 +12,6 @@ is the ``stages`` package; the simulated server for tests is :mod:`pipeline.test
 
     report = await pipeline.Pipeline([{"name": "ada"}], pipeline.map(enrich)).run()
 """
-
-from typing import Any as _Any
 
 from ._envelope import Envelope as Envelope
 from ._envelope import Failed as Failed
@@ -38,27 +38,6 @@ from ._stage import Source as Source
 from ._stage import Stage as Stage
 from ._stage import StageStats as StageStats
 
-_LAZY = {
-    "JobFailedError": "pipeline._job",
-    "JobProgress": "pipeline._job",
-    "JobSettings": "pipeline._job",
-    "JobSummary": "pipeline._job",
-    "run_job": "pipeline._job",
-}
-
-
-def __getattr__(name: str) -> _Any:
-    """Load the file-job API (and the HTTP stack it needs) on first use."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
 __all__ = [
     "ConfigError",
     "Envelope",
@@ -68,10 +47,6 @@ __all__ = [
     "ItemError",
     "ItemStage",
     "IterSource",
-    "JobFailedError",
-    "JobProgress",
-    "JobSettings",
-    "JobSummary",
     "LedgerError",
     "MissingFieldError",
     "Outbox",
@@ -88,5 +63,4 @@ __all__ = [
     "filter",
     "flat_map",
     "map",
-    "run_job",
 ]

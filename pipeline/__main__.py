@@ -1,5 +1,5 @@
-"""``python -m pipeline``: the command line (see :mod:`pipeline._cli`)."""
+"""``python -m pipeline``: the command line (see :mod:`pipeline.cli`)."""
 
-from pipeline._cli import main
+from pipeline.cli import main
 
 raise SystemExit(main())

@@ -3,7 +3,7 @@
 :class:`RunnableStage` runs a LangChain runnable (a chat model, or a whole chain such as
 ``prompt | model | parser``) on every row under the pipeline's rate limiter, concurrency slots,
 retries, deadline, token and cost accounting, budget and tracing. It is an
-:class:`~stages._llm.LLMCaller` whose request is the runnable (the caller's ``call=`` escape
+:class:`~stages.llm._caller.LLMCaller` whose request is the runnable (the caller's ``call=`` escape
 hatch), so it behaves exactly as the HTTP caller does:
 
 * tokens are counted from the chat models' own reports, collected by a callback attached to each
@@ -41,12 +41,12 @@ from anyio.lowlevel import RunVar
 
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, ItemError, MissingFieldError, QuotaExhaustedError
-from pipeline._limits import Limiter
 from pipeline._runner import Pipeline
 from pipeline._stage import Inbox, OnError, Outbox, Source
-from stages._llm import AuthenticationError, LLMCaller, LLMCallError, Price
-from stages._providers import QUOTA_CODES, Answer
-from stages._sse import Usage
+from stages.llm._caller import AuthenticationError, LLMCaller, LLMCallError, Price
+from stages.llm._limits import Limiter
+from stages.llm._providers import QUOTA_CODES, Answer
+from stages.llm._sse import Usage
 
 try:
     from langchain_core.callbacks import BaseCallbackHandler
@@ -466,7 +466,7 @@ class PipelineRunnable(Runnable[Any, Any]):
     ``return_exceptions=True`` returns it in place). ``max_concurrency`` in the LangChain
     config is not used either: the pipeline's own limits govern.
 
-    Stages such as :class:`~stages._llm.LLMCaller` serve one run at a time, so concurrent
+    Stages such as :class:`~stages.llm._caller.LLMCaller` serve one run at a time, so concurrent
     calls on the same pipeline take turns; pass a factory (``lambda: Pipeline(...)``, sharing
     a limiter if the calls should share a rate limit) to let concurrent calls run at once,
     or send them together through ``abatch``.

@@ -18,7 +18,7 @@ Two entry points (extra ``[ray]``; ``ray`` is imported only when one of them is 
 
 * :func:`run_job_on_ray` runs a file job (``python -m pipeline run ... --engine ray``): the
   input is read by a Ray datasource, answered by the job's caller
-  (:func:`pipeline._job.build_caller`) inside actors, written by Ray's Parquet writer to part
+  (:func:`pipeline.jobs._job.build_caller`) inside actors, written by Ray's Parquet writer to part
   files next to the output, and published by the job's journal in exactly the format the
   local engine writes. See :func:`run_job_on_ray` for what that buys (identical rows and
   keys, bad rows dead-lettered, resume across engines).
@@ -51,15 +51,16 @@ import anyio.to_thread
 
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, FatalError, ItemError
-from pipeline._journal import dumps, encode_record, key_json, loads
-from pipeline._limits import Limiter, RateLimiter
+from pipeline._json import dumps, loads
 from pipeline._runner import Pipeline, Results
 from pipeline._stage import Inbox, ItemStage, Outbox, Source, Stage
-from stages._files import DeadLetterSink, FileSink, dead_letter_record, line_of
-from stages._llm import LLMCaller
+from stages.files._files import DeadLetterSink, FileSink, dead_letter_record, line_of
+from stages.files._records import encode_record, key_json
+from stages.llm._caller import LLMCaller
+from stages.llm._limits import Limiter, RateLimiter
 
 if TYPE_CHECKING:
-    from pipeline._job import JobProgress, JobSettings, JobSummary
+    from pipeline.jobs._job import JobProgress, JobSettings, JobSummary
 
 log = logging.getLogger("pipeline.ray")
 
@@ -115,7 +116,7 @@ class _JobStages:
     settings: JobSettings
 
     def __call__(self) -> list[Stage[Any, Any]]:
-        from pipeline._job import build_caller
+        from pipeline.jobs._job import build_caller
         from stages._batch import Batcher
 
         stages: list[Stage[Any, Any]] = []
@@ -315,7 +316,7 @@ class _ActorRuntime:
         """One limiter per caller and actor: shared through Redis, or this actor's share."""
         spec = self.spec
         if spec.limiter_url is not None:
-            from stages._redis_limiter import RedisRateLimiter
+            from stages.llm._redis_limiter import RedisRateLimiter
 
             key_env = caller.api_key_env or (
                 caller.provider.key_env if caller.provider is not None else None
@@ -426,10 +427,10 @@ class _ActorRuntime:
     ) -> None:
         """Stop the job when this actor's first requests fail as every row would.
 
-        The local engine's rule (:func:`pipeline._job.setup_failure`), per actor: it applies
+        The local engine's rule (:func:`pipeline.jobs._job.setup_failure`), per actor: it applies
         until this actor's caller answered a row.
         """
-        from pipeline._job import setup_failure
+        from pipeline.jobs._job import setup_failure
 
         if caller is None or failed.stage != caller.name or self._answered(caller, batch):
             return
@@ -901,7 +902,7 @@ class _FileRows:
     def _blocks(self) -> Iterator[Any]:
         from anyio.from_thread import start_blocking_portal
 
-        from stages._files import open_source
+        from stages.files._files import open_source
 
         failures: collections.deque[Failed] = collections.deque()
         source = open_source(self.path, fmt=self.fmt, id_field=self.id_field, skip_keys=self.skip)
@@ -1063,10 +1064,10 @@ async def run_job_on_ray(
 
     The flow: a Ray datasource reads the input with the local engine's own source (one read
     task per file, streaming blocks); a pool of ``actors`` async actors answers each batch
-    with the caller :func:`~pipeline._job.build_caller` makes from ``settings``, with many
+    with the caller :func:`~pipeline.jobs._job.build_caller` makes from ``settings``, with many
     rows in flight; Ray's Parquet writer writes the answers and dead-letter records to part
     files in ``OUTPUT.ray-parts/``; then the driver folds the parts into the job's
-    :class:`~pipeline._journal.Journal` and publishes the output and dead-letter files
+    :class:`~pipeline.jobs._journal.Journal` and publishes the output and dead-letter files
     atomically, in the same format as the local engine (the output's format by extension,
     the dead letters as JSON Lines, input order with ``ordered``).
 
@@ -1093,7 +1094,7 @@ async def run_job_on_ray(
             loses at most the batches in flight, which are sent again on resume.
         max_in_flight: Most rows one actor works on at once (default: twice its share of
             the concurrency ceiling).
-        on_progress: Called (sync or async) with a :class:`~pipeline._job.JobProgress`
+        on_progress: Called (sync or async) with a :class:`~pipeline.jobs._job.JobProgress`
             every ``progress_interval`` seconds and once at the end.
         stop_event: Once set, actors take no new rows; rows in flight finish; the job stays
             resumable.
@@ -1108,7 +1109,7 @@ async def run_job_on_ray(
         JobFailedError: A fatal error stopped the job (a rejected key, no credit, Redis
             lost); what was done stays resumable.
     """
-    from pipeline._job import _check_files
+    from pipeline.jobs._job import _check_files
 
     ray = import_ray()
     settings.require_paths()
@@ -1155,9 +1156,9 @@ async def _run_on_ray(
     progress_interval: float,
     started: float,
 ) -> JobSummary:
-    from pipeline._job import JobFailedError, JobSummary, preflight
-    from pipeline._journal import Journal
-    from stages._files import count_rows, open_sink
+    from pipeline.jobs._job import JobFailedError, JobSummary, preflight
+    from pipeline.jobs._journal import Journal
+    from stages.files._files import count_rows, open_sink
 
     assert settings.input is not None and settings.output is not None
     n = actors or default_actors(ray)
@@ -1173,7 +1174,7 @@ async def _run_on_ray(
     )
     # the caller the actors will build, built here to check it and reach its server first
     probe = await anyio.to_thread.run_sync(
-        lambda: importlib.import_module("pipeline._job").build_caller(
+        lambda: importlib.import_module("pipeline.jobs._job").build_caller(
             actor_settings, open_resources=False
         )
     )
@@ -1267,7 +1268,7 @@ async def _run_on_ray(
     async def progress(final: bool = False) -> None:
         if on_progress is None:
             return
-        from pipeline._job import JobProgress, _call_progress
+        from pipeline.jobs._job import JobProgress, _call_progress
 
         ok, failed = await anyio.to_thread.run_sync(_count_parts, write_dir, seen)
         if final:

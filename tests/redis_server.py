@@ -125,7 +125,7 @@ async def _worker(url: str, rpm: float, seconds: float) -> None:
 
     import anyio
 
-    from stages._redis_limiter import RedisRateLimiter
+    from stages.llm._redis_limiter import RedisRateLimiter
 
     limiter = RedisRateLimiter.from_url(
         url, rpm=rpm, provider="test", api_key="sk-test-shared", model="m"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from pipeline._sim import SimConfig, Simulator, serve
+from pipeline.testing._sim import SimConfig, Simulator, serve
 
 
 class ThreadSim:

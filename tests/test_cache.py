@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from pipeline import ConfigError, FatalError
-from stages._cache import ResponseCache, request_key
+from stages.llm._cache import ResponseCache, request_key
 
 pytestmark = pytest.mark.anyio
 
@@ -86,7 +86,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     import anyio
-    from stages._cache import ResponseCache, request_key
+    from stages.llm._cache import ResponseCache, request_key
 
     directory, start, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 

@@ -16,16 +16,16 @@ import pytest
 from redis_server import RedisServer, redis_server_binary
 from sim_thread import ThreadSim
 
-from pipeline._cli import build_parser, main, settings_from_args
-from pipeline._job import JobProgress, JobSummary
-from pipeline._progress import (
+from pipeline.cli._main import build_parser, main, settings_from_args
+from pipeline.cli._progress import (
     ProgressDisplay,
     format_bar,
     format_duration,
     format_line,
     summary_table,
 )
-from pipeline._sim import SimConfig, Simulator
+from pipeline.jobs._job import JobProgress, JobSummary
+from pipeline.testing._sim import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -441,7 +441,7 @@ def test_cache_hits_through_the_cli(tmp_path: Path, sim: Simulator) -> None:
 
 
 def test_uvloop_is_used_when_installed() -> None:
-    from pipeline._cli import backend_options
+    from pipeline.cli._main import backend_options
 
     pytest.importorskip("uvloop")
     assert backend_options() == {"use_uvloop": True}
@@ -456,7 +456,7 @@ def test_sim_and_serve_are_delegated(
     with pytest.raises(SystemExit) as caught:
         main(["serve", "--help"])
     assert caught.value.code == 0 and "usage:" in capsys.readouterr().out
-    monkeypatch.setitem(sys.modules, "pipeline._server", None)  # as if the extra were missing
+    monkeypatch.setitem(sys.modules, "pipeline.server._app", None)  # as if the extra were missing
     assert main(["serve"]) == 1
     assert "needs the [server] extra: pip install 'llm-pipeline[server]'" in capsys.readouterr().err
 
@@ -560,8 +560,8 @@ def test_summary_table() -> None:
 
 
 def test_demo_sample_and_example_job_file_exist() -> None:
-    from pipeline._demo import sample_path
-    from pipeline._job import JobSettings
+    from pipeline.cli._demo import sample_path
+    from pipeline.jobs._job import JobSettings
 
     assert os.path.getsize(sample_path()) > 0
     settings = JobSettings.from_toml(ROOT / "examples" / "job.toml")

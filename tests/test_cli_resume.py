@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sim_thread import ThreadSim
 
-from pipeline._sim import SimConfig, Simulator
+from pipeline.testing._sim import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 400
@@ -34,14 +34,14 @@ CHILD = """
 import os, signal, sys
 point = os.environ.get("KILL_AT")
 if point:
-    import pipeline._journal as journal
+    import pipeline.jobs._journal as journal
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     if point == "build":  # converting the journals, before the checkpoint says "publishing"
         journal.build_final = die
     elif point == "publish":  # files built, checkpoint says "publishing", nothing renamed yet
         journal.Journal._finish_publish = die
-from pipeline._cli import main
+from pipeline.cli._main import main
 sys.exit(main(sys.argv[1:]))
 """
 

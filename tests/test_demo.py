@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline._demo import NAMES, PUBLISHED, demo, sample_path
-from pipeline._progress import ProgressDisplay
+from pipeline.cli._demo import NAMES, PUBLISHED, demo, sample_path
+from pipeline.cli._progress import ProgressDisplay
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent

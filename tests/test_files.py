@@ -15,8 +15,8 @@ import pytest
 
 import pipeline as pl
 from pipeline import Envelope, Failed, FatalError, Pipeline
-from pipeline._journal import JournalFile
-from stages._files import (
+from pipeline.jobs._journal import JournalFile
+from stages.files._files import (
     CsvSink,
     CsvSource,
     DeadLetterSink,
@@ -242,7 +242,7 @@ async def test_big_integers_and_unicode_survive_a_round_trip(tmp_path: Path) -> 
 
 
 async def test_missing_pyarrow_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages._files as files
+    import stages.files._files as files
 
     def no_pyarrow(name: str) -> Any:
         raise ImportError(f"No module named {name!r}")

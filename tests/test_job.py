@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from pipeline._errors import ConfigError
-from pipeline._job import (
+from pipeline.jobs._job import (
     BUILTIN_PRICES,
     PATH_FIELDS,
     JobFailedError,
@@ -27,8 +27,8 @@ from pipeline._job import (
     release_caller,
     run_job,
 )
-from pipeline._journal import ResumeError
-from pipeline._sim import SimConfig, serve
+from pipeline.jobs._journal import ResumeError
+from pipeline.testing._sim import SimConfig, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -22,18 +22,17 @@ from hypothesis import strategies as st
 
 import pipeline as pl
 from pipeline import ConfigError, FatalError, Pipeline
-from pipeline._journal import (
-    Journal,
+from pipeline.jobs._journal import Journal, ResumeError
+from stages.files._files import CsvSink, DeadLetterSink, JsonlSink, JsonlSource
+from stages.files._records import (
     JournalCorruptError,
     JournalFile,
     KeySet,
-    ResumeError,
     build_final,
     encode_record,
     parse_record,
     write_jsonl,
 )
-from stages._files import CsvSink, DeadLetterSink, JsonlSink, JsonlSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -405,10 +404,10 @@ CHILD = textwrap.dedent(
     import json, os, signal, sys
     import anyio
     import pipeline as pl
-    import pipeline._journal as journal_module
-    import stages._files as files_module
-    from pipeline._journal import Journal
-    from stages._files import DeadLetterSink, JsonlSink, JsonlSource
+    import pipeline.jobs._journal as journal_module
+    import stages.files._files as files_module
+    from pipeline.jobs._journal import Journal
+    from stages.files._files import DeadLetterSink, JsonlSink, JsonlSource
 
     inp, out, mode, arg, log = sys.argv[1:6]
     arg = int(arg)

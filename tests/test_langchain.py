@@ -23,9 +23,9 @@ from pipeline._errors import ConfigError, MissingFieldError, QuotaExhaustedError
 from pipeline._functions import filter as pfilter
 from pipeline._functions import flat_map, map
 from pipeline._runner import Pipeline
-from pipeline._sim import SimConfig, serve
+from pipeline.testing._sim import SimConfig, serve
 from stages._langchain import ItemFailedError, PipelineRunnable, RunnableStage
-from stages._llm import AuthenticationError, LLMCaller
+from stages.llm._caller import AuthenticationError, LLMCaller
 
 pytestmark = pytest.mark.anyio
 

@@ -13,9 +13,9 @@ from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from pipeline import _limits
 from pipeline._errors import ConfigError
-from pipeline._limits import (
+from stages.llm import _limits
+from stages.llm._limits import (
     AdaptiveConcurrency,
     Limiter,
     RateLimiter,

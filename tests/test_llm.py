@@ -15,14 +15,13 @@ from tenacity import RetryCallState
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, MissingFieldError
-from pipeline._limits import RateLimiter
 from pipeline._report import RunReport
 from pipeline._runner import Pipeline
-from pipeline._sim import SimConfig, embedding_for, serve
-from stages import _llm as llm_module
+from pipeline.testing._sim import SimConfig, embedding_for, serve
 from stages._batch import Batcher
-from stages._cache import ResponseCache
-from stages._llm import (
+from stages.llm import _caller as llm_module
+from stages.llm._cache import ResponseCache
+from stages.llm._caller import (
     Completion,
     LLMCaller,
     LLMCallError,
@@ -36,7 +35,8 @@ from stages._llm import (
     _Template,
     _Validator,
 )
-from stages._sse import Usage
+from stages.llm._limits import RateLimiter
+from stages.llm._sse import Usage
 
 KEY = "sk-test-DISTINCTIVE-7f3a9c"
 

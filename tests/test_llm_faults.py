@@ -18,11 +18,11 @@ import pytest
 from aiohttp import web
 
 from pipeline._errors import QuotaExhaustedError
-from pipeline._limits import RateLimiter
 from pipeline._report import RunReport
 from pipeline._runner import Pipeline
-from pipeline._sim import SimConfig, serve
-from stages._llm import AuthenticationError, Completion, LLMCaller
+from pipeline.testing._sim import SimConfig, serve
+from stages.llm._caller import AuthenticationError, Completion, LLMCaller
+from stages.llm._limits import RateLimiter
 
 KEY = "sk-test-DISTINCTIVE-c0ffee-42"
 ROWS = [{"name": f"user{i}"} for i in range(24)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages._providers import (
+from stages.llm._providers import (
     ANTHROPIC_VERSION,
     AZURE_API_VERSION,
     Answer,
@@ -16,7 +16,7 @@ from stages._providers import (
     ResponseFormatError,
     make_provider,
 )
-from stages._sse import Usage
+from stages.llm._sse import Usage
 
 OPENAI = Provider("https://api.openai.com/v1/")
 AZURE = AzureProvider("https://res.openai.azure.com", deployment="gpt4o-prod")

@@ -21,12 +21,9 @@ ray = pytest.importorskip("ray")
 
 import pipeline  # noqa: E402
 from pipeline._errors import ConfigError, ItemError  # noqa: E402
-from pipeline._job import JobFailedError, JobSettings, run_job  # noqa: E402
-from pipeline._journal import Journal  # noqa: E402
-from pipeline._limits import RateLimiter  # noqa: E402
-from pipeline._sim import SimConfig, Simulator, serve  # noqa: E402
-from stages._files import JsonlSink  # noqa: E402
-from stages._llm import LLMCaller  # noqa: E402
+from pipeline.jobs._job import JobFailedError, JobSettings, run_job  # noqa: E402
+from pipeline.jobs._journal import Journal  # noqa: E402
+from pipeline.testing._sim import SimConfig, Simulator, serve  # noqa: E402
 from stages._ray import (  # noqa: E402
     ERROR,
     ERROR_RECORD,
@@ -37,6 +34,9 @@ from stages._ray import (  # noqa: E402
     ray_transform,
     run_job_on_ray,
 )
+from stages.files._files import JsonlSink  # noqa: E402
+from stages.llm._caller import LLMCaller  # noqa: E402
+from stages.llm._limits import RateLimiter  # noqa: E402
 
 pytestmark = [
     pytest.mark.anyio,
@@ -144,7 +144,7 @@ def test_transform_refuses_what_actors_cannot_run(caplog: pytest.LogCaptureFixtu
     with pytest.raises(ConfigError, match="carries a limiter object"):
         ray_transform(shared)
     assert shared.limiter is not None  # left as it was
-    from stages._files import JsonlSource
+    from stages.files._files import JsonlSource
 
     with pytest.raises(ConfigError, match="leave out the source"):
         ray_transform(pipeline.Pipeline(JsonlSource("in.jsonl"), caller))

@@ -22,8 +22,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from redis_server import RedisServer, redis_server_binary
 
 from pipeline._errors import ConfigError, FatalError
-from pipeline._limits import Limiter
-from stages._redis_limiter import (
+from stages.llm._limits import Limiter
+from stages.llm._redis_limiter import (
     RedisRateLimiter,
     RedisUnavailableError,
     key_fingerprint,

@@ -1,7 +1,7 @@
 """Scale-out proof: four OS processes share one rate limit through a real ``redis-server``.
 
-Each process runs a pipeline whose :class:`~stages._llm.LLMCaller` takes its turns from a
-:class:`~stages._redis_limiter.RedisRateLimiter` at ``R`` requests per minute; all four call
+Each process runs a pipeline whose :class:`~stages.llm._caller.LLMCaller` takes its turns from a
+:class:`~stages.llm._redis_limiter.RedisRateLimiter` at ``R`` requests per minute; all four call
 ONE simulated server (in this test's process) that enforces the same ``R`` with a small bucket
 and answers 429 to anything beyond it. Together they must stay at or below ``R`` (no 429, and
 no more requests in the measured window than the limit allows) and reach at least 0.9 ``R``.
@@ -36,9 +36,9 @@ if __name__ == "__main__":  # a worker process: import the project from this che
 
 from pipeline._functions import map as pipeline_map  # noqa: E402
 from pipeline._runner import Pipeline  # noqa: E402
-from pipeline._sim import SimConfig, Simulator, serve  # noqa: E402
-from stages._llm import LLMCaller  # noqa: E402
-from stages._redis_limiter import RedisRateLimiter, RedisUnavailableError  # noqa: E402
+from pipeline.testing._sim import SimConfig, Simulator, serve  # noqa: E402
+from stages.llm._caller import LLMCaller  # noqa: E402
+from stages.llm._redis_limiter import RedisRateLimiter, RedisUnavailableError  # noqa: E402
 
 KEY_ENV = "SCALE_TEST_API_KEY"
 SECRET = "sk-scale-test-0123456789"

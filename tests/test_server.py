@@ -13,8 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from pipeline._server import ServerConfig, create_app
-from pipeline._sim import SimConfig, Simulator, serve
+from pipeline.server._app import ServerConfig, create_app
+from pipeline.testing._sim import SimConfig, Simulator, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from pipeline._errors import ConfigError
-from pipeline._sim import (
+from pipeline.testing._sim import (
     SimConfig,
     Simulator,
     embedding_for,
@@ -31,7 +31,7 @@ from pipeline._sim import (
     serve,
     tokens,
 )
-from stages._sse import (
+from stages.llm._sse import (
     AnthropicStreamAssembler,
     ChatStreamAssembler,
     MalformedChunkError,
@@ -724,7 +724,7 @@ def test_main_rejects_bad_flags() -> None:
 
 
 async def test_main_serves_until_interrupted() -> None:
-    code = "import sys; from pipeline._sim import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from pipeline.testing._sim import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline._errors import ConfigError
 from pipeline._runner import Pipeline
-from stages._sse import (
+from stages.llm._sse import (
     AnthropicStreamAssembler,
     ChatStreamAssembler,
     MalformedChunkError,

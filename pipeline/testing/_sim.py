@@ -94,7 +94,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ._errors import ConfigError
+from pipeline._errors import ConfigError
 
 __all__ = [
     "FAULTS",

@@ -3,14 +3,14 @@
 This is what ``python -m pipeline run``, the HTTP server (``POST /v1/jobs``) and the Ray engine
 share. :class:`JobSettings` holds every setting of a job (the CLI flags, a job file's keys, a
 server request's fields) and validates them; :func:`build_caller` makes the
-:class:`~stages._llm.LLMCaller` those settings describe; :func:`run_job` runs the job on the
+:class:`~stages.llm._caller.LLMCaller` those settings describe; :func:`run_job` runs the job on the
 local engine::
 
     source (JSONL/CSV/Parquet, skipping rows a previous run finished)
       -> [Batcher, embeddings only] -> LLMCaller -> output sink (journal)
     dead letters -> dead-letter sink (journal)
 
-on a crash-safe :class:`~pipeline._journal.Journal`: rows are committed one by one to journals
+on a crash-safe :class:`~pipeline.jobs._journal.Journal`: rows are committed one by one to journals
 next to the output, ``resume=True`` continues an interrupted job exactly once, and the output
 and dead-letter files are published atomically when every row has an answer or a dead-letter
 record. See ``docs/jobs.md`` for the files and formats.
@@ -38,16 +38,16 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 
-from ._compat import tomllib
-from ._envelope import Envelope, Failed
-from ._errors import ConfigError, FatalError
-from ._journal import Journal
-from ._limits import Limiter
+from pipeline._compat import tomllib
+from pipeline._envelope import Envelope, Failed
+from pipeline._errors import ConfigError, FatalError
+from pipeline.jobs._journal import Journal
+from stages.llm._limits import Limiter
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from stages._llm import LLMCaller
+    from stages.llm._caller import LLMCaller
 
 log = logging.getLogger("pipeline.job")
 
@@ -497,13 +497,13 @@ def build_caller(
     limiter: Any = None,
     open_resources: bool = True,
 ) -> LLMCaller:
-    """Return the :class:`~stages._llm.LLMCaller` that ``settings`` describe.
+    """Return the :class:`~stages.llm._caller.LLMCaller` that ``settings`` describe.
 
     Every engine builds its caller here, so a job behaves the same wherever it runs.
 
     Args:
         settings: The job's settings.
-        cache: A :class:`~stages._cache.ResponseCache` to use instead of opening
+        cache: A :class:`~stages.llm._cache.ResponseCache` to use instead of opening
             ``settings.cache``.
         limiter: A limiter to use instead of building one from ``settings.limiter``.
         open_resources: Open the cache and Redis limiter the settings name (when not given);
@@ -512,7 +512,7 @@ def build_caller(
     Raises:
         ConfigError: The settings do not make a valid caller.
     """
-    from stages._llm import LLMCaller
+    from stages.llm._caller import LLMCaller
 
     params = dict(settings.params)
     if (
@@ -523,7 +523,7 @@ def build_caller(
         params["response_format"] = {"type": "json_object"}
     price = settings.price()
     if cache is None and open_resources and settings.cache:
-        from stages._cache import ResponseCache
+        from stages.llm._cache import ResponseCache
 
         cache = ResponseCache(settings.cache)
     caller = LLMCaller(
@@ -552,7 +552,7 @@ def build_caller(
         limiter=limiter,
     )
     if limiter is None and open_resources and settings.limiter:
-        from stages._redis_limiter import RedisRateLimiter
+        from stages.llm._redis_limiter import RedisRateLimiter
 
         key_env = settings.api_key_env or (caller.provider.key_env if caller.provider else None)
         caller.limiter = RedisRateLimiter.from_url(
@@ -792,7 +792,7 @@ def _first_requests_rule(failed: Failed, job: _LocalJob) -> None:
 
 
 def _make_dead_letter_sink(journal: Journal, job: _LocalJob) -> Any:
-    from stages._files import DeadLetterSink
+    from stages.files._files import DeadLetterSink
 
     causes = job.causes
 
@@ -896,7 +896,7 @@ async def run_job(
 
     Raises:
         ConfigError: Invalid or contradictory settings, an unreadable input, a checkpoint
-            that does not match the settings (:class:`~pipeline._journal.ResumeError`).
+            that does not match the settings (:class:`~pipeline.jobs._journal.ResumeError`).
         JobFailedError: A fatal error stopped the job (a rejected key, no credit, an
             unreachable server, a full disk); what was done stays resumable.
     """
@@ -1001,7 +1001,7 @@ class _LocalJob:
     async def _run(self, journal: Journal, caller: LLMCaller) -> JobSummary:
         from pipeline._runner import Pipeline
         from stages._batch import Batcher
-        from stages._files import open_sink, open_source
+        from stages.files._files import open_sink, open_source
 
         settings = self.settings
         assert settings.input is not None
@@ -1082,7 +1082,7 @@ class _LocalJob:
 
     async def _count(self, path: str) -> None:
         """Count the input's rows in a thread, for the progress total."""
-        from stages._files import count_rows
+        from stages.files._files import count_rows
 
         try:
             self.total = await anyio.to_thread.run_sync(
@@ -1215,7 +1215,7 @@ class _LocalJob:
 
 def _published_counts(journal: Journal, settings: JobSettings) -> tuple[int, int]:
     """Count the rows of the published files (a resume that only finished publishing)."""
-    from stages._files import count_rows
+    from stages.files._files import count_rows
 
     counts = []
     for path, fmt in (

@@ -15,12 +15,12 @@ line number: ``int`` and ``str`` keys never collide, so every input row has exac
 Sinks write each item and then pass it downstream unchanged. They take whatever is waiting
 in the inbox as one chunk, write it with one call and flush it to the OS (a ``kill -9`` loses
 nothing already written), and fsync every ``fsync_every`` rows or ``fsync_interval`` seconds
-and at the end. To a file, a sink appends to a journal (see :mod:`pipeline._journal`) and
+and at the end. To a file, a sink appends to a journal (see :mod:`pipeline.jobs._journal`) and
 publishes the final file atomically when its input ends, so no reader sees half a file under
-the final name; given a :class:`~pipeline._journal.JournalFile` of a resumable job, it appends
+the final name; given a :class:`~pipeline.jobs._journal.JournalFile` of a resumable job, it appends
 to that and the job publishes. To stdout (``-``) JSONL and CSV rows stream as they come;
 Parquet, a whole-file format, needs a path. A run that fails leaves no file behind (without a
-job there is nothing to resume; use a :class:`~pipeline._journal.Journal` for that).
+job there is nothing to resume; use a :class:`~pipeline.jobs._journal.Journal` for that).
 
 Dead-letter records (:class:`DeadLetterSink`) are JSON objects::
 
@@ -50,15 +50,9 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, FatalError, ItemError
-from pipeline._journal import (
-    JournalFile,
-    Payloads,
-    dumps,
-    encode_record,
-    loads,
-    write_jsonl,
-)
+from pipeline._json import dumps, loads
 from pipeline._stage import Inbox, Outbox, Source, Stage
+from stages.files._records import JournalFile, Payloads, encode_record, write_jsonl
 
 PathLike = str | os.PathLike[str]
 Row = dict[str, Any]
@@ -607,7 +601,7 @@ class FileSink(Stage[Any, Any]):
 
     Args:
         path: The output file, ``-`` for stdout, or a resumable job's
-            :class:`~pipeline._journal.JournalFile` (``journal.output``): the sink appends to
+            :class:`~pipeline.jobs._journal.JournalFile` (``journal.output``): the sink appends to
             it and the job publishes.
         fsync_every: Fsync after this many rows...
         fsync_interval: ...or this many seconds, whichever comes first (and at the end).

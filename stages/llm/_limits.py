@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import anyio
 from anyio import sleep
 
-from ._errors import ConfigError
+from pipeline._errors import ConfigError
 
 log = logging.getLogger("pipeline.limits")
 

@@ -11,9 +11,9 @@ quotas that answer 429 like a provider, and counters of what it saw::
 It is also a command: ``python -m pipeline sim --port 8000 --latency-ms 500``.
 """
 
-from ._sim import SimConfig as SimConfig
-from ._sim import Simulator as Simulator
-from ._sim import embedding_for as embedding_for
-from ._sim import serve as serve
+from pipeline.testing._sim import SimConfig as SimConfig
+from pipeline.testing._sim import Simulator as Simulator
+from pipeline.testing._sim import embedding_for as embedding_for
+from pipeline.testing._sim import serve as serve
 
 __all__ = ["SimConfig", "Simulator", "embedding_for", "serve"]

@@ -26,10 +26,10 @@ from typing import Any, TextIO
 import aiohttp
 import anyio
 
-from ._job import JobSettings, run_job
-from ._progress import ProgressDisplay, summary_table
-from ._runner import Pipeline
-from ._sim import SimConfig, serve
+from pipeline._runner import Pipeline
+from pipeline.cli._progress import ProgressDisplay, summary_table
+from pipeline.jobs._job import JobSettings, run_job
+from pipeline.testing._sim import SimConfig, serve
 
 NAMES = [
     "Alice",
@@ -89,7 +89,7 @@ async def sequential(url: str, names: list[str]) -> tuple[float, list[str]]:
 
 async def pipelined(url: str, names: list[str]) -> tuple[float, list[Any]]:
     """Greet ``names`` through a pipeline with every request in flight; return time, answers."""
-    from stages._llm import LLMCaller
+    from stages.llm._caller import LLMCaller
 
     caller = LLMCaller(
         model=MODEL,
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output", default=None, help="keep the enriched sample here (default: not kept)"
     )
     args = parser.parse_args(argv)
-    from ._cli import backend_options
+    from pipeline.cli._main import backend_options
 
     if args.latency_ms < 0 or args.jitter_ms < 0 or args.concurrency < 1:
         parser.error("latency and jitter must be >= 0 and concurrency >= 1")

@@ -1,6 +1,6 @@
 """What each LLM provider expects and answers: URLs, headers, bodies, answers and errors.
 
-The caller (:mod:`stages._llm`) speaks to three families of HTTP APIs:
+The caller (:mod:`stages.llm._caller`) speaks to three families of HTTP APIs:
 
 - ``"openai"``: the OpenAI-compatible ``/chat/completions`` and ``/embeddings`` endpoints, also
   served by LightOn Paradigm, vLLM, Ollama, LiteLLM and most gateways (``Authorization: Bearer``);
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
-from stages._sse import Usage
+from stages.llm._sse import Usage
 
 ProviderName = Literal["openai", "azure", "anthropic"]
 Endpoint = Literal["chat", "embeddings"]

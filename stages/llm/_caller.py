@@ -61,11 +61,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, FatalError, ItemError, MissingFieldError
 from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
-from pipeline._limits import AdaptiveConcurrency, Limiter, RateLimiter, parse_retry_after
 from pipeline._stage import Inbox, ItemStage, OnError, Outbox
 from stages._batch import split_batch
-from stages._cache import ResponseCache, request_key
-from stages._providers import (
+from stages.llm._cache import ResponseCache, request_key
+from stages.llm._limits import AdaptiveConcurrency, Limiter, RateLimiter, parse_retry_after
+from stages.llm._providers import (
     QUOTA_CODES,
     Answer,
     Endpoint,
@@ -75,7 +75,7 @@ from stages._providers import (
     ResponseFormatError,
     make_provider,
 )
-from stages._sse import (
+from stages.llm._sse import (
     AnthropicStreamAssembler,
     ChatStreamAssembler,
     SSEDecoder,

@@ -24,10 +24,10 @@ from typing import Any
 
 import anyio
 
-from ._errors import ConfigError
-from ._job import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
-from ._logging import StageFilter
-from ._progress import ProgressDisplay, summary_table
+from pipeline._errors import ConfigError
+from pipeline._logging import StageFilter
+from pipeline.cli._progress import ProgressDisplay, summary_table
+from pipeline.jobs._job import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
 
 PROG = "llm-pipeline"
 
@@ -442,11 +442,11 @@ def _main(args: list[str]) -> int:
     if args and args[0] == "run":
         return run_command(args[1:])
     if args and args[0] == "demo":
-        return _delegate("pipeline._demo", args[1:])
+        return _delegate("pipeline.cli._demo", args[1:])
     if args and args[0] == "sim":
-        return _delegate("pipeline._sim", args[1:])
+        return _delegate("pipeline.testing._sim", args[1:])
     if args and args[0] == "serve":
-        return _delegate("pipeline._server", args[1:], extra="server")
+        return _delegate("pipeline.server._app", args[1:], extra="server")
     parser = build_parser()
     if not args:
         parser.print_help(sys.stderr)

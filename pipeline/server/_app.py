@@ -17,7 +17,7 @@ variable is set)::
     GET    /healthz                 liveness; /docs and /openapi.json describe the API
 
 How it works. A :class:`JobManager` owns one anyio task group for the life of the app (the
-ASGI lifespan); every job is a task in it, running :func:`pipeline._job.run_job` on the server's
+ASGI lifespan); every job is a task in it, running :func:`pipeline.jobs.run_job` on the server's
 event loop, at most ``max_jobs`` at once (the others wait as ``queued``). A job lives in its own
 directory under ``DATA_DIR/jobs/ID/``: the uploaded ``input.jsonl``, the job's record
 ``job.json`` (rewritten atomically on every change of state), and the job's crash-safe journal
@@ -62,11 +62,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from ._envelope import Failed
-from ._errors import ConfigError, FatalError
-from ._job import JobFailedError, JobProgress, JobSettings, JobSummary, run_job
-from ._journal import atomic_write
-from ._limits import RateLimiter
+from pipeline._envelope import Failed
+from pipeline._errors import ConfigError, FatalError
+from pipeline.jobs._job import JobFailedError, JobProgress, JobSettings, JobSummary, run_job
+from stages.files._records import atomic_write
+from stages.llm._limits import RateLimiter
 
 try:
     from fastapi import FastAPI, Request, Security
@@ -1001,7 +1001,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 async def _prepared_caller(settings: JobSettings, manager: JobManager) -> Any:
-    from ._job import build_caller, preflight, release_caller
+    from pipeline.jobs._job import build_caller, preflight, release_caller
 
     try:
         caller = build_caller(settings, limiter=manager.limiter_for(settings))
@@ -1019,9 +1019,9 @@ async def _prepared_caller(settings: JobSettings, manager: JobManager) -> Any:
 
 
 async def _enrich_stream(rows: list[Any], caller: Any, manager: JobManager) -> AsyncIterator[bytes]:
-    from ._job import release_caller
-    from ._runner import Pipeline
-    from ._stage import Inbox, Outbox, Source
+    from pipeline._runner import Pipeline
+    from pipeline._stage import Inbox, Outbox, Source
+    from pipeline.jobs._job import release_caller
 
     class Indexed(Source[Any]):
         async def run(self, inbox: Inbox[None], outbox: Outbox[Any]) -> None:

@@ -10,7 +10,7 @@ polling and no second round trip. It is the same algorithm as :class:`pipeline.R
 with its state in Redis instead of in memory, and needs no Redis module (managed Redis works).
 
 :meth:`RedisRateLimiter.pause`, :meth:`~RedisRateLimiter.reconcile` and
-:meth:`~RedisRateLimiter.observe` are synchronous, as the :class:`~pipeline._limits.Limiter`
+:meth:`~RedisRateLimiter.observe` are synchronous, as the :class:`~stages.llm._limits.Limiter`
 protocol wants: they take effect in this process at once and reach Redis with this process's
 next script call (the next ``acquire``, which a retry after a 429 makes right away) or an
 explicit :meth:`~RedisRateLimiter.flush`. Turns other processes reserved before a pause
@@ -18,7 +18,7 @@ reached Redis are kept (at most one per waiting worker); every turn reserved aft
 
 If Redis becomes unreachable mid-job the limiter either stops the run with
 :class:`RedisUnavailableError` or, with ``fallback="local"``, carries on alone with a local
-:class:`~pipeline._limits.RateLimiter` at ``fallback_share`` of the limits (each process
+:class:`~stages.llm._limits.RateLimiter` at ``fallback_share`` of the limits (each process
 assumes it shares the quota with others), logging a warning. The local limiter starts after
 the last turn this process had already reserved in Redis, so the two never overlap. It never
 falls back to no limit.
@@ -38,12 +38,12 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 
 from pipeline._errors import ConfigError, FatalError
-from pipeline._limits import LimiterStatistics, RateLimiter, parse_rate_limit_headers
+from stages.llm._limits import LimiterStatistics, RateLimiter, parse_rate_limit_headers
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from pipeline._limits import Limiter
+    from stages.llm._limits import Limiter
 
 log = logging.getLogger("pipeline.redis_limiter")
 
@@ -128,7 +128,7 @@ def redact_url(url: str) -> str:
 class RedisRateLimiter:
     """Requests-per-minute and tokens-per-minute limits shared through Redis.
 
-    Implements the :class:`~pipeline._limits.Limiter` protocol. Build it with :meth:`from_url`
+    Implements the :class:`~stages.llm._limits.Limiter` protocol. Build it with :meth:`from_url`
     (or pass a ``redis.asyncio.Redis`` client), use it from any number of workers, processes
     and machines, and :meth:`aclose` it at the end (or use ``async with``).
 

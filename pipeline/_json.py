@@ -1,0 +1,75 @@
+"""One JSON codec for the whole library: orjson when installed, exact with the stdlib.
+
+Rows, journal records, provider bodies and dead letters all pass through :func:`dumps` and
+:func:`loads`, so every part of the library agrees on how a date, a big integer or a lone
+surrogate is written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import re
+from typing import Any
+
+_orjson: Any
+try:
+    _orjson = importlib.import_module("orjson")
+except ImportError:  # pragma: no cover - orjson is an optional speed-up
+    _orjson = None
+
+
+def _default(obj: Any) -> Any:
+    """Encode the non-JSON values that file inputs produce (Parquet dates, decimals, bytes)."""
+    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
+        return obj.isoformat()
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", "replace")
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def dumps(value: Any) -> bytes:
+    """Return ``value`` as compact UTF-8 JSON on one line (orjson when installed).
+
+    Dates become ISO strings, decimals and other objects their ``str()``.
+
+    Raises:
+        TypeError: The value cannot be written as JSON (a circular or unencodable structure).
+        ValueError: The value contains a circular reference.
+    """
+    if _orjson is not None:
+        try:
+            data: bytes = _orjson.dumps(value, default=_default, option=_orjson.OPT_NON_STR_KEYS)
+            return data
+        except TypeError:  # big ints, lone surrogates, odd keys: the stdlib copes
+            pass
+    text = json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: escape them so the file stays valid UTF-8
+        return json.dumps(value, default=_default, separators=(",", ":")).encode("ascii")
+
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_LONG_DIGITS_STR = re.compile(r"\d{19}")
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON text exactly (orjson when installed, the stdlib for what orjson refuses).
+
+    orjson reads integers beyond 64 bits as floats; text with a run of 19 or more digits
+    goes to the stdlib so big integers keep every digit.
+    """
+    if _orjson is not None:
+        long = (
+            _LONG_DIGITS.search(data) if isinstance(data, bytes) else _LONG_DIGITS_STR.search(data)
+        )
+        if long is None:
+            try:
+                return _orjson.loads(data)
+            except ValueError:
+                pass
+    return json.loads(data)

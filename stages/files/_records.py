@@ -1,0 +1,435 @@
+"""Durable records: the append-only journal file that sinks write and how it is published.
+
+A record is ``line TAB key TAB payload NEWLINE``; :class:`JournalFile` appends chunks of them
+and publishes the payloads in the sink's format with an atomic, fsynced rename. The job engine
+(:mod:`pipeline.jobs`) builds resume, manifests and ordered publishing on top of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator
+from typing import IO, Any, BinaryIO
+
+from pipeline._errors import FatalError
+from pipeline._json import dumps, loads
+
+log = logging.getLogger("pipeline.journal")
+
+PUBLISH_SUFFIX = ".publishing"
+
+
+class JournalCorruptError(FatalError):
+    """A journal holds a damaged record that is not a torn tail; resuming would guess."""
+
+
+PathLike = str | os.PathLike[str]
+Payloads = Callable[[], Iterator[bytes]]
+"""A factory of fresh iterators over a journal's payloads (JSON text, each ending in ``\n``)."""
+PayloadWriter = Callable[[Payloads, BinaryIO], None]
+"""Writes the payloads in a final format to a binary file (may iterate the payloads twice)."""
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+class KeySet(Container[Hashable]):
+    """A set of row keys: small non-negative ints in a bitmap, anything else in a set."""
+
+    _BITMAP_LIMIT = 1 << 34
+
+    def __init__(self, keys: Iterable[Hashable] = ()) -> None:
+        self._bits = bytearray()
+        self._ints = 0
+        self._other: set[Hashable] = set()
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: Hashable) -> None:
+        """Add ``key``."""
+        if type(key) is int and 0 <= key < self._BITMAP_LIMIT:
+            index, bit = key >> 3, 1 << (key & 7)
+            bits = self._bits
+            if index >= len(bits):
+                bits.extend(bytes(max(index + 1 - len(bits), len(bits))))
+            if not bits[index] & bit:
+                bits[index] |= bit
+                self._ints += 1
+        else:
+            self._other.add(key)
+
+    def __contains__(self, key: object) -> bool:
+        if type(key) is int and 0 <= key < self._BITMAP_LIMIT:
+            index = key >> 3
+            return index < len(self._bits) and bool(self._bits[index] & (1 << (key & 7)))
+        try:
+            return key in self._other
+        except TypeError:  # unhashable
+            return False
+
+    def __len__(self) -> int:
+        return self._ints + len(self._other)
+
+
+def key_json(key: Hashable) -> bytes:
+    """Encode a row key for a journal record (str, int, float or tuples of them)."""
+    return dumps(key)
+
+
+def key_from_json(value: Any) -> Hashable:
+    if isinstance(value, list):
+        return tuple(key_from_json(v) for v in value)
+    result: Hashable = value
+    return result
+
+
+def encode_record(line: int, key: Hashable, payload: bytes) -> bytes:
+    """Return one journal record: ``line TAB key TAB payload NEWLINE``."""
+    return b"%d\t%b\t%b\n" % (line, key_json(key), payload)
+
+
+def parse_record(record: bytes) -> tuple[int, Hashable, bytes]:
+    """Split a complete journal record into ``(line, key, payload)``.
+
+    Raises:
+        ValueError: The record is malformed.
+    """
+    first = record.index(b"\t")
+    second = record.index(b"\t", first + 1)
+    if not record.endswith(b"\n"):
+        raise ValueError("record does not end with a newline")
+    return (
+        int(record[:first]),
+        key_from_json(loads(record[first + 1 : second])),
+        record[second + 1 :],
+    )
+
+
+def line_of(record: bytes) -> int:
+    return int(record[: record.index(b"\t")])
+
+
+def payload_of(record: bytes) -> bytes:
+    return record[record.index(b"\t", record.index(b"\t") + 1) + 1 :]
+
+
+# -- durable file operations ---------------------------------------------------------------
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Flush a directory entry change (rename, create, delete) to disk; no-op where unsupported."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse
+        pass
+    finally:
+        os.close(fd)
+
+
+def dir_of(path: PathLike) -> str:
+    return os.path.dirname(os.path.abspath(os.fspath(path)))
+
+
+def atomic_write(path: PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (temp, fsync, rename, dir fsync)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(dir_of(path))
+
+
+def remove_file(path: PathLike) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# -- journal files -------------------------------------------------------------------------
+
+
+def write_jsonl(payloads: Payloads, dest: BinaryIO) -> None:
+    """Write payloads as JSON Lines (a byte copy: each payload is one JSON text and newline)."""
+    batch: list[bytes] = []
+    for payload in payloads():
+        batch.append(payload)
+        if len(batch) >= 4096:
+            dest.writelines(batch)
+            batch.clear()
+    dest.writelines(batch)
+
+
+class JournalFile:
+    """An append-only journal of finished rows, and how to publish it.
+
+    Sinks open it, :meth:`append` chunks of records made by :func:`encode_record`,
+    :meth:`sync` now and then and :meth:`close` it at the end. :attr:`writer` turns the
+    payloads into the final format at publish; a sink sets it to its own format.
+
+    Args:
+        path: The journal's path (``FINAL.partial`` for a job).
+        final: The published file's path.
+        writer: The final format (JSON Lines by default).
+    """
+
+    def __init__(
+        self, path: PathLike, final: PathLike, writer: PayloadWriter = write_jsonl
+    ) -> None:
+        self.path = os.fspath(path)
+        self.final = os.fspath(final)
+        self.writer = writer
+        self.rows = 0
+        self._file: IO[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"JournalFile({self.path!r} -> {self.final!r})"
+
+    def open(self) -> None:
+        """Open the journal for appending (creating it if needed)."""
+        if self._file is None:
+            try:
+                self._file = open(self.path, "ab")  # noqa: SIM115 - held across calls
+            except OSError as error:
+                raise FatalError(f"cannot open {self.path!r} for writing: {error}") from error
+
+    def append(self, data: bytes, rows: int) -> None:
+        """Append whole records and flush them to the OS (they survive the process dying)."""
+        f = self._file
+        if f is None:
+            raise RuntimeError(f"journal {self.path!r} is not open")
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as error:
+            raise FatalError(f"cannot write to {self.path!r}: {error}") from error
+        self.rows += rows
+
+    def sync(self) -> None:
+        """Flush the journal to disk (survives a power loss)."""
+        f = self._file
+        if f is not None:
+            try:
+                os.fsync(f.fileno())
+            except OSError as error:
+                raise FatalError(f"cannot fsync {self.path!r}: {error}") from error
+
+    def close(self) -> None:
+        """Fsync and close the journal; safe to call twice."""
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                f.close()
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the journal is open for appending."""
+        return self._file is not None
+
+    def publish(self, *, ordered: bool = False, chunk_bytes: int = 64 << 20) -> None:
+        """Write the final file from the journal atomically, then delete the journal.
+
+        Used by sinks that run without a :class:`Journal` (no resume): the job's
+        :meth:`Journal.commit` does the same in crash-safe steps.
+        """
+        self.close()
+        tmp = self.final + PUBLISH_SUFFIX
+        build_final(self.path, tmp, self.writer, ordered=ordered, chunk_bytes=chunk_bytes)
+        os.replace(tmp, self.final)
+        fsync_dir(dir_of(self.final))
+        remove_file(self.path)
+
+    def discard(self) -> None:
+        """Close and delete the journal (a run without resume that failed)."""
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+        remove_file(self.path)
+
+
+def scan_journal(path: PathLike, on_record: Callable[[int, Hashable], None] | None = None) -> int:
+    """Validate a journal, truncate a torn tail, and report each record's line and key.
+
+    Returns:
+        How many complete records the journal holds.
+
+    Raises:
+        JournalCorruptError: A damaged record is followed by good ones.
+    """
+    path = os.fspath(path)
+    good_end = 0
+    offset = 0
+    count = 0
+    bad_at: tuple[int, int] | None = None  # (offset, record number) of the first bad record
+    with open(path, "rb") as f:
+        for number, record in enumerate(f, 1):
+            try:
+                line, key, _ = parse_record(record)
+            except (ValueError, UnicodeDecodeError):
+                if bad_at is None:
+                    bad_at = (offset, number)
+            else:
+                if bad_at is not None:
+                    raise JournalCorruptError(
+                        f"{path}: record {bad_at[1]} is damaged but later records are intact;"
+                        " refusing to resume from a corrupt journal (start over with --overwrite)"
+                    )
+                count += 1
+                if on_record is not None:
+                    on_record(line, key)
+                good_end = offset + len(record)
+            offset += len(record)
+    if offset > good_end:
+        log.warning("%s: removing a torn tail of %d bytes left by a crash", path, offset - good_end)
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+            f.flush()
+            os.fsync(f.fileno())
+    return count
+
+
+# -- publishing, with input order restored -------------------------------------------------
+
+
+def _read_range(path: str, start: int, end: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        position = start
+        while position < end:
+            record = f.readline()
+            if not record:
+                return
+            position += len(record)
+            yield record
+
+
+def _ascending_runs(path: str) -> list[tuple[int, int]]:
+    """Return the byte ranges of the journal's maximal runs of ascending line numbers."""
+    runs: list[tuple[int, int]] = []
+    start = offset = 0
+    previous = -1
+    with open(path, "rb") as f:
+        for record in f:
+            line = line_of(record)
+            if line < previous:
+                runs.append((start, offset))
+                start = offset
+            previous = line
+            offset += len(record)
+    if offset > start:
+        runs.append((start, offset))
+    return runs
+
+
+def _merge(sources: list[Iterator[bytes]]) -> Iterator[bytes]:
+    if len(sources) == 1:
+        return sources[0]
+    return heapq.merge(*sources, key=line_of)
+
+
+def _sorted_runs(path: str, workdir: str, chunk_bytes: int, fanin: int) -> list[str]:
+    """Sort the journal into run files of at most ``chunk_bytes``, merged down to ``fanin``."""
+    runs: list[str] = []
+
+    def spill(records: list[bytes]) -> None:
+        records.sort(key=line_of)
+        name = os.path.join(workdir, f"run{len(runs)}")
+        with open(name, "wb") as out:
+            out.writelines(records)
+        runs.append(name)
+
+    chunk: list[bytes] = []
+    size = 0
+    with open(path, "rb") as f:
+        for record in f:
+            chunk.append(record)
+            size += len(record)
+            if size >= chunk_bytes:
+                spill(chunk)
+                chunk, size = [], 0
+    if chunk:
+        spill(chunk)
+    level = 0
+    while len(runs) > fanin:
+        level += 1
+        merged: list[str] = []
+        for i in range(0, len(runs), fanin):
+            group = runs[i : i + fanin]
+            name = os.path.join(workdir, f"merge{level}.{i}")
+            with open(name, "wb") as out:
+                out.writelines(_merge([_read_range(p, 0, os.path.getsize(p)) for p in group]))
+            for p in group:
+                os.unlink(p)
+            merged.append(name)
+        runs = merged
+    return runs
+
+
+def build_final(
+    journal: PathLike,
+    dest: PathLike,
+    writer: PayloadWriter,
+    *,
+    ordered: bool = False,
+    chunk_bytes: int = 64 << 20,
+    fanin: int = 64,
+) -> None:
+    """Write the payloads of ``journal`` to ``dest`` (fsynced) in ``writer``'s format.
+
+    With ``ordered``, payloads come in input (line) order, in bounded memory.
+    """
+    path = os.fspath(journal)
+    dest = os.fspath(dest)
+    with contextlib.ExitStack() as stack:
+        if ordered:
+            runs = _ascending_runs(path)
+            if len(runs) <= fanin:
+                ranges = [(path, start, end) for start, end in runs]
+            else:
+                workdir = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=".sort-", dir=dir_of(dest))
+                )
+                files = _sorted_runs(path, workdir, chunk_bytes, fanin)
+                ranges = [(p, 0, os.path.getsize(p)) for p in files]
+
+            def payloads() -> Iterator[bytes]:
+                sources = [_read_range(p, start, end) for p, start, end in ranges]
+                return map(payload_of, _merge(sources))
+
+        else:
+
+            def payloads() -> Iterator[bytes]:
+                with open(path, "rb") as f:
+                    yield from map(payload_of, f)
+
+        try:
+            with open(dest, "wb") as out:
+                writer(payloads, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            remove_file(dest)
+            raise
+
+
+# -- the job -------------------------------------------------------------------------------
