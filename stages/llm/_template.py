@@ -198,15 +198,15 @@ class PromptTemplate:
                 raise ConfigError(_unknown_field(self.text, name, columns))
         if not isinstance(sample, Mapping):
             return
-        for _, name, spec in self._parts:
-            if name is None or not spec or sample.get(name) is None:
+        for _, field, spec in self._parts:
+            if field is None or not spec or sample.get(field) is None:
                 continue
             try:
-                format(sample[name], spec)
+                format(sample[field], spec)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(
-                    f"prompt template {self.text!r}: field {name!r} of the first row is "
-                    f"{_short(sample[name])}, which does not fit {{{name}:{spec}}}: {exc}"
+                    f"prompt template {self.text!r}: field {field!r} of the first row is "
+                    f"{_short(sample[field])}, which does not fit {{{field}:{spec}}}: {exc}"
                 ) from None
 
 
