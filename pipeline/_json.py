@@ -11,6 +11,7 @@ import datetime
 import importlib
 import json
 import re
+import sys
 from typing import Any
 
 _orjson: Any
@@ -38,7 +39,8 @@ def dumps(value: Any) -> bytes:
 
     Raises:
         TypeError: The value cannot be written as JSON (a circular or unencodable structure).
-        ValueError: The value contains a circular reference.
+        ValueError: The value contains a circular reference, or nests too deeply
+            (:class:`NestingError`).
     """
     if _orjson is not None:
         try:
@@ -46,7 +48,13 @@ def dumps(value: Any) -> bytes:
             return data
         except TypeError:  # big ints, lone surrogates, odd keys: the stdlib copes
             pass
-    text = json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text = json.dumps(value, default=_default, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        raise NestingError(
+            "cannot write as JSON: nested too deeply (over about "
+            f"{sys.getrecursionlimit():,} levels of lists or dicts)"
+        ) from None
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: escape them so the file stays valid UTF-8
@@ -62,6 +70,10 @@ def loads(data: bytes | str) -> Any:
 
     orjson reads integers beyond 64 bits as floats; text with a run of 19 or more digits
     goes to the stdlib so big integers keep every digit.
+
+    Raises:
+        NestingError: The text nests deeper than the parser can follow (a ``ValueError``).
+        ValueError: The text is not valid JSON.
     """
     if _orjson is not None:
         long = (
@@ -72,4 +84,19 @@ def loads(data: bytes | str) -> Any:
                 return _orjson.loads(data)
             except ValueError:
                 pass
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise NestingError(
+            "invalid JSON: nested too deeply for this parser (over about "
+            f"{sys.getrecursionlimit():,} levels of arrays or objects)"
+        ) from None
+
+
+class NestingError(ValueError):
+    """A JSON text nests arrays or objects deeper than the parser can follow.
+
+    orjson refuses past 1,024 levels and the stdlib recurses; either way this is a property
+    of one document (a row, a body), so it is a :class:`ValueError` like any malformed JSON
+    and never a :class:`RecursionError` that would stop a whole job.
+    """

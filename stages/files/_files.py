@@ -218,11 +218,11 @@ def _json_problem(raw: bytes) -> tuple[str, str]:
     except UnicodeDecodeError as error:
         return raw.decode("utf-8", "replace"), f"invalid UTF-8 encoding at byte {error.start}"
     try:
-        json.loads(text)
+        loads(text)
     except json.JSONDecodeError as error:
         return text, f"invalid JSON: {error.msg} at column {error.colno}"
-    except ValueError as error:  # pragma: no cover - e.g. too-deep nesting
-        return text, f"invalid JSON: {error}"
+    except ValueError as error:  # e.g. nested too deeply
+        return text, str(error)
     return text, "invalid JSON"  # pragma: no cover - orjson and json disagree
 
 
