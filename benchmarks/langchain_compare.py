@@ -43,7 +43,7 @@ KEY = "sk-bench-not-a-real-key"
 
 @contextlib.contextmanager
 def sim_server(*flags: str) -> Iterator[str]:
-    """Start ``python -m pipeline.testing._sim`` on a free port; yield its base URL (``.../v1``)."""
+    """Start ``python -m pipeline sim`` on a free port; yield its base URL (``.../v1``)."""
     cmd = [
         sys.executable,
         "-c",

@@ -658,7 +658,7 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
         "## Method",
         "",
         "- The server is the project's simulated OpenAI-compatible server "
-        "(`pipeline/testing/_sim.py`), in its own process pinned to its own core; each "
+        "(`pipeline/testing/_sim/`), in its own process pinned to its own core; each "
         "contender runs in its own process "
         "pinned to the other core: a long-lived worker per contender (its libraries imported "
         "before any clock starts) and a fresh process per run in the memory scenario.",
