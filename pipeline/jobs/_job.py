@@ -496,6 +496,7 @@ def build_caller(
     cache: Any = None,
     limiter: Any = None,
     open_resources: bool = True,
+    schema: Any = None,
 ) -> LLMCaller:
     """Return the :class:`~stages.llm._caller.LLMCaller` that ``settings`` describe.
 
@@ -508,6 +509,8 @@ def build_caller(
         limiter: A limiter to use instead of building one from ``settings.limiter``.
         open_resources: Open the cache and Redis limiter the settings name (when not given);
             release them with :func:`release_caller`.
+        schema: A JSON schema dict or pydantic model every answer must satisfy (structured
+            output; see ``LLMCaller(schema=...)``).
 
     Raises:
         ConfigError: The settings do not make a valid caller.
@@ -550,6 +553,7 @@ def build_caller(
         cache=cache,
         output_field=settings.output_field,
         limiter=limiter,
+        schema=schema,
     )
     if limiter is None and open_resources and settings.limiter:
         from stages.llm._redis_limiter import RedisRateLimiter
@@ -1243,4 +1247,5 @@ __all__ = [
     "read_job_file",
     "release_caller",
     "run_job",
+    "setup_failure",
 ]

@@ -11,8 +11,12 @@ from ._files import JsonlSource as JsonlSource
 from ._files import ParquetSink as ParquetSink
 from ._files import ParquetSource as ParquetSource
 from ._files import count_rows as count_rows
+from ._files import dead_letter_record as dead_letter_record
 from ._files import open_sink as open_sink
 from ._files import open_source as open_source
+from ._records import JournalFile as JournalFile
+from ._records import encode_record as encode_record
+from ._records import parse_record as parse_record
 
 __all__ = [
     "BadRowError",
@@ -21,11 +25,15 @@ __all__ = [
     "DeadLetterSink",
     "FileSink",
     "FileSource",
+    "JournalFile",
     "JsonlSink",
     "JsonlSource",
     "ParquetSink",
     "ParquetSource",
     "count_rows",
+    "dead_letter_record",
+    "encode_record",
     "open_sink",
     "open_source",
+    "parse_record",
 ]
