@@ -276,7 +276,7 @@ class Pipeline:
                         # its next send with BrokenResourceError before seeing the cancel.
                         tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            error = _unwrap(group)
+            error = unwrap_group(group)
             raise error from None
         except BaseException as exc:
             error = exc
@@ -290,7 +290,7 @@ class Pipeline:
             raise LedgerError(_imbalance(results.report))
 
 
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """Return the one real error of a task group (ignoring cancellations), else the group."""
     cancelled = anyio.get_cancelled_exc_class()
     leaves: list[BaseException] = []
