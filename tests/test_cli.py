@@ -456,7 +456,7 @@ def test_sim_and_serve_are_delegated(
     with pytest.raises(SystemExit) as caught:
         main(["serve", "--help"])
     assert caught.value.code == 0 and "usage:" in capsys.readouterr().out
-    monkeypatch.setitem(sys.modules, "pipeline.server._app", None)  # as if the extra were missing
+    monkeypatch.setitem(sys.modules, "pipeline.server", None)  # as if the extra were missing
     assert main(["serve"]) == 1
     assert "needs the [server] extra: pip install 'llm-pipeline[server]'" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 
-from pipeline.server._app import ServerConfig, create_app
+from pipeline.server import ServerConfig, create_app
 from pipeline.testing._sim import SimConfig, Simulator, serve
 
 pytestmark = pytest.mark.anyio

@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 from anyio.abc import Process
 
-from pipeline.server._app import ServerConfig, create_app, main
+from pipeline.server import ServerConfig, create_app, main
 from pipeline.testing._sim import SimConfig, Simulator, serve
 
 pytestmark = pytest.mark.anyio
@@ -217,7 +217,7 @@ def test_main_refuses_a_public_address_without_a_token(
 @asynccontextmanager
 async def server_process(data_dir: Path, sim: Simulator) -> AsyncIterator[tuple[str, Process]]:
     """``main`` in a child process on a free port (read from uvicorn's startup line)."""
-    code = "import sys; from pipeline.server._app import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from pipeline.server import main; sys.exit(main(sys.argv[1:]))"
     argv = [sys.executable, "-c", code, "--port", "0", "--data-dir", str(data_dir)]
     argv += ["--base-url", sim.url]
     env = {**os.environ, "PIPELINE_SERVER_TOKEN": TOKEN}

@@ -446,7 +446,7 @@ def _main(args: list[str]) -> int:
     if args and args[0] == "sim":
         return _delegate("pipeline.testing._sim", args[1:])
     if args and args[0] == "serve":
-        return _delegate("pipeline.server._app", args[1:], extra="server")
+        return _delegate("pipeline.server", args[1:], extra="server")
     parser = build_parser()
     if not args:
         parser.print_help(sys.stderr)

@@ -1,0 +1,326 @@
+"""The job registry: one anyio task group for the life of the app, every job a task in it.
+
+Each job runs :func:`pipeline.jobs.run_job` on the server's event loop, at most ``max_jobs`` at
+once (the others wait as ``queued``). A server stopped with jobs running marks them
+``interrupted`` (a crash leaves them ``running`` in ``job.json``, which the next start turns
+into ``interrupted``); ``resume`` continues such a job with the journal's exactly-once resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from pipeline._errors import ConfigError
+from pipeline.jobs import JobFailedError, JobProgress, JobSettings, JobSummary, run_job
+from pipeline.server._config import RequestError, ServerConfig
+from pipeline.server._job import JOB_ID, RESUMABLE, Job, now, public_summary
+from pipeline.server._settings import job_settings
+from stages.llm._limits import RateLimiter
+
+__all__ = ["JobManager"]
+
+log = logging.getLogger("pipeline.server")
+
+_INTERRUPTED = "the server stopped while the job ran"
+
+
+class JobManager:
+    """The job registry: submits, runs, cancels and resumes jobs in one task group.
+
+    Use as an async context manager (the app's lifespan does): entering loads the jobs of the
+    data directory, marking unfinished ones ``interrupted``; leaving stops the running ones,
+    which then record themselves as ``interrupted``.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.jobs: dict[str, Job] = {}
+        self.slots = anyio.Semaphore(config.max_jobs)
+        self.enriching = 0
+        self._tg: TaskGroup | None = None
+        self._closing = False
+        self._limiters: dict[tuple[Any, ...], RateLimiter] = {}
+
+    def limiter_for(self, settings: JobSettings) -> RateLimiter:
+        """Return the rate limiter shared by every job and enrich call on the same API key.
+
+        Jobs on one key share its quota: one job's 429 pauses the others, and what the server
+        teaches through its rate-limit headers serves them all. Keyed by provider, base URL, the
+        key's environment variable and model; the first job's ``rpm``/``tpm`` set the limits
+        (later jobs may lower them, never raise them).
+        """
+        key = (settings.provider, settings.base_url, settings.api_key_env, settings.model)
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            limiter = self._limiters[key] = RateLimiter(rpm=settings.rpm, tpm=settings.tpm)
+        else:
+            limiter.lower(rpm=settings.rpm, tpm=settings.tpm)
+        return limiter
+
+    @property
+    def jobs_dir(self) -> Path:
+        """The directory holding one directory per job."""
+        return self.config.data_dir / "jobs"
+
+    async def __aenter__(self) -> JobManager:
+        await anyio.to_thread.run_sync(self._load)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        self._closing = True
+        active = [job for job in self.jobs.values() if not job.done.is_set()]
+        for job in active:
+            self._stop(job, "interrupted")
+        with anyio.move_on_after(self.config.shutdown_grace):
+            for job in active:
+                await job.done.wait()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        return await self._tg.__aexit__(*exc_info)
+
+    def _load(self) -> None:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(self.jobs_dir.iterdir()):
+            if not JOB_ID.match(entry.name):
+                continue
+            try:
+                record = json.loads((entry / "job.json").read_bytes())
+            except (OSError, ValueError) as error:
+                log.warning("skipping job %s: unreadable job.json (%s)", entry.name, error)
+                continue
+            job = Job(entry.name, entry, record)
+            if not job.terminal:  # the server stopped without recording the job's end
+                job.record.update(status="interrupted", stopped=_INTERRUPTED)
+                job.save()
+            self.jobs[job.id] = job
+        if self.jobs:
+            log.info("loaded %d job(s) from %s", len(self.jobs), self.jobs_dir)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def submit(self, rows: bytes, count: int, given: dict[str, Any]) -> Job:
+        """Store a new job's input and record, and start it (it may wait as ``queued``).
+
+        Raises:
+            RequestError: 429 when too many jobs wait, 503 when the server is stopping.
+        """
+        self._check_capacity()
+        job = await anyio.to_thread.run_sync(self._store, rows, count, given)
+        self.jobs[job.id] = job
+        self._start(job, resume=False)
+        log.info("job %s submitted: %d rows, model %s", job.id, count, given.get("model"))
+        return job
+
+    def _store(self, rows: bytes, count: int, given: dict[str, Any]) -> Job:
+        job_id = secrets.token_hex(16)
+        directory = self.jobs_dir / job_id
+        directory.mkdir(parents=True)
+        try:
+            with open(directory / "input.jsonl", "wb") as f:
+                f.write(rows)
+                f.flush()
+                os.fsync(f.fileno())
+            record = {
+                "id": job_id,
+                "status": "queued",
+                "created_at": now(),
+                "rows": count,
+                "settings": given,
+                "runs": 0,
+            }
+            job = Job(job_id, directory, record)
+            job.save()
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return job
+
+    def resume(self, job: Job) -> None:
+        """Continue a job that stopped before its end, exactly once.
+
+        Raises:
+            RequestError: 409 when the job is running or finished.
+        """
+        if job.status not in RESUMABLE:
+            raise RequestError(409, f"job {job.id} is {job.status}; only a stopped job resumes")
+        self._check_capacity()
+        job.update(status="queued", error=None, stopped=None)
+        self._start(job, resume=True)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a queued or running job; rows in flight stop, finished rows are kept.
+
+        Raises:
+            RequestError: 409 when the job already ended.
+        """
+        if job.terminal:
+            raise RequestError(409, f"job {job.id} already ended ({job.status})")
+        self._stop(job, "cancelled")
+        if job.status == "running":
+            job.update(status="cancelling")
+
+    def get(self, job_id: str) -> Job:
+        """Return a job by id.
+
+        Raises:
+            RequestError: 404 for an unknown (or malformed) id.
+        """
+        job = self.jobs.get(job_id) if JOB_ID.match(job_id) else None
+        if job is None:
+            raise RequestError(404, f"no job {job_id!r}")
+        return job
+
+    def _check_capacity(self) -> None:
+        if self._closing or self._tg is None:
+            raise RequestError(503, "the server is stopping")
+        active = sum(1 for j in self.jobs.values() if not j.terminal)
+        if active >= self.config.max_jobs + self.config.max_queued:
+            raise RequestError(
+                429,
+                f"{active} jobs are running or waiting (limit {self.config.max_jobs} running, "
+                f"{self.config.max_queued} waiting); try again later",
+            )
+
+    def _start(self, job: Job, *, resume: bool) -> None:
+        assert self._tg is not None
+        job.stop_event = anyio.Event()
+        job.stop_why = None
+        job.done = anyio.Event()
+        job.progress = None
+        self._tg.start_soon(self._run, job, resume, name=f"job {job.id}")
+
+    def _stop(self, job: Job, why: str) -> None:
+        if job.stop_why is None:
+            job.stop_why = why
+        if job.stop_event is not None:
+            job.stop_event.set()
+        job.notify()
+
+    # -- one run --------------------------------------------------------------------------
+
+    async def _run(self, job: Job, resume: bool) -> None:
+        try:
+            assert job.stop_event is not None
+            async with _acquire_or_stop(self.slots, job.stop_event) as acquired:
+                if not acquired:  # stopped while it waited for a slot
+                    self._finish_stopped(job, None)
+                    return
+                await self._execute(job, resume)
+        finally:
+            job.done.set()
+            job.notify()
+
+    async def _execute(self, job: Job, resume: bool) -> None:
+        assert job.stop_event is not None
+        job.update(
+            status="running",
+            started_at=now(),
+            finished_at=None,
+            runs=int(job.record.get("runs", 0)) + 1,
+        )
+        if job.stop_why is not None:  # cancelled between the queue and here
+            job.stop_event.set()
+        try:
+            summary = await self._run_job(job, resume)
+        except anyio.get_cancelled_exc_class():
+            job.update(status="interrupted", finished_at=now(), stopped=_INTERRUPTED)
+            raise
+        except JobFailedError as error:
+            self._finish_failed(job, str(error), error.summary)
+            return
+        except ConfigError as error:
+            self._finish_failed(job, str(error), None)
+            return
+        except Exception as error:
+            log.exception("job %s failed on an unexpected error", job.id)
+            self._finish_failed(job, f"internal error: {type(error).__name__}: {error}", None)
+            return
+        if summary.complete:
+            self._finish_succeeded(job, summary)
+        else:
+            self._finish_stopped(job, summary)
+
+    async def _run_job(self, job: Job, resume: bool) -> JobSummary:
+        def on_progress(progress: JobProgress) -> None:
+            job.progress = progress
+            job.notify()
+
+        settings = job_settings(self.config, job.record["settings"], job.dir, resume=resume)
+        return await run_job(
+            settings,
+            on_progress=on_progress,
+            stop_event=job.stop_event,
+            stop_reason=job.stop_why or "stop requested",
+            progress_interval=self.config.progress_interval,
+            limiter=self.limiter_for(settings),
+        )
+
+    def _finish_succeeded(self, job: Job, summary: JobSummary) -> None:
+        job.update(
+            status="succeeded",
+            finished_at=now(),
+            summary=public_summary(summary),
+            stopped=None,
+            error=None,
+        )
+        log.info(
+            "job %s succeeded: %d ok, %d failed", job.id, summary.total_ok, summary.total_failed
+        )
+
+    def _finish_stopped(self, job: Job, summary: JobSummary | None) -> None:
+        why = job.stop_why
+        status = why if why in ("cancelled", "interrupted") else "stopped"
+        reason = {"cancelled": "cancelled by a client", "interrupted": _INTERRUPTED}.get(
+            why or "", summary.stopped if summary is not None else None
+        )
+        job.update(
+            status=status,
+            finished_at=now(),
+            summary=public_summary(summary) if summary is not None else job.record.get("summary"),
+            stopped=reason,
+        )
+        log.info("job %s %s", job.id, status)
+
+    def _finish_failed(self, job: Job, message: str, summary: JobSummary | None) -> None:
+        text = self.config.scrub(message)
+        job.update(
+            status="failed",
+            finished_at=now(),
+            error=text,
+            summary=public_summary(summary) if summary is not None else None,
+        )
+        log.warning("job %s failed: %s", job.id, text)
+
+
+@asynccontextmanager
+async def _acquire_or_stop(slots: anyio.Semaphore, stop: anyio.Event) -> AsyncIterator[bool]:
+    """Take a job slot, unless the job is stopped while it waits; yield whether it got one."""
+    got = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await stop.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await slots.acquire()
+        got = True
+        tg.cancel_scope.cancel()
+    try:
+        yield got
+    finally:
+        if got:
+            slots.release()

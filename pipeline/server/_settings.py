@@ -1,0 +1,109 @@
+"""What a request may set: a job's settings minus what names the server's files or resources.
+
+``api_key_env`` must be a variable the server allows and ``base_url`` a URL it allows, so a
+request cannot make the server send its key elsewhere; credential headers are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline._errors import ConfigError
+from pipeline.jobs import JobSettings
+from pipeline.server._config import RequestError, ServerConfig
+
+__all__ = ["OUTPUT", "SENSITIVE_HEADERS", "SERVER_ONLY", "check_settings", "job_settings"]
+
+SERVER_ONLY = frozenset(
+    {
+        "resume",
+        "overwrite",
+        "limiter",
+        "engine",
+        "ray_address",
+        "trace",
+        "quiet",
+        "input_format",
+        "output_format",
+        "grace",
+    }
+)
+"""Settings a request may not give: the server decides them (or they name its resources)."""
+
+SENSITIVE_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
+OUTPUT = "output.jsonl"
+"""The name of a job's output file in its directory."""
+
+
+def _check_names(config: ServerConfig, given: Mapping[str, Any]) -> None:
+    for name in sorted(given):
+        if name in SERVER_ONLY:
+            raise RequestError(422, f"setting {name!r} is decided by the server")
+    env = given.get("api_key_env")
+    if env is not None and env not in config.allowed_key_envs:
+        allowed = ", ".join(config.allowed_key_envs) or "none"
+        raise RequestError(
+            422, f"api_key_env {env!r} is not allowed on this server (allowed: {allowed})"
+        )
+    url = given.get("base_url")
+    if url is not None and url != config.base_url and url not in config.allowed_base_urls:
+        raise RequestError(
+            422,
+            "base_url is not allowed on this server: its key is sent only to the API "
+            "roots the server was started with (--base-url, --allow-base-url)",
+        )
+    headers = given.get("headers")
+    if isinstance(headers, Mapping):
+        for name in headers:
+            if str(name).lower() in SENSITIVE_HEADERS:
+                raise RequestError(
+                    422, f"header {name!r} carries a credential; the server uses its own key"
+                )
+
+
+def check_settings(config: ServerConfig, raw: Any) -> dict[str, Any]:
+    """Validate a request's settings; return them normalised (``-`` keys as ``_``).
+
+    Raises:
+        RequestError: 422 naming the setting at fault.
+    """
+    if not isinstance(raw, Mapping):
+        raise RequestError(422, "settings must be a JSON object")
+    given = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    _check_names(config, given)
+    try:
+        settings = JobSettings.from_mapping(given, allow_paths=False)
+    except ConfigError as error:
+        raise RequestError(422, str(error)) from None
+    if not settings.model:
+        raise RequestError(422, "setting 'model' is required")
+    return given
+
+
+def job_settings(
+    config: ServerConfig, given: Mapping[str, Any], job_dir: Path | None = None, *, resume: bool
+) -> JobSettings:
+    """Build the settings of one run from checked request settings.
+
+    Args:
+        config: The server's configuration (its default ``base_url``).
+        given: Settings that passed :func:`check_settings`.
+        job_dir: The job's directory (its input and output files), or ``None`` for an enrich
+            batch, which has no files.
+        resume: Whether the run resumes the job's journal.
+    """
+    settings = JobSettings.from_mapping(given, allow_paths=False)
+    settings = settings.replace(base_url=settings.base_url or config.base_url)
+    if job_dir is None:
+        return settings
+    return settings.replace(
+        input=str(job_dir / "input.jsonl"),
+        output=str(job_dir / OUTPUT),
+        input_format="jsonl",
+        output_format="jsonl",
+        quiet=True,
+        grace=0.0,
+        resume=resume,
+    )
