@@ -54,8 +54,10 @@ from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._json import dumps, loads
 from pipeline._runner import Pipeline, Results
 from pipeline._stage import Inbox, ItemStage, Outbox, Source, Stage
-from stages.files._files import DeadLetterSink, FileSink, dead_letter_record, line_of
+from stages.files import DeadLetterSink, FileSink
+from stages.files._dead_letters import dead_letter_record
 from stages.files._records import encode_record, key_json
+from stages.files._rows import line_of
 from stages.llm._caller import LLMCaller
 from stages.llm._limits import Limiter, RateLimiter
 
@@ -902,7 +904,7 @@ class _FileRows:
     def _blocks(self) -> Iterator[Any]:
         from anyio.from_thread import start_blocking_portal
 
-        from stages.files._files import open_source
+        from stages.files import open_source
 
         failures: collections.deque[Failed] = collections.deque()
         source = open_source(self.path, fmt=self.fmt, id_field=self.id_field, skip_keys=self.skip)
@@ -1158,7 +1160,7 @@ async def _run_on_ray(
 ) -> JobSummary:
     from pipeline.jobs._job import JobFailedError, JobSummary, preflight
     from pipeline.jobs._journal import Journal
-    from stages.files._files import count_rows, open_sink
+    from stages.files import count_rows, open_sink
 
     assert settings.input is not None and settings.output is not None
     n = actors or default_actors(ray)

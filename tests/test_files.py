@@ -16,7 +16,7 @@ import pytest
 import pipeline as pl
 from pipeline import Envelope, Failed, FatalError, Pipeline
 from pipeline.jobs._journal import JournalFile
-from stages.files._files import (
+from stages.files import (
     CsvSink,
     CsvSource,
     DeadLetterSink,
@@ -25,11 +25,11 @@ from stages.files._files import (
     ParquetSink,
     ParquetSource,
     count_rows,
-    file_format,
-    line_of,
     open_sink,
     open_source,
 )
+from stages.files._formats import file_format
+from stages.files._rows import line_of
 
 pytestmark = pytest.mark.anyio
 
@@ -242,7 +242,7 @@ async def test_big_integers_and_unicode_survive_a_round_trip(tmp_path: Path) -> 
 
 
 async def test_missing_pyarrow_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.files._files as files
+    import stages.files._rows as files
 
     def no_pyarrow(name: str) -> Any:
         raise ImportError(f"No module named {name!r}")

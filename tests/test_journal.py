@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import pipeline as pl
 from pipeline import ConfigError, FatalError, Pipeline
 from pipeline.jobs._journal import Journal, ResumeError
-from stages.files._files import CsvSink, DeadLetterSink, JsonlSink, JsonlSource
+from stages.files import CsvSink, DeadLetterSink, JsonlSink, JsonlSource
 from stages.files._records import (
     JournalCorruptError,
     JournalFile,
@@ -405,9 +405,9 @@ CHILD = textwrap.dedent(
     import anyio
     import pipeline as pl
     import pipeline.jobs._journal as journal_module
-    import stages.files._files as files_module
+    import stages.files._sinks as files_module
     from pipeline.jobs._journal import Journal
-    from stages.files._files import DeadLetterSink, JsonlSink, JsonlSource
+    from stages.files import DeadLetterSink, JsonlSink, JsonlSource
 
     inp, out, mode, arg, log = sys.argv[1:6]
     arg = int(arg)

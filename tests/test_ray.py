@@ -34,7 +34,7 @@ from stages._ray import (  # noqa: E402
     ray_transform,
     run_job_on_ray,
 )
-from stages.files._files import JsonlSink  # noqa: E402
+from stages.files import JsonlSink  # noqa: E402
 from stages.llm._caller import LLMCaller  # noqa: E402
 from stages.llm._limits import RateLimiter  # noqa: E402
 
@@ -144,7 +144,7 @@ def test_transform_refuses_what_actors_cannot_run(caplog: pytest.LogCaptureFixtu
     with pytest.raises(ConfigError, match="carries a limiter object"):
         ray_transform(shared)
     assert shared.limiter is not None  # left as it was
-    from stages.files._files import JsonlSource
+    from stages.files import JsonlSource
 
     with pytest.raises(ConfigError, match="leave out the source"):
         ray_transform(pipeline.Pipeline(JsonlSource("in.jsonl"), caller))

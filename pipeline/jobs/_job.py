@@ -796,7 +796,7 @@ def _first_requests_rule(failed: Failed, job: _LocalJob) -> None:
 
 
 def _make_dead_letter_sink(journal: Journal, job: _LocalJob) -> Any:
-    from stages.files._files import DeadLetterSink
+    from stages.files import DeadLetterSink
 
     causes = job.causes
 
@@ -1005,7 +1005,7 @@ class _LocalJob:
     async def _run(self, journal: Journal, caller: LLMCaller) -> JobSummary:
         from pipeline._runner import Pipeline
         from stages._batch import Batcher
-        from stages.files._files import open_sink, open_source
+        from stages.files import open_sink, open_source
 
         settings = self.settings
         assert settings.input is not None
@@ -1086,7 +1086,7 @@ class _LocalJob:
 
     async def _count(self, path: str) -> None:
         """Count the input's rows in a thread, for the progress total."""
-        from stages.files._files import count_rows
+        from stages.files import count_rows
 
         try:
             self.total = await anyio.to_thread.run_sync(
@@ -1219,7 +1219,7 @@ class _LocalJob:
 
 def _published_counts(journal: Journal, settings: JobSettings) -> tuple[int, int]:
     """Count the rows of the published files (a resume that only finished publishing)."""
-    from stages.files._files import count_rows
+    from stages.files import count_rows
 
     counts = []
     for path, fmt in (

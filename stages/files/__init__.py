@@ -1,22 +1,27 @@
-"""File sources and sinks (JSONL, CSV, TSV, Parquet), dead letters, and the durable journal file."""
+"""File sources and sinks (JSONL, CSV, TSV, Parquet), dead letters, and the durable journal file.
 
-from ._files import BadRowError as BadRowError
-from ._files import CsvSink as CsvSink
-from ._files import CsvSource as CsvSource
-from ._files import DeadLetterSink as DeadLetterSink
-from ._files import FileSink as FileSink
-from ._files import FileSource as FileSource
-from ._files import JsonlSink as JsonlSink
-from ._files import JsonlSource as JsonlSource
-from ._files import ParquetSink as ParquetSink
-from ._files import ParquetSource as ParquetSource
-from ._files import count_rows as count_rows
-from ._files import dead_letter_record as dead_letter_record
-from ._files import open_sink as open_sink
-from ._files import open_source as open_source
-from ._records import JournalFile as JournalFile
-from ._records import encode_record as encode_record
-from ._records import parse_record as parse_record
+Modules: ``_rows`` (keys, ids, bad rows), ``_sources`` and ``_sinks`` (the bases), one module
+per format (``_jsonl``, ``_csv``, ``_parquet``), ``_dead_letters``, ``_formats`` (choosing by
+extension, counting rows) and ``_records`` (the journal file primitives).
+"""
+
+from stages.files._csv import CsvSink as CsvSink
+from stages.files._csv import CsvSource as CsvSource
+from stages.files._dead_letters import DeadLetterSink as DeadLetterSink
+from stages.files._dead_letters import dead_letter_record as dead_letter_record
+from stages.files._formats import count_rows as count_rows
+from stages.files._formats import open_sink as open_sink
+from stages.files._formats import open_source as open_source
+from stages.files._jsonl import JsonlSink as JsonlSink
+from stages.files._jsonl import JsonlSource as JsonlSource
+from stages.files._parquet import ParquetSink as ParquetSink
+from stages.files._parquet import ParquetSource as ParquetSource
+from stages.files._records import JournalFile as JournalFile
+from stages.files._records import encode_record as encode_record
+from stages.files._records import parse_record as parse_record
+from stages.files._rows import BadRowError as BadRowError
+from stages.files._sinks import FileSink as FileSink
+from stages.files._sources import FileSource as FileSource
 
 __all__ = [
     "BadRowError",
