@@ -54,8 +54,7 @@ from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._json import dumps, loads
 from pipeline._runner import Pipeline, Results
 from pipeline._stage import Inbox, ItemStage, Outbox, Source, Stage
-from stages.files import DeadLetterSink, FileSink
-from stages.files._dead_letters import dead_letter_record
+from stages.files import DeadLetterSink, FileSink, dead_letter_record
 from stages.files._records import encode_record, key_json
 from stages.files._rows import line_of
 from stages.llm._caller import LLMCaller

@@ -14,8 +14,7 @@ from typing import Any
 import anyio
 
 from pipeline import ConfigError, Failed, FatalError, Inbox, Outbox, Pipeline, Source
-from pipeline.jobs import JobSettings
-from pipeline.jobs._job import build_caller, preflight, release_caller
+from pipeline.jobs import JobSettings, build_caller, preflight, release_caller
 from pipeline.server._config import RequestError
 from pipeline.server._manager import JobManager
 
