@@ -15,5 +15,7 @@ from pipeline.testing._sim import SimConfig as SimConfig
 from pipeline.testing._sim import Simulator as Simulator
 from pipeline.testing._sim import embedding_for as embedding_for
 from pipeline.testing._sim import serve as serve
+from pipeline.testing._sim._batches import BatchSim as BatchSim
+from pipeline.testing._sim._batches import BatchSimConfig as BatchSimConfig
 
-__all__ = ["SimConfig", "Simulator", "embedding_for", "serve"]
+__all__ = ["BatchSim", "BatchSimConfig", "SimConfig", "Simulator", "embedding_for", "serve"]

@@ -73,6 +73,9 @@ Layout: ``_config`` (:class:`SimConfig`), ``_answers`` (the deterministic answer
 response), ``_core`` (state and plumbing shared by the endpoint families), one module per
 endpoint family (``_openai``, ``_embeddings``, ``_anthropic``: each a ``register(core,
 router)``), ``_server`` (:class:`Simulator`, :func:`serve`, the list of families) and ``_cli``.
+The Batch APIs (OpenAI files and batches, Anthropic Message Batches) are ``_batches``
+(:class:`~pipeline.testing._sim._batches.BatchSim`, ``sim.batches``, its own configuration
+and faults; also ``GET``/``POST /sim/batches/config``) and ``_batch_objects`` (their shapes).
 """
 
 from pipeline.testing._sim._answers import embedding_for as embedding_for

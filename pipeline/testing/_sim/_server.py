@@ -15,7 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from pipeline._errors import ConfigError
+from pipeline.testing._sim._answers import answer_to
 from pipeline.testing._sim._anthropic import register as register_anthropic
+from pipeline.testing._sim._batches import BatchSim
 from pipeline.testing._sim._config import SimConfig
 from pipeline.testing._sim._core import SimCore
 from pipeline.testing._sim._embeddings import register as register_embeddings
@@ -51,6 +53,8 @@ class Simulator:
     ) -> None:
         self.base_url: str | None = None
         self._core = SimCore(config or SimConfig(), clock)
+        self.batches = BatchSim(answer_to, model=self._core.config.model, clock=clock)
+        """The batch endpoints' state: ``sim.batches.configure(BatchSimConfig(...))``."""
 
     @property
     def config(self) -> SimConfig:
@@ -93,6 +97,7 @@ class Simulator:
         app.on_shutdown.append(core.on_shutdown)
         for register in ENDPOINT_FAMILIES:
             register(core, app.router)
+        self.batches.register(lambda method, path, fn: core.route(app.router, method, path, fn))
         r = app.router
         r.add_get("/sim/counters", self._get_counters)
         r.add_post("/sim/reset", self._post_reset)
