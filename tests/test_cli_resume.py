@@ -114,7 +114,12 @@ class Job:
         dead_text = (self.dir / "out.jsonl.failed.jsonl").read_text()
         dead = [json.loads(line) for line in dead_text.splitlines()]
         assert sorted(d["line"] for d in dead) == list(BAD_LINES)
-        assert sorted(os.listdir(self.dir)) == ["in.jsonl", "out.jsonl", "out.jsonl.failed.jsonl"]
+        assert sorted(os.listdir(self.dir)) == [
+            "in.jsonl",
+            "out.jsonl",
+            "out.jsonl.failed.jsonl",
+            "out.jsonl.timeline.jsonl",  # the runs' time series, for `pipeline report`
+        ]
 
 
 def wait_until(condition: Callable[[], bool], child: subprocess.Popen[str], what: str) -> None:

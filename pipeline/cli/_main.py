@@ -1,4 +1,4 @@
-"""The command line: ``python -m pipeline run|demo|sim|serve`` (also installed as ``llm-pipeline``).
+"""The command line: ``python -m pipeline run|report|demo|sim|serve`` (``llm-pipeline``).
 
 ``run`` reads its settings from a job file (``--config``) and flags (which override it), runs
 the job with a progress display and prints a summary. Exit status: 0 every row answered, 3 the
@@ -26,6 +26,7 @@ import anyio
 
 from pipeline._errors import ConfigError
 from pipeline._logging import StageFilter
+from pipeline.cli._observe import RunObserver
 from pipeline.cli._progress import ProgressDisplay, summary_table
 from pipeline.jobs._job import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
 
@@ -165,6 +166,13 @@ def _run_parser(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="seconds between progress lines when not on a terminal (5)",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=_int,
+        default=s,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics while the job runs",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send every row of INPUT to an LLM and write OUTPUT; see docs/cli.md.",
     )
     _run_parser(run)
+    commands.add_parser("report", help="one HTML page about a job: figures, charts, failures")
     commands.add_parser("demo", help="speed demo against a simulated server (no key needed)")
     commands.add_parser("sim", help="serve the simulated LLM API (see sim --help)")
     commands.add_parser("serve", help="HTTP job server (needs the [server] extra)")
@@ -322,7 +331,7 @@ async def _watch_signals(stop: anyio.Event, display: ProgressDisplay | None) -> 
 
 
 async def _run_async(
-    settings: JobSettings, display: ProgressDisplay | None, interval: float
+    settings: JobSettings, display: ProgressDisplay | None, observer: RunObserver
 ) -> JobSummary:
     stop = anyio.Event()
     failure: Exception | None = None
@@ -332,10 +341,10 @@ async def _run_async(
         try:
             summary = await run_job(
                 settings,
-                on_progress=display.update if display is not None else None,
+                on_progress=observer.update,
                 stop_event=stop,
                 stop_reason="interrupted",
-                progress_interval=interval,
+                progress_interval=observer.interval,
             )
         except Exception as error:  # re-raised outside the task group, unwrapped
             failure = error
@@ -356,6 +365,7 @@ def run_command(argv: Sequence[str]) -> int:
     args = vars(parser.parse_args(list(argv)))  # usage errors exit 2 here
     debug = bool(args.pop("debug", False))
     interval = args.pop("progress_interval", None)
+    metrics_port = args.pop("metrics_port", None)
     try:
         settings, _flags = settings_from_args(args)
         settings.require_paths()
@@ -368,36 +378,15 @@ def run_command(argv: Sequence[str]) -> int:
     if interval <= 0:
         _error(f"--progress-interval must be > 0, got {interval:g}")
         return EXIT_USAGE
-    with _configured_logging(settings.quiet, debug):
-        try:
-            summary = anyio.run(
-                _run_async,
-                settings,
-                display,
-                interval,
-                backend="asyncio",
-                backend_options=backend_options(),
-            )
-        except ConfigError as error:
-            if display is not None:
-                display.close()
-            _error(str(error))
+    with _configured_logging(settings.quiet, debug), _metrics_server(metrics_port) as metrics:
+        if metrics is None and metrics_port is not None:
             return EXIT_USAGE
-        except JobFailedError as error:
-            if display is not None:
-                display.close()
-            if debug:
-                traceback.print_exception(error)
-            _error(_one_line(error))
-            _write_summary(settings.summary_json, error.summary, EXIT_FATAL, str(error))
-            return EXIT_FATAL
-        except Exception as error:
-            if display is not None:
-                display.close()
-            if debug:
-                traceback.print_exception(error)
-            _error(f"{type(error).__name__}: {_one_line(error)}")
-            return EXIT_FATAL
+        observer = RunObserver(settings, display, interval, metrics)
+        status = _run_observed(settings, display, observer, debug)
+        if status is not None:
+            return status
+        summary = observer.summary
+        assert summary is not None
     if display is not None:
         display.close()
     status = _exit_status(summary)
@@ -412,7 +401,82 @@ def run_command(argv: Sequence[str]) -> int:
         message = f"stopped before the end ({summary.stopped}): {left}"
         _error(f"{message}; run the same command with --resume to continue")
     _write_summary(settings.summary_json, summary, status, message)
+    observer.finish(summary, exit_status=status, error=message)
     return status
+
+
+def _run_observed(
+    settings: JobSettings, display: ProgressDisplay | None, observer: RunObserver, debug: bool
+) -> int | None:
+    """Run the job; return an exit status if it did not end with a summary, else ``None``."""
+    try:
+        observer.summary = anyio.run(
+            _run_async,
+            settings,
+            display,
+            observer,
+            backend="asyncio",
+            backend_options=backend_options(),
+        )
+        return None
+    except ConfigError as error:
+        if display is not None:
+            display.close()
+        _error(str(error))
+        observer.finish(None, exit_status=EXIT_USAGE, error=str(error))
+        return EXIT_USAGE
+    except JobFailedError as error:
+        if display is not None:
+            display.close()
+        if debug:
+            traceback.print_exception(error)
+        _error(_one_line(error))
+        _write_summary(settings.summary_json, error.summary, EXIT_FATAL, str(error))
+        observer.finish(error.summary, exit_status=EXIT_FATAL, error=str(error))
+        return EXIT_FATAL
+    except Exception as error:
+        if display is not None:
+            display.close()
+        if debug:
+            traceback.print_exception(error)
+        text = f"{type(error).__name__}: {_one_line(error)}"
+        _error(text)
+        observer.finish(None, exit_status=EXIT_FATAL, error=text)
+        return EXIT_FATAL
+
+
+@contextlib.contextmanager
+def _metrics_server(port: int | None) -> Iterator[Any]:
+    """Serve Prometheus metrics on 127.0.0.1:PORT for the job's length (``--metrics-port``).
+
+    Yields the :class:`~pipeline.jobs._metrics.JobMetrics` to feed, or ``None`` without a
+    port; also ``None`` after reporting why it cannot serve (a missing extra, a busy port).
+    """
+    if port is None:
+        yield None
+        return
+    try:
+        from pipeline.jobs._metrics import JobMetrics
+    except ImportError as error:
+        _error(
+            f"--metrics-port needs the [server] extra: pip install 'llm-pipeline[server]' ({error})"
+        )
+        yield None
+        return
+    metrics = JobMetrics()
+    try:
+        server = metrics.serve(port)
+    except OSError as error:
+        _error(f"--metrics-port: cannot serve on 127.0.0.1:{port}: {error.strerror or error}")
+        metrics.shutdown()
+        yield None
+        return
+    try:
+        yield metrics
+    finally:
+        server.shutdown()
+        server.server_close()
+        metrics.shutdown()
 
 
 def _delegate(module: str, argv: Sequence[str], extra: str | None = None) -> int:
@@ -441,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: list[str]) -> int:
     if args and args[0] == "run":
         return run_command(args[1:])
+    if args and args[0] == "report":
+        return _delegate("pipeline.cli._report", args[1:])
     if args and args[0] == "demo":
         return _delegate("pipeline.cli._demo", args[1:])
     if args and args[0] == "sim":
