@@ -487,19 +487,23 @@ def _tokens_per_row(job: Job) -> float:
 
 
 def _caller(job: Job, probe: Probe, *, learn: bool) -> Any:
-    from stages.llm._caller import LLMCaller
+    from stages.llm import Limits, LLMCaller, Output, Retry
 
     return LLMCaller(
         model=MODEL,
         prompt=job.template,
         base_url=job.base_url,
         params={"max_tokens": job.max_tokens},
-        stream=job.stream,
-        on_delta=(lambda env, text: probe.token()) if job.stream else None,
-        concurrency=job.concurrency,
-        rpm=None if learn else job.rpm,
-        tpm=None if learn else job.tpm,
-        max_retries=job.retries,
+        output=Output(
+            stream=job.stream,
+            on_delta=(lambda env, text: probe.token()) if job.stream else None,
+        ),
+        limits=Limits(
+            concurrency=job.concurrency,
+            rpm=None if learn else job.rpm,
+            tpm=None if learn else job.tpm,
+        ),
+        retry=Retry(max_retries=job.retries),
     )
 
 

@@ -23,20 +23,27 @@ from .files import ParquetSource as ParquetSource
 from .files import count_rows as count_rows
 from .files import open_sink as open_sink
 from .files import open_source as open_source
+from .llm import HTTP as HTTP
+from .llm import AnthropicProvider as AnthropicProvider
 from .llm import AnthropicStreamAssembler as AnthropicStreamAssembler
 from .llm import AuthenticationError as AuthenticationError
+from .llm import AzureProvider as AzureProvider
 from .llm import CallerTotals as CallerTotals
 from .llm import ChatStreamAssembler as ChatStreamAssembler
 from .llm import Completion as Completion
 from .llm import DeadlineExceededError as DeadlineExceededError
 from .llm import InvalidOutputError as InvalidOutputError
+from .llm import Limits as Limits
 from .llm import LLMCaller as LLMCaller
 from .llm import LLMCallError as LLMCallError
 from .llm import MalformedChunkError as MalformedChunkError
+from .llm import Output as Output
 from .llm import Price as Price
+from .llm import Provider as Provider
 from .llm import RedisRateLimiter as RedisRateLimiter
 from .llm import RedisUnavailableError as RedisUnavailableError
 from .llm import ResponseCache as ResponseCache
+from .llm import Retry as Retry
 from .llm import ServerSentEvent as ServerSentEvent
 from .llm import SSEDecoder as SSEDecoder
 from .llm import SSEParse as SSEParse
@@ -66,8 +73,10 @@ def __getattr__(name: str) -> _Any:
 
 
 __all__ = [
+    "AnthropicProvider",
     "AnthropicStreamAssembler",
     "AuthenticationError",
+    "AzureProvider",
     "BadRowError",
     "Batcher",
     "CallerTotals",
@@ -79,20 +88,25 @@ __all__ = [
     "DeadlineExceededError",
     "FileSink",
     "FileSource",
+    "HTTP",
     "InvalidOutputError",
     "ItemFailedError",
     "JsonlSink",
     "JsonlSource",
     "LLMCallError",
     "LLMCaller",
+    "Limits",
     "MalformedChunkError",
+    "Output",
     "ParquetSink",
     "ParquetSource",
     "PipelineRunnable",
     "Price",
+    "Provider",
     "RedisRateLimiter",
     "RedisUnavailableError",
     "ResponseCache",
+    "Retry",
     "RunnableStage",
     "SSEDecoder",
     "SSEParse",

@@ -43,7 +43,16 @@ from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, ItemError, MissingFieldError, QuotaExhaustedError
 from pipeline._runner import Pipeline
 from pipeline._stage import Inbox, OnError, Outbox, Source
-from stages.llm._caller import AuthenticationError, LLMCaller, LLMCallError, Price
+from stages.llm._caller import (
+    HTTP,
+    AuthenticationError,
+    Limits,
+    LLMCaller,
+    LLMCallError,
+    Output,
+    Price,
+    Retry,
+)
 from stages.llm._limits import Limiter
 from stages.llm._providers import QUOTA_CODES, Answer
 from stages.llm._sse import Usage
@@ -258,26 +267,26 @@ class RunnableStage(LLMCaller):
             raise ConfigError(f"input must be a field name or a function, not {input!r}")
         super().__init__(
             model=model,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            max_concurrency=max_concurrency,
-            rpm=rpm,
-            tpm=tpm,
-            limiter=limiter,
-            max_retries=max_retries,
-            backoff_base=backoff_base,
-            backoff_cap=backoff_cap,
-            deadline_s=deadline_s,
-            timeout=timeout,
-            prices=prices,
-            budget_usd=budget_usd,
-            output="merge",
-            output_field=output_field,
+            limits=Limits(
+                rpm=rpm,
+                tpm=tpm,
+                limiter=limiter,
+                concurrency=concurrency,
+                max_concurrency=max_concurrency,
+                workers=workers,
+                buffer=buffer,
+            ),
+            retry=Retry(
+                max_retries=max_retries,
+                backoff_base=backoff_base,
+                backoff_cap=backoff_cap,
+                deadline_s=deadline_s,
+                on_error=on_error,
+            ),
+            output=Output(field=output_field, prices=prices, budget_usd=budget_usd),
+            http=HTTP(api_key_env=api_key_env, timeout=timeout),
             call=self._call,
             name=name or "runnable",
-            workers=workers,
-            buffer=buffer,
-            on_error=on_error,
         )
         self.runnable = runnable
         self.input = input
@@ -292,13 +301,17 @@ class RunnableStage(LLMCaller):
     def __repr__(self) -> str:
         kind = type(self.runnable).__name__
         parts = [f"name={self.name!r}", f"runnable={kind}", f"output={self.runnable_output!r}"]
-        for label in ("rpm", "tpm", "concurrency", "deadline_s", "budget_usd"):
-            value = getattr(self, label)
-            if value is not None:
-                parts.append(f"{label}={value!r}")
+        shown = (
+            ("rpm", self.limits.rpm),
+            ("tpm", self.limits.tpm),
+            ("concurrency", self.limits.concurrency),
+            ("deadline_s", self.retry.deadline_s),
+            ("budget_usd", self.output.budget_usd),
+        )
+        parts += [f"{label}={value!r}" for label, value in shown if value is not None]
         if self.streaming:
             parts.append("stream=True")
-        parts += [f"max_retries={self.max_retries}", f"workers={self.workers}"]
+        parts += [f"max_retries={self.retry.max_retries}", f"workers={self.workers}"]
         return f"RunnableStage({', '.join(parts)})"
 
     def secrets(self) -> list[str]:
@@ -332,7 +345,7 @@ class RunnableStage(LLMCaller):
         done = False
         output: Any = None
         try:
-            with anyio.move_on_after(self.timeout):
+            with anyio.move_on_after(self.http.timeout):
                 if self.streaming:
                     output = await self._stream(value, config)
                 else:
@@ -345,7 +358,7 @@ class RunnableStage(LLMCaller):
             raise
         if not done:
             raise LLMCallError(
-                f"the runnable did not answer within {self.timeout:g}s", retryable=True
+                f"the runnable did not answer within {self.http.timeout:g}s", retryable=True
             )
         return _Outcome(
             text=_text_of(output), usage=collector.usage(), model=collector.model, output=output
@@ -395,20 +408,10 @@ class RunnableStage(LLMCaller):
             )
         return None
 
-    def _output(
-        self,
-        record: Any,
-        answer: Answer,
-        result: Any,
-        env: Envelope[Any],
-        started: float,
-        cost: float,
-        cached: bool,
-        vector: list[float] | None,
-        parsed: Any = None,
-    ) -> Any:
+    def value_of(self, env: Envelope[Any], answer: Answer, result: Any, **details: Any) -> Any:
+        """Return the runnable's result alone (``output="value"``) or merged into the record."""
         value = result.output if isinstance(result, _Outcome) else result
-        merged = super()._output(record, answer, value, env, started, cost, cached, vector, parsed)
+        merged = super().value_of(env, answer, value, **details)
         return value if self.runnable_output == "value" else merged
 
 

@@ -310,7 +310,8 @@ class _ActorRuntime:
                 if limiter is None:
                     limiter = self._limiters[index] = self._make_limiter(stage)
                 stage.limiter = limiter
-                stage.budget_usd = None  # the actor's source keeps to the budget share
+                # the actor's source keeps to the budget share
+                stage.output = dataclasses.replace(stage.output, budget_usd=None)
         return stages
 
     def _make_limiter(self, caller: LLMCaller) -> Limiter:
@@ -319,21 +320,19 @@ class _ActorRuntime:
         if spec.limiter_url is not None:
             from stages.llm._redis_limiter import RedisRateLimiter
 
-            key_env = caller.api_key_env or (
-                caller.provider.key_env if caller.provider is not None else None
-            )
+            key_env = caller.key_env()
             return RedisRateLimiter.from_url(
                 spec.limiter_url,
-                rpm=caller.rpm,
-                tpm=caller.tpm,
+                rpm=caller.limits.rpm,
+                tpm=caller.limits.tpm,
                 provider=caller.provider_name,
                 api_key=os.environ.get(key_env) if key_env else None,
                 model=caller.model,
             )
         actors = spec.actors
         return RateLimiter(
-            rpm=None if caller.rpm is None else caller.rpm / actors,
-            tpm=None if caller.tpm is None else caller.tpm / actors,
+            rpm=None if caller.limits.rpm is None else caller.limits.rpm / actors,
+            tpm=None if caller.limits.tpm is None else caller.limits.tpm / actors,
         )
 
     # -- one batch ---------------------------------------------------------------------------
@@ -726,7 +725,7 @@ def _warn_limits(callers: Sequence[LLMCaller], actors: int, limiter_url: str | N
     if limiter_url is not None:
         return
     for caller in callers:
-        if caller.rpm is None and caller.tpm is None:
+        if caller.limits.rpm is None and caller.limits.tpm is None:
             log.warning(
                 "stage %r has no rpm/tpm and no shared limiter: each of the %d actors learns"
                 " the server's limits on its own, so together they may exceed them (and get"
@@ -736,7 +735,7 @@ def _warn_limits(callers: Sequence[LLMCaller], actors: int, limiter_url: str | N
             )
             continue
         parts = []
-        for label, value in (("rpm", caller.rpm), ("tpm", caller.tpm)):
+        for label, value in (("rpm", caller.limits.rpm), ("tpm", caller.limits.tpm)):
             if value is not None:
                 parts.append(f"{label}={value / actors:g} (1/{actors} of {value:g})")
         log.warning(
@@ -815,7 +814,7 @@ def ray_transform(
     finally:
         for caller, kept in saved:
             caller.limiter = kept
-    budget = [c.budget_usd for c in callers if c.budget_usd is not None]
+    budget = [c.output.budget_usd for c in callers if c.output.budget_usd is not None]
     _warn_limits(callers, concurrency, limiter)
     spec = _Spec(
         stages=_Pickled(data),

@@ -214,13 +214,14 @@ def test_build_caller_maps_every_setting(tmp_path: Path) -> None:
     try:
         assert caller.model == "gpt-4o-mini" and caller.system == "sys"
         assert caller.provider is not None and caller.provider.base_url == "http://127.0.0.1:1/v1"
-        assert caller.api_key_env == "MY_KEY" and caller.concurrency == 3
-        assert (caller.rpm, caller.tpm, caller.max_retries) == (60, 1000, 1)
-        assert (caller.timeout, caller.deadline_s, caller.stream) == (5, 9, True)
-        assert caller.output_field == "out" and caller.validator is not None
+        assert caller.http.api_key_env == "MY_KEY" and caller.limits.concurrency == 3
+        assert (caller.limits.rpm, caller.limits.tpm, caller.retry.max_retries) == (60, 1000, 1)
+        assert (caller.http.timeout, caller.retry.deadline_s, caller.output.stream) == (5, 9, True)
+        assert caller.output.field == "out" and caller.output.validator is not None
         assert caller.params == {"temperature": 0, "response_format": {"type": "json_object"}}
-        assert caller.headers == {"X-A": "b"} and caller.budget_usd == 1.0
-        assert caller.prices["gpt-4o-mini"].prompt == 0.15
+        assert caller.http.headers == {"X-A": "b"} and caller.output.budget_usd == 1.0
+        assert caller.output.prices is not None
+        assert caller.output.prices["gpt-4o-mini"].prompt == 0.15  # type: ignore[union-attr]
         assert caller.cache is not None and (tmp_path / "cache").is_dir()
     finally:
         anyio.run(release_caller, caller)

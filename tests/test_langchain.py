@@ -25,7 +25,7 @@ from pipeline._functions import flat_map, map
 from pipeline._runner import Pipeline
 from pipeline.testing._sim import SimConfig, serve
 from stages._langchain import ItemFailedError, PipelineRunnable, RunnableStage
-from stages.llm._caller import AuthenticationError, LLMCaller
+from stages.llm._caller import AuthenticationError, Limits, LLMCaller
 
 pytestmark = pytest.mark.anyio
 
@@ -388,7 +388,7 @@ async def test_drops_into_a_langchain_chain() -> None:
 
 
 async def test_concurrent_calls_on_one_pipeline_take_turns() -> None:
-    caller = LLMCaller(call=lambda r: _echo(r), output="merge", concurrency=2)
+    caller = LLMCaller(call=lambda r: _echo(r), output="merge", limits=Limits(concurrency=2))
     runnable = PipelineRunnable(Pipeline(caller))
     results: list[Any] = []
 

@@ -19,24 +19,25 @@ from pipeline._report import RunReport
 from pipeline._runner import Pipeline
 from pipeline.testing._sim import SimConfig, embedding_for, serve
 from stages._batch import Batcher
-from stages.llm import _caller as llm_module
+from stages.llm._admission import states_limits
 from stages.llm._cache import ResponseCache
 from stages.llm._caller import (
+    HTTP,
     Completion,
+    Limits,
     LLMCaller,
     LLMCallError,
+    Output,
     Price,
-    _answer_of,
-    _encode,
-    _loads,
-    _one_message_payload,
-    _RowPolicy,
-    _states_limits,
-    _Template,
-    _Validator,
+    Retry,
 )
 from stages.llm._limits import RateLimiter
+from stages.llm._output import Validator, answer_of
+from stages.llm._prompt import Template, one_message_payload
+from stages.llm._providers import AzureProvider, make_provider
+from stages.llm._retry import RowPolicy
 from stages.llm._sse import Usage
+from stages.llm._transport import encode_body, parse_answer
 
 KEY = "sk-test-DISTINCTIVE-7f3a9c"
 
@@ -58,24 +59,54 @@ def test_model_is_required_unless_a_call_is_given() -> None:
     [
         ({"endpoint": "images"}, "endpoint must be"),
         ({"output": "both"}, "output must be"),
-        ({"concurrency": 0}, "concurrency must be"),
-        ({"timeout": 0}, "timeout must be > 0"),
-        ({"deadline_s": -1}, "deadline_s must be"),
-        ({"budget_usd": 1.0}, "budget_usd needs prices"),
+        ({"limits": lambda: Limits(concurrency=0)}, "concurrency must be"),
+        ({"limits": lambda: Limits(max_concurrency=0)}, "max_concurrency must be"),
+        ({"rpm": 5, "limits": lambda: Limits(rpm=6)}, "rpm= is given twice"),
+        ({"http": lambda: HTTP(timeout=0)}, "timeout must be > 0"),
+        ({"http": lambda: HTTP(idle_timeout=-1)}, "idle_timeout must be > 0"),
+        ({"retry": lambda: Retry(deadline_s=-1)}, "deadline_s must be"),
+        ({"retry": lambda: Retry(max_retries=-1)}, "max_retries must be"),
+        ({"retry": lambda: Retry(backoff_cap=0)}, "backoff_cap must be"),
+        ({"output": lambda: Output(reask=-1)}, "reask must be"),
+        ({"output": lambda: Output(budget_usd=1.0)}, "budget_usd needs prices"),
         ({"provider": "anthropic", "endpoint": "embeddings"}, "no embeddings endpoint"),
-        ({"endpoint": "embeddings", "stream": True}, "stream=True applies to chat"),
+        (
+            {"endpoint": "embeddings", "output": lambda: Output(stream=True)},
+            "stream=True applies to chat",
+        ),
         ({"provider": "azure"}, "needs base_url"),
+        (
+            {"provider": lambda: make_provider("openai", "http://x"), "base_url": "http://y"},
+            "base_url= is for a provider given by name",
+        ),
         ({"prompt": "unclosed {name"}, "malformed"),
-        ({"schema": 42}, "schema must be"),
-        ({"schema": {"type": "no-such-type"}}, "not a valid JSON schema"),
+        ({"output": lambda: Output(schema=42)}, "schema must be"),  # type: ignore[arg-type]
+        ({"output": lambda: Output(schema={"type": "no-such-type"})}, "not a valid JSON schema"),
     ],
 )
 def test_bad_configuration_is_refused_with_a_clear_message(
     kwargs: dict[str, Any], match: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # option objects are built inside the check: they validate themselves when built
     monkeypatch.delenv("AZURE_OPENAI_ENDPOINT", raising=False)
     with pytest.raises(ConfigError, match=match):
-        LLMCaller(model="m", **kwargs)
+        built = {k: v() if callable(v) else v for k, v in kwargs.items()}
+        LLMCaller(model="m", **built)
+
+
+def test_the_constructor_keeps_the_readme_keywords_and_groups_the_rest() -> None:
+    caller = LLMCaller(model="gpt-4o-mini", prompt="Say hello to {name}", rpm=500)
+    assert caller.limits.rpm == 500 and caller.limits.tpm is None
+    assert caller.retry == Retry() and caller.output == Output() and caller.http == HTTP()
+    tuned = LLMCaller(model="m", rpm=60, limits=Limits(tpm=1000, concurrency=2))
+    assert (tuned.limits.rpm, tuned.limits.tpm, tuned.limits.concurrency) == (60, 1000, 2)
+    assert LLMCaller(model="m", output="completion").output.form == "completion"
+
+
+def test_a_limiter_given_in_limits_is_the_callers_part_not_an_option() -> None:
+    shared = RateLimiter(rpm=60)
+    caller = LLMCaller(model="m", limits=Limits(limiter=shared))
+    assert caller.limiter is shared and caller.limits.limiter is None  # one reference to it
 
 
 def test_repr_is_readable_and_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,7 +116,7 @@ def test_repr_is_readable_and_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -
         prompt="Say hello to {name}",
         base_url="http://127.0.0.1:1/v1",
         rpm=100,
-        headers={"Authorization": f"Bearer {KEY}", "X-Team": "a"},
+        http=HTTP(headers={"Authorization": f"Bearer {KEY}", "X-Team": "a"}),
     )
     text = repr(caller)
     assert text.startswith("LLMCaller(name='llm', model='gpt-4o-mini', provider='openai'")
@@ -98,9 +129,11 @@ def test_secrets_lists_the_key_and_sensitive_headers(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MY_KEY", KEY)
     caller = LLMCaller(
         model="m",
-        api_key_env="MY_KEY",
-        headers={"x-api-key": "other-secret", "Authorization": "Bearer third-secret"},
         base_url="http://127.0.0.1:1/v1",
+        http=HTTP(
+            api_key_env="MY_KEY",
+            headers={"x-api-key": "other-secret", "Authorization": "Bearer third-secret"},
+        ),
     )
     secrets = caller.secrets()
     assert KEY in secrets and "other-secret" in secrets and "third-secret" in secrets
@@ -108,35 +141,35 @@ def test_secrets_lists_the_key_and_sensitive_headers(monkeypatch: pytest.MonkeyP
 
 
 def test_default_workers_are_twice_the_concurrency_ceiling() -> None:
-    assert LLMCaller(model="m", concurrency=5).workers == 10
-    assert LLMCaller(model="m", max_concurrency=20).workers == 40
+    assert LLMCaller(model="m", limits=Limits(concurrency=5)).workers == 10
+    assert LLMCaller(model="m", limits=Limits(max_concurrency=20)).workers == 40
     assert LLMCaller(model="m").buffer == 64  # a burst of answers finds rows waiting
-    assert LLMCaller(model="m", concurrency=5).buffer == 16
-    assert LLMCaller(model="m", buffer=3).buffer == 3
-    assert LLMCaller(model="m", workers=3).workers == 3
+    assert LLMCaller(model="m", limits=Limits(concurrency=5)).buffer == 16
+    assert LLMCaller(model="m", limits=Limits(buffer=3)).buffer == 3
+    assert LLMCaller(model="m", limits=Limits(workers=3)).workers == 3
 
 
 # -- templates ---------------------------------------------------------------------------------
 
 
 def test_template_fills_fields_nested_fields_and_plain_values() -> None:
-    assert _Template("Say hello to {name}").render({"name": "Ada"}) == "Say hello to Ada"
-    assert _Template("{user[name]} is {age}").render({"user": {"name": "Bo"}, "age": 3}) == (
+    assert Template("Say hello to {name}").render({"name": "Ada"}) == "Say hello to Ada"
+    assert Template("{user[name]} is {age}").render({"user": {"name": "Bo"}, "age": 3}) == (
         "Bo is 3"
     )
-    assert _Template("echo {value} / {}").render("x") == "echo x / x"
+    assert Template("echo {value} / {}").render("x") == "echo x / x"
 
 
 def test_missing_field_names_the_field_and_what_the_record_has() -> None:
     with pytest.raises(MissingFieldError) as info:
-        _Template("Hello {name}, from {city}").render({"name": "Ada", "age": 3})
+        Template("Hello {name}, from {city}").render({"name": "Ada", "age": 3})
     assert info.value.field == "city"
     assert str(info.value) == "missing field 'city' (record has: age, name)"
 
 
 def test_missing_nested_field_names_the_whole_path() -> None:
     with pytest.raises(MissingFieldError, match=r"missing field 'user\[email\]'"):
-        _Template("{user[email]}").render({"user": {"name": "Bo"}})
+        Template("{user[email]}").render({"user": {"name": "Bo"}})
 
 
 # -- structured output -------------------------------------------------------------------------
@@ -149,7 +182,7 @@ SCHEMA = {
 
 
 def test_validator_parses_json_even_inside_a_code_fence() -> None:
-    check = _Validator(SCHEMA)
+    check = Validator(SCHEMA)
     assert check('{"sentiment": "pos"}') == {"sentiment": "pos"}
     assert check('```json\n{"sentiment": "neg", "score": 1}\n```') == {
         "sentiment": "neg",
@@ -158,7 +191,7 @@ def test_validator_parses_json_even_inside_a_code_fence() -> None:
 
 
 def test_validator_says_where_the_answer_is_wrong() -> None:
-    check = _Validator(SCHEMA)
+    check = Validator(SCHEMA)
     with pytest.raises(ValueError, match="not valid JSON"):
         check("sure! here it is")
     with pytest.raises(ValueError, match=r"at sentiment: 'meh' is not one of"):
@@ -176,7 +209,7 @@ def test_validator_accepts_a_pydantic_model() -> None:
         sentiment: str
         score: float = 0.0
 
-    check = _Validator(Verdict)
+    check = Validator(Verdict)
     parsed = check('{"sentiment": "pos", "score": 0.5}')
     assert isinstance(parsed, Verdict) and parsed.score == 0.5
     with pytest.raises(ValueError, match="sentiment"):
@@ -196,8 +229,7 @@ def _state(attempt: int, error: BaseException | None = None, sleep: float = 0.0)
 
 
 def test_backoff_is_full_jitter_exponential_with_a_cap() -> None:
-    caller = LLMCaller(model="m", backoff_base=0.5, backoff_cap=4.0)
-    policy = _RowPolicy(caller, None)
+    policy = RowPolicy(Retry(backoff_base=0.5, backoff_cap=4.0), None)
     error = LLMCallError("x", retryable=True)
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (8, 4.0)]:
         waits = [policy.wait(_state(attempt, error)) for _ in range(200)]
@@ -207,13 +239,13 @@ def test_backoff_is_full_jitter_exponential_with_a_cap() -> None:
 
 
 def test_backoff_never_waits_less_than_retry_after() -> None:
-    policy = _RowPolicy(LLMCaller(model="m", backoff_base=0.1), None)
+    policy = RowPolicy(Retry(backoff_base=0.1), None)
     error = LLMCallError("429", retryable=True, retry_after=3.0)
     assert all(policy.wait(_state(1, error)) == 3.0 for _ in range(20))
 
 
 def test_stop_after_one_plus_max_retries_attempts() -> None:
-    policy = _RowPolicy(LLMCaller(model="m", max_retries=2), None)
+    policy = RowPolicy(Retry(max_retries=2), None)
     assert not policy.stop(_state(1))
     assert not policy.stop(_state(2))
     assert policy.stop(_state(3))
@@ -222,7 +254,7 @@ def test_stop_after_one_plus_max_retries_attempts() -> None:
 def test_stop_when_the_next_wait_would_pass_the_deadline() -> None:
     import time
 
-    policy = _RowPolicy(LLMCaller(model="m", max_retries=10), time.perf_counter() + 5.0)
+    policy = RowPolicy(Retry(max_retries=10), time.perf_counter() + 5.0)
     assert not policy.stop(_state(1, sleep=1.0))
     assert not policy.past_deadline
     assert policy.stop(_state(1, sleep=3600.0))
@@ -233,9 +265,9 @@ def test_stop_when_the_next_wait_would_pass_the_deadline() -> None:
 
 
 def test_answer_of_reads_strings_completions_and_sdk_like_objects() -> None:
-    assert _answer_of("hi").text == "hi"
+    assert answer_of("hi").text == "hi"
     done = Completion(text="t", usage=Usage(1, 2), model="m", finish_reason="stop")
-    assert _answer_of(done).usage == Usage(1, 2)
+    assert answer_of(done).usage == Usage(1, 2)
 
     class Message:
         content = "from sdk"
@@ -252,9 +284,9 @@ def test_answer_of_reads_strings_completions_and_sdk_like_objects() -> None:
         usage = SDKUsage()
         model = "gpt"
 
-    answer = _answer_of(ChatCompletion())
+    answer = answer_of(ChatCompletion())
     assert answer.text == "from sdk" and answer.usage == Usage(7, 3) and answer.model == "gpt"
-    assert _answer_of({"usage": {"input_tokens": 4, "output_tokens": 1}}).usage == Usage(4, 1)
+    assert answer_of({"usage": {"input_tokens": 4, "output_tokens": 1}}).usage == Usage(4, 1)
 
 
 def test_price_cost_is_per_million_tokens() -> None:
@@ -313,8 +345,7 @@ async def test_completion_output_carries_usage_model_and_cost() -> None:
             prompt="{name}",
             system="be nice",
             base_url=sim.url,
-            output="completion",
-            prices={"sim-1": Price(1000.0, 2000.0)},
+            output=Output(form="completion", prices={"sim-1": Price(1000.0, 2000.0)}),
         )
         results, report = await _run(caller, ROWS[:2])
     first = results[0]
@@ -339,9 +370,7 @@ async def test_streaming_chat_sends_deltas_and_assembles_the_answer() -> None:
             model="sim-1",
             prompt="Tell {name} a long story about streams",
             base_url=sim.url,
-            stream=True,
-            on_delta=on_delta,
-            output="completion",
+            output=Output(form="completion", stream=True, on_delta=on_delta),
         )
         results, report = await _run(caller, ROWS[:3])
     for seq, (row, result) in enumerate(zip(ROWS[:3], results, strict=True)):
@@ -362,8 +391,7 @@ async def test_anthropic_messages_plain_and_streaming() -> None:
                 prompt="Hi {name}",
                 system="short answers",
                 base_url=sim.base_url + "/v1",
-                stream=stream,
-                output="completion",
+                output=Output(form="completion", stream=stream),
             )
             results, report = await _run(caller, ROWS[:2])
             assert [r.text for r in results] == ["echo: Hi Ada", "echo: Hi Grace"]
@@ -377,10 +405,8 @@ async def test_azure_uses_deployment_url_api_version_and_api_key_header() -> Non
     async with serve(SimConfig(require_key=KEY)) as sim:
         caller = LLMCaller(
             model="gpt-4o",
-            provider="azure",
-            deployment="prod-4o",
+            provider=AzureProvider(sim.base_url, deployment="prod-4o"),
             prompt="{name}",
-            base_url=sim.base_url,
             output="completion",
         )
         results, _ = await _run(caller, ROWS[:2])
@@ -482,9 +508,8 @@ async def test_structured_output_is_parsed_and_validated() -> None:
             model="m",
             prompt="{name}",
             base_url=sim.url,
-            schema=schema,
             params={"response_format": {"type": "json_object"}},
-            output_field="data",
+            output=Output(schema=schema, field="data"),
         )
         results, report = await _run(caller, ROWS[:2])
     assert results == [
@@ -504,10 +529,8 @@ async def test_invalid_structured_output_is_sent_back_with_the_error() -> None:
             model="m",
             prompt="{name}",
             base_url=sim.url,
-            schema=schema,
-            reask=2,
             params={"response_format": {"type": "json_object"}},
-            output="completion",
+            output=Output(form="completion", schema=schema, reask=2),
         )
         results, report = await _run(caller, ROWS[:1])
     (done,) = results
@@ -526,7 +549,12 @@ async def test_call_escape_hatch_gets_limits_retries_and_accounting() -> None:
             raise ConnectionResetError("flaky network")
         return Completion(text=f"hi {record['name']}", usage=Usage(3, 1), model="custom")
 
-    caller = LLMCaller(call=call, concurrency=2, backoff_base=0.001, prices={"custom": (1e6, 0)})
+    caller = LLMCaller(
+        call=call,
+        limits=Limits(concurrency=2),
+        retry=Retry(backoff_base=0.001),
+        output=Output(prices={"custom": (1e6, 0)}),
+    )
     results, report = await _run(caller, ROWS[:3])
     assert [r["response"].text for r in results] == ["hi Ada", "hi Grace", "hi Alan"]
     stats = report.stages[1]
@@ -557,7 +585,7 @@ async def test_a_spare_worker_takes_a_row_while_another_waits_to_be_retried() ->
         return record
 
     # one request slot, two workers: while "a" waits 0.2 s for its retry, "b" goes
-    caller = LLMCaller(call=call, concurrency=1, workers=2)
+    caller = LLMCaller(call=call, limits=Limits(concurrency=1, workers=2))
     results, report = await _run(caller, ["a", "b"])
     assert answered == ["a failed", "b", "a"]
     assert [r["response"] for r in results] == ["a", "b"] and report.stages[1].retries == 1
@@ -578,7 +606,7 @@ async def test_spare_workers_take_no_row_while_no_row_is_retried() -> None:
 
     # two slots, six workers: the four spare workers wait for a seat, not with a row for a
     # slot (which would cost every row a wake-up)
-    caller = LLMCaller(call=call, concurrency=2, workers=6)
+    caller = LLMCaller(call=call, limits=Limits(concurrency=2, workers=6))
     rows = [str(i) for i in range(12)]
     results, report = await _run(caller, rows)
     assert [r["response"] for r in results] == rows and most == 2
@@ -601,7 +629,7 @@ async def test_seats_follow_the_adaptive_limit() -> None:
 
     # the limit starts at 16 and grows by one every 16 or so answers, up to 20: each time
     # one more worker gets a seat, and no row ever waits with a seat for a request slot
-    caller = LLMCaller(call=call, max_concurrency=20)
+    caller = LLMCaller(call=call, limits=Limits(max_concurrency=20))
     rows = [str(i) for i in range(120)]
     results, report = await _run(caller, rows)
     assert [r["response"] for r in results] == rows and report.stages[1].requests == 120
@@ -624,10 +652,11 @@ async def test_cache_serves_a_repeated_run_without_requests(tmp_path: Any) -> No
     async with serve() as sim:
         async with ResponseCache(tmp_path) as cache:
             first, _ = await _run(
-                LLMCaller(model="m", prompt="{name}", base_url=sim.url, cache=cache), ROWS
+                LLMCaller(model="m", prompt="{name}", base_url=sim.url, http=HTTP(cache=cache)),
+                ROWS,
             )
             assert sim.counters()["requests"] == len(ROWS)
-            again = LLMCaller(model="m", prompt="{name}", base_url=sim.url, cache=cache)
+            again = LLMCaller(model="m", prompt="{name}", base_url=sim.url, http=HTTP(cache=cache))
             second, report = await _run(again, ROWS)
         assert sim.counters()["requests"] == len(ROWS)  # nothing new was sent
     assert second == first
@@ -637,7 +666,9 @@ async def test_cache_serves_a_repeated_run_without_requests(tmp_path: Any) -> No
 @pytest.mark.anyio
 async def test_fixed_concurrency_bounds_requests_in_flight() -> None:
     async with serve(SimConfig(latency_ms=20)) as sim:
-        caller = LLMCaller(model="m", prompt="{name}", base_url=sim.url, concurrency=2)
+        caller = LLMCaller(
+            model="m", prompt="{name}", base_url=sim.url, limits=Limits(concurrency=2)
+        )
         _, report = await _run(caller, ROWS * 2)
         counters = sim.counters()
     assert counters["concurrent_max"] == 2 and report.ok == 12
@@ -663,11 +694,13 @@ async def test_a_caller_without_rpm_asks_its_limiter_once_the_server_states_a_li
     server_rpm: int | None,
 ) -> None:
     async with serve(SimConfig(rpm=server_rpm)) as sim:
-        caller = LLMCaller(model="m", prompt="{name}", base_url=sim.url, concurrency=1)
+        caller = LLMCaller(
+            model="m", prompt="{name}", base_url=sim.url, limits=Limits(concurrency=1)
+        )
         with anyio.fail_after(10):
             async with Pipeline(ROWS[:3], caller).open() as results:
                 async for _ in results:
-                    state = caller.run_state
+                    state = caller.run_state.admission
                     limiter = state.limiter
                     assert isinstance(limiter, RateLimiter)
                     stats = limiter.statistics()
@@ -681,23 +714,28 @@ async def test_a_caller_without_rpm_asks_its_limiter_once_the_server_states_a_li
 @pytest.mark.parametrize("fast", ["orjson", "stdlib"])
 def test_response_bodies_parse_like_json_loads(fast: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if fast == "stdlib":
-        monkeypatch.setattr(llm_module, "_orjson", None)
+        monkeypatch.setattr("pipeline._json._orjson", None)
+    provider = make_provider("openai", "http://127.0.0.1:9/v1")
+
+    def parse(raw: bytes) -> Any:
+        return parse_answer(provider, "chat", raw, 1, str)
+
     body = {"choices": [{"message": {"content": "é 😀"}}], "usage": {"prompt_tokens": 3}}
-    assert _loads(json.dumps(body).encode()) == body
-    assert _loads(json.dumps(body, ensure_ascii=False).encode("utf-16")) == body
-    nan = _loads(b'{"x": NaN}')["x"]  # the stdlib's extension, refused by orjson
-    assert nan != nan
-    with pytest.raises(ValueError):
-        _loads(b"<html>502 Bad Gateway</html>")
-    with pytest.raises(ValueError):
-        _loads(b"")
+    assert parse(json.dumps(body).encode()).text == "é 😀"
+    assert parse(json.dumps(body, ensure_ascii=False).encode("utf-16")).text == "é 😀"
+    nan = {"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": float("nan")}}
+    assert parse(json.dumps(nan).encode()).usage is None  # NaN: the stdlib's extension
+    for raw in (b"<html>502 Bad Gateway</html>", b""):
+        with pytest.raises(LLMCallError, match="non-JSON body") as info:
+            parse(raw)
+        assert info.value.retryable and info.value.status == 200
 
 
 def test_rate_limit_headers_are_noticed_in_any_case() -> None:
-    assert _states_limits([(b"Date", b"x"), (b"X-RateLimit-Remaining-Requests", b"3")])
-    assert _states_limits([(b"anthropic-ratelimit-tokens-limit", b"10")])
-    assert not _states_limits([(b"Content-Type", b"application/json"), (b"age", b"1")])
-    assert not _states_limits([])
+    assert states_limits([(b"Date", b"x"), (b"X-RateLimit-Remaining-Requests", b"3")])
+    assert states_limits([(b"anthropic-ratelimit-tokens-limit", b"10")])
+    assert not states_limits([(b"Content-Type", b"application/json"), (b"age", b"1")])
+    assert not states_limits([])
 
 
 @pytest.mark.parametrize("provider", ["openai", "azure", "anthropic"])
@@ -711,23 +749,26 @@ def test_one_message_body_is_the_body_encoded_whole(
         provider=provider,
         base_url="http://127.0.0.1:9/v1",
         system=system,
-        stream=stream,
         params={"temperature": 0.5, "stop": ["\u2028", "é"], "metadata": {"k": [1, None]}},
+        output=Output(stream=stream),
     )
     parts = caller._chat_parts()
     assert parts is not None and caller.provider is not None
     for text in ["", "plain", 'quotes " and \\ backslashes', "é 😀 \u2028 \x00 \n\t"]:
-        fast = _one_message_payload(parts, text)
+        fast = one_message_payload(parts, text)
         body = caller.provider.chat_body(
             "m", [{"role": "user", "content": text}], system, caller.params, stream
         )
-        assert fast == _encode(body)
+        assert fast == encode_body(body)
         assert json.loads(fast) == body
 
 
 def test_one_message_body_is_not_split_when_the_cache_needs_the_body(tmp_path: Any) -> None:
     cache = ResponseCache(tmp_path / "cache.db")
-    assert LLMCaller(model="m", base_url="http://127.0.0.1:9", cache=cache)._chat_parts() is None
+    assert (
+        LLMCaller(model="m", base_url="http://127.0.0.1:9", http=HTTP(cache=cache))._chat_parts()
+        is None
+    )
     embed = LLMCaller(model="m", base_url="http://127.0.0.1:9", endpoint="embeddings")
     assert embed._chat_parts() is None
 
@@ -762,9 +803,9 @@ async def test_spans_show_attempts_tokens_retries_and_waits_without_the_key() ->
             model="m",
             prompt="{name}",
             base_url=sim.url,
-            rpm=3000,  # a burst of 25, then 50/s: some rows wait
-            concurrency=1,
-            backoff_base=0.001,
+            rpm=3000,
+            limits=Limits(concurrency=1),
+            retry=Retry(backoff_base=0.001),
         )
         with anyio.fail_after(20):
             report = await Pipeline(rows, caller, tracing=provider).run()

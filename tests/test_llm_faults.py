@@ -6,6 +6,7 @@ accounted for (answered or dead-lettered, never lost); the API key never leaks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -21,7 +22,15 @@ from pipeline._errors import QuotaExhaustedError
 from pipeline._report import RunReport
 from pipeline._runner import Pipeline
 from pipeline.testing._sim import SimConfig, serve
-from stages.llm._caller import AuthenticationError, Completion, LLMCaller
+from stages.llm._caller import (
+    HTTP,
+    AuthenticationError,
+    Completion,
+    Limits,
+    LLMCaller,
+    Output,
+    Retry,
+)
 from stages.llm._limits import RateLimiter
 
 KEY = "sk-test-DISTINCTIVE-c0ffee-42"
@@ -42,14 +51,15 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
 
 
+FAST_RETRY = Retry(backoff_base=0.005, backoff_cap=0.02, max_retries=8)
+
+
 def _caller(url: str, **kwargs: Any) -> LLMCaller:
     settings: dict[str, Any] = {
         "model": "sim-1",
         "prompt": "Say hello to {name}",
         "base_url": url,
-        "backoff_base": 0.005,
-        "backoff_cap": 0.02,
-        "max_retries": 8,
+        "retry": FAST_RETRY,
     }
     settings.update(kwargs)
     return LLMCaller(**settings)
@@ -91,7 +101,7 @@ def _expected(rows: Sequence[dict[str, Any]] = ROWS) -> list[str]:
 async def test_transient_fault_is_retried_and_every_row_answered(fault: str, stream: bool) -> None:
     config = SimConfig(seed=3, **{fault: 0.3})
     async with serve(config) as sim:
-        caller = _caller(sim.url, stream=stream, output="completion")
+        caller = _caller(sim.url, output=Output(form="completion", stream=stream))
         results, report = await _run(caller)
         counters = sim.counters()
     injected = counters["faults"].get(fault, 0)
@@ -107,7 +117,11 @@ async def test_transient_fault_is_retried_and_every_row_answered(fault: str, str
 async def test_truncated_stream_is_never_accepted_even_with_a_finish_reason_missing() -> None:
     # every stream is cut: no row may be accepted, each is dead-lettered after its attempts
     async with serve(SimConfig(truncate=1.0)) as sim:
-        caller = _caller(sim.url, stream=True, max_retries=2)
+        caller = _caller(
+            sim.url,
+            output=Output(stream=True),
+            retry=dataclasses.replace(FAST_RETRY, max_retries=2),
+        )
         results, report = await _run(caller, ROWS[:3])
     assert results == []
     assert [f.attempts for f in report.failures] == [3, 3, 3]
@@ -117,7 +131,9 @@ async def test_truncated_stream_is_never_accepted_even_with_a_finish_reason_miss
 
 async def test_stalled_stream_is_aborted_by_the_idle_timeout_and_retried() -> None:
     async with serve(SimConfig(stall=0.3, stall_s=30, seed=1, tokens_per_s=5000)) as sim:
-        caller = _caller(sim.url, stream=True, idle_timeout=0.2, output="completion")
+        caller = _caller(
+            sim.url, output=Output(form="completion", stream=True), http=HTTP(idle_timeout=0.2)
+        )
         started = time.perf_counter()
         results, report = await _run(caller, ROWS[:12])
         elapsed = time.perf_counter() - started
@@ -130,7 +146,7 @@ async def test_stalled_stream_is_aborted_by_the_idle_timeout_and_retried() -> No
 
 async def test_stalled_plain_body_is_aborted_by_the_idle_timeout() -> None:
     async with serve(SimConfig(stall=0.3, stall_s=30, seed=1)) as sim:
-        caller = _caller(sim.url, idle_timeout=0.2)
+        caller = _caller(sim.url, http=HTTP(idle_timeout=0.2))
         results, report = await _run(caller, ROWS[:12])
         stalls = sim.counters()["faults"].get("stall", 0)
     assert stalls >= 2 and report.stages[1].retries == stalls
@@ -150,7 +166,9 @@ async def test_anthropic_529_overloaded_is_retried_and_shrinks_concurrency() -> 
 
 async def test_anthropic_mid_stream_error_event_is_retried() -> None:
     async with serve(SimConfig(stream_error=0.3, seed=2)) as sim:
-        caller = _caller(sim.base_url + "/v1", provider="anthropic", model="c", stream=True)
+        caller = _caller(
+            sim.base_url + "/v1", provider="anthropic", model="c", output=Output(stream=True)
+        )
         results, report = await _run(caller)
         injected = sim.counters()["faults"]["stream_error"]
     assert [r["response"] for r in results] == _expected()
@@ -181,7 +199,7 @@ class _RecordingLimiter(RateLimiter):
 async def test_429_retry_after_pauses_every_worker() -> None:
     limiter = _RecordingLimiter()
     async with serve(SimConfig(error_429=0.15, retry_after_s=0.25, seed=4)) as sim:
-        caller = _caller(sim.url, limiter=limiter, concurrency=4)
+        caller = _caller(sim.url, limits=Limits(limiter=limiter, concurrency=4))
         results, report = await _run(caller)
         limited = sim.counters()["http_429"]
     assert limited >= 2 and report.stages[1].retries == limited
@@ -199,7 +217,7 @@ SEED_503 = 3  # a seed whose 5xx faults include 503s (the status is drawn among 
 async def test_a_503_without_retry_after_backs_off_its_row_only() -> None:
     limiter = _RecordingLimiter()
     async with serve(SimConfig(error_5xx=0.3, seed=SEED_503)) as sim:
-        caller = _caller(sim.url, limiter=limiter, concurrency=4)
+        caller = _caller(sim.url, limits=Limits(limiter=limiter, concurrency=4))
         results, report = await _run(caller)
         counters = sim.counters()
     failed_5xx = counters["faults"]["error_5xx"]
@@ -212,22 +230,25 @@ async def test_a_503_without_retry_after_backs_off_its_row_only() -> None:
 
 async def test_completion_estimate_follows_the_answers_seen() -> None:
     async with serve(SimConfig()) as sim:
-        caller = _caller(sim.url, tpm=10_000_000, params={"max_tokens": 500})
+        caller = _caller(sim.url, params={"max_tokens": 500}, limits=Limits(tpm=10_000_000))
         async with Pipeline(ROWS, caller).open() as results:
             async for _ in results:
                 pass
-            state = caller.run_state
-            assert state.completions_seen == len(ROWS)
-            learned = caller._estimate(40)
+            admission = caller.run_state.admission
+            assert admission.completions_seen == len(ROWS)
+            learned = admission.estimate(40)
+        async with Pipeline(ROWS[:1], caller).open() as results:
+            async for _ in results:  # a new run starts from max_tokens again
+                fresh = caller.run_state.admission.estimate(40)
     # answers here are a few tokens long: far below the max_tokens reserved at first
-    assert caller._estimate(40) == 10 + 500  # outside a run: max_tokens
+    assert fresh == 10 + 500
     assert learned < 10 + 50
 
 
 async def test_server_quota_429s_are_obeyed_until_all_rows_pass() -> None:
     # the server allows 600 rpm in 0.1 s buckets (1 request); the caller sends faster
     async with serve(SimConfig(rpm=600, burst_s=0.1)) as sim:
-        caller = _caller(sim.url, backoff_base=0.01)
+        caller = _caller(sim.url, retry=dataclasses.replace(FAST_RETRY, backoff_base=0.01))
         results, report = await _run(caller, ROWS[:8])
         counters = sim.counters()
     assert [r["response"] for r in results] == _expected(ROWS[:8])
@@ -236,7 +257,11 @@ async def test_server_quota_429s_are_obeyed_until_all_rows_pass() -> None:
 
 async def test_retry_after_beyond_the_deadline_fails_the_row_at_once() -> None:
     async with serve(SimConfig(error_429=1.0, retry_after_s=3600)) as sim:
-        caller = _caller(sim.url, deadline_s=2.0, concurrency=1)
+        caller = _caller(
+            sim.url,
+            retry=dataclasses.replace(FAST_RETRY, deadline_s=2.0),
+            limits=Limits(concurrency=1),
+        )
         started = time.perf_counter()
         results, report = await _run(caller, ROWS[:1])
         elapsed = time.perf_counter() - started
@@ -250,7 +275,7 @@ async def test_retry_after_beyond_the_deadline_fails_the_row_at_once() -> None:
 
 async def test_row_deadline_bounds_a_slow_attempt() -> None:
     async with serve(SimConfig(latency_ms=3000)) as sim:
-        caller = _caller(sim.url, deadline_s=0.3)
+        caller = _caller(sim.url, retry=dataclasses.replace(FAST_RETRY, deadline_s=0.3))
         started = time.perf_counter()
         results, report = await _run(caller, ROWS[:2])
         elapsed = time.perf_counter() - started
@@ -264,7 +289,7 @@ async def test_row_deadline_bounds_a_slow_attempt() -> None:
 
 async def test_quota_429_stops_the_job_with_a_clear_message() -> None:
     async with serve(SimConfig(quota_429=1.0)) as sim:
-        caller = _caller(sim.url, concurrency=2)
+        caller = _caller(sim.url, limits=Limits(concurrency=2))
         with pytest.raises(QuotaExhaustedError) as info, anyio.fail_after(10):
             await Pipeline(ROWS, caller).run()
         requests = sim.counters()["requests"]
@@ -275,7 +300,9 @@ async def test_quota_429_stops_the_job_with_a_clear_message() -> None:
 
 async def test_anthropic_credit_balance_too_low_stops_the_job() -> None:
     async with serve(SimConfig(quota_429=1.0)) as sim:
-        caller = _caller(sim.base_url + "/v1", provider="anthropic", model="c", concurrency=1)
+        caller = _caller(
+            sim.base_url + "/v1", provider="anthropic", model="c", limits=Limits(concurrency=1)
+        )
         with pytest.raises(QuotaExhaustedError, match="credit balance is too low"):
             with anyio.fail_after(10):
                 await Pipeline(ROWS, caller).run()
@@ -283,7 +310,7 @@ async def test_anthropic_credit_balance_too_low_stops_the_job() -> None:
 
 async def test_rejected_key_on_the_first_requests_stops_the_job() -> None:
     async with serve(SimConfig(require_key="the-right-key")) as sim:
-        caller = _caller(sim.url, concurrency=1)
+        caller = _caller(sim.url, limits=Limits(concurrency=1))
         with pytest.raises(AuthenticationError) as info, anyio.fail_after(10):
             await Pipeline(ROWS, caller).run()
         assert sim.counters()["requests"] == 1
@@ -302,7 +329,11 @@ async def test_401_after_a_success_dead_letters_the_row_without_retry() -> None:
                 answered.set()
                 sim.configure(SimConfig(require_key="rotated-key"))
 
-        caller = _caller(sim.url, concurrency=1, workers=1, stream=True, on_delta=flip)
+        caller = _caller(
+            sim.url,
+            limits=Limits(concurrency=1, workers=1),
+            output=Output(stream=True, on_delta=flip),
+        )
         results, report = await _run(caller, ROWS[:3])
     assert len(results) == 1
     assert [f.status for f in report.failures] == [401, 401]
@@ -369,7 +400,7 @@ async def test_x_should_retry_false_stops_retrying_a_5xx() -> None:
 
 async def test_retries_exhausted_dead_letters_with_attempts_and_last_error() -> None:
     async with serve(SimConfig(error_5xx=1.0)) as sim:
-        caller = _caller(sim.url, max_retries=3)
+        caller = _caller(sim.url, retry=dataclasses.replace(FAST_RETRY, max_retries=3))
         results, report = await _run(caller, ROWS[:2])
         requests = sim.counters()["requests"]
     assert results == [] and requests == 8
@@ -391,7 +422,7 @@ async def test_api_key_never_appears_in_results_dead_letters_logs_or_errors(
         seen += [json.dumps(f.to_dict()) for f in report.failures]
     assert "bad request with Bearer ***" in report.failures[0].message
     async with serve(SimConfig(error_5xx=0.3, reset=0.2, seed=9, require_key=KEY)) as sim:
-        caller = _caller(sim.url, stream=True, output="completion")
+        caller = _caller(sim.url, output=Output(form="completion", stream=True))
         results, report = await _run(caller)
         seen += [repr(r) for r in results] + [repr(caller), repr(report)]
     async with serve(SimConfig(require_key="other")) as sim:
@@ -413,7 +444,11 @@ async def test_budget_stops_reading_input_and_in_flight_rows_finish(
     rows = [{"name": f"u{i}"} for i in range(200)]
     async with serve(SimConfig(latency_ms=5)) as sim:
         # each row costs 2 prompt + 3 completion tokens = $0.005 at $1000 per 1M tokens
-        caller = _caller(sim.url, prices={"sim-1": (1000, 1000)}, budget_usd=0.02, concurrency=2)
+        caller = _caller(
+            sim.url,
+            output=Output(prices={"sim-1": (1000, 1000)}, budget_usd=0.02),
+            limits=Limits(concurrency=2),
+        )
         _, report = await _run(caller, rows, ordered=False)
     assert report.stopped is not None and report.stopped.startswith("budget of $0.02 reached")
     assert 4 <= report.ok < 40  # stopped early, in-flight rows still answered
@@ -426,7 +461,9 @@ async def test_structured_output_still_invalid_after_reasks_is_dead_lettered() -
     schema = {"type": "object", "required": ["sentiment"]}
     async with serve() as sim:
         caller = _caller(
-            sim.url, schema=schema, reask=2, params={"response_format": {"type": "json_object"}}
+            sim.url,
+            params={"response_format": {"type": "json_object"}},
+            output=Output(schema=schema, reask=2),
         )
         results, report = await _run(caller, ROWS[:1])
     assert results == []

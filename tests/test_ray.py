@@ -35,7 +35,7 @@ from stages._ray import (  # noqa: E402
     run_job_on_ray,
 )
 from stages.files import JsonlSink  # noqa: E402
-from stages.llm._caller import LLMCaller  # noqa: E402
+from stages.llm._caller import HTTP, Limits, LLMCaller, Retry  # noqa: E402
 from stages.llm._limits import RateLimiter  # noqa: E402
 
 pytestmark = [
@@ -98,7 +98,12 @@ async def test_transform_answers_rows_and_flags_failures(local_ray: Any, sim: Si
     # the server enforces 3000/min; two actors share that limit through Redis
     sim.configure(SimConfig(latency_ms=5, require_key=SECRET, rpm=3000, burst_s=1.0))
     caller = LLMCaller(
-        model="m", prompt="{text}", base_url=sim.url, api_key_env=KEY_ENV, rpm=3000, max_retries=0
+        model="m",
+        prompt="{text}",
+        base_url=sim.url,
+        rpm=3000,
+        http=HTTP(api_key_env=KEY_ENV),
+        retry=Retry(max_retries=0),
     )
     with RedisServer() as redis:
         transform = ray_transform(
@@ -132,7 +137,7 @@ async def test_transform_answers_rows_and_flags_failures(local_ray: Any, sim: Si
 
 
 def test_transform_refuses_what_actors_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
-    caller = LLMCaller(model="m", prompt="{text}", rpm=1200, tpm=90_000)
+    caller = LLMCaller(model="m", prompt="{text}", rpm=1200, limits=Limits(tpm=90_000))
     with caplog.at_level(logging.WARNING, "pipeline.ray"):
         transform = ray_transform(caller, concurrency=4)
     assert transform.concurrency == 4
@@ -140,7 +145,7 @@ def test_transform_refuses_what_actors_cannot_run(caplog: pytest.LogCaptureFixtu
     assert "each of the 4 actors keeps to rpm=300 (1/4 of 1200) and tpm=22500" in warning
     assert "limiter='redis://host:port/db'" in warning
 
-    shared = LLMCaller(model="m", prompt="{text}", limiter=RateLimiter(rpm=60))
+    shared = LLMCaller(model="m", prompt="{text}", limits=Limits(limiter=RateLimiter(rpm=60)))
     with pytest.raises(ConfigError, match="carries a limiter object"):
         ray_transform(shared)
     assert shared.limiter is not None  # left as it was

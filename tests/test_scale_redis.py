@@ -37,7 +37,7 @@ if __name__ == "__main__":  # a worker process: import the project from this che
 from pipeline._functions import map as pipeline_map  # noqa: E402
 from pipeline._runner import Pipeline  # noqa: E402
 from pipeline.testing._sim import SimConfig, Simulator, serve  # noqa: E402
-from stages.llm._caller import LLMCaller  # noqa: E402
+from stages.llm._caller import HTTP, Limits, LLMCaller, Retry  # noqa: E402
 from stages.llm._redis_limiter import RedisRateLimiter, RedisUnavailableError  # noqa: E402
 
 KEY_ENV = "SCALE_TEST_API_KEY"
@@ -50,11 +50,9 @@ def _caller(sim_url: str, limiter: RedisRateLimiter) -> LLMCaller:
         model=MODEL,
         prompt="row {i} of worker {w}",
         base_url=sim_url,
-        api_key_env=KEY_ENV,
-        limiter=limiter,
-        max_concurrency=16,
-        max_retries=2,
-        backoff_base=0.05,
+        http=HTTP(api_key_env=KEY_ENV),
+        limits=Limits(limiter=limiter, max_concurrency=16),
+        retry=Retry(max_retries=2, backoff_base=0.05),
     )
 
 

@@ -89,14 +89,14 @@ async def sequential(url: str, names: list[str]) -> tuple[float, list[str]]:
 
 async def pipelined(url: str, names: list[str]) -> tuple[float, list[Any]]:
     """Greet ``names`` through a pipeline with every request in flight; return time, answers."""
-    from stages.llm._caller import LLMCaller
+    from stages.llm._caller import HTTP, Limits, LLMCaller
 
     caller = LLMCaller(
         model=MODEL,
         prompt=PROMPT,
         base_url=url,
-        api_key_env=KEY_ENV,
-        concurrency=len(names),
+        limits=Limits(concurrency=len(names)),
+        http=HTTP(api_key_env=KEY_ENV),
     )
     started = time.perf_counter()
     answers: list[Any] = []

@@ -260,7 +260,7 @@ class FrameJob:
                 caller = await anyio.to_thread.run_sync(
                     lambda: build_caller(plan.settings, schema=plan.schema)
                 )
-                caller.output = "completion"
+                caller.output = dataclasses.replace(caller.output, form="completion")
                 self._caller = caller
                 try:
                     await preflight(caller, timeout=min(10.0, plan.settings.timeout))

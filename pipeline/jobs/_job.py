@@ -510,12 +510,12 @@ def build_caller(
         open_resources: Open the cache and Redis limiter the settings name (when not given);
             release them with :func:`release_caller`.
         schema: A JSON schema dict or pydantic model every answer must satisfy (structured
-            output; see ``LLMCaller(schema=...)``).
+            output; see ``Output(schema=...)``).
 
     Raises:
         ConfigError: The settings do not make a valid caller.
     """
-    from stages.llm._caller import LLMCaller
+    from stages.llm._caller import HTTP, Limits, LLMCaller, Output, Retry
 
     params = dict(settings.params)
     if (
@@ -533,27 +533,32 @@ def build_caller(
         model=settings.model,
         prompt=settings.prompt,
         system=settings.system,
+        params=params,
         endpoint=settings.endpoint,
         provider=settings.provider,
         base_url=settings.base_url,
-        api_key_env=settings.api_key_env,
-        headers=settings.headers,
-        params=params,
-        stream=settings.stream,
-        concurrency=settings.concurrency,
-        max_concurrency=settings.max_concurrency,
-        rpm=settings.rpm,
-        tpm=settings.tpm,
-        max_retries=settings.max_retries,
-        deadline_s=settings.deadline,
-        timeout=settings.timeout,
-        json_output=settings.json_output,
-        prices={settings.model: price} if price is not None else None,
-        budget_usd=settings.budget,
-        cache=cache,
-        output_field=settings.output_field,
-        limiter=limiter,
-        schema=schema,
+        limits=Limits(
+            rpm=settings.rpm,
+            tpm=settings.tpm,
+            limiter=limiter,
+            concurrency=settings.concurrency,
+            max_concurrency=settings.max_concurrency,
+        ),
+        retry=Retry(max_retries=settings.max_retries, deadline_s=settings.deadline),
+        output=Output(
+            field=settings.output_field,
+            json_output=settings.json_output,
+            schema=schema,
+            stream=settings.stream,
+            prices={settings.model: price} if price is not None else None,
+            budget_usd=settings.budget,
+        ),
+        http=HTTP(
+            api_key_env=settings.api_key_env,
+            headers=settings.headers,
+            timeout=settings.timeout,
+            cache=cache,
+        ),
     )
     if limiter is None and open_resources and settings.limiter:
         from stages.llm._redis_limiter import RedisRateLimiter

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
-from stages.llm._sse import Usage
+from stages.llm._sse import AnthropicStreamAssembler, ChatStreamAssembler, Usage
 
 ProviderName = Literal["openai", "azure", "anthropic"]
 Endpoint = Literal["chat", "embeddings"]
@@ -46,6 +46,12 @@ QUOTA_CODES = frozenset(
 
 RETRY_STATUSES = frozenset({408, 409, 429})
 """Statuses below 500 worth retrying (every 5xx, including Anthropic's 529, is too)."""
+
+SENSITIVE_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
+"""Lower-case names of the headers that carry credentials: never logged, shown or stored.
+
+The one list of them: the caller redacts their values, job settings and the service mask them.
+"""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -210,6 +216,10 @@ class Provider:
         """Return the JSON body of an embeddings request for all ``inputs`` at once."""
         return {"model": model, "input": list(inputs), **params}
 
+    def stream_assembler(self) -> ChatStreamAssembler | AnthropicStreamAssembler:
+        """Return a fresh assembler for one streamed chat answer (``chat.completion.chunk``)."""
+        return ChatStreamAssembler()
+
     # -- answers -------------------------------------------------------------------------------
 
     def parse_chat(self, data: Any) -> Answer:
@@ -367,6 +377,10 @@ class AnthropicProvider(Provider):
     def base_headers(self) -> dict[str, str]:
         """Every request names the API version it was written for."""
         return {**super().base_headers(), "anthropic-version": ANTHROPIC_VERSION}
+
+    def stream_assembler(self) -> ChatStreamAssembler | AnthropicStreamAssembler:
+        """Return a fresh assembler for one streamed answer (typed Messages events)."""
+        return AnthropicStreamAssembler()
 
     def chat_body(
         self,

@@ -1,0 +1,312 @@
+"""One run of the caller, and how each request of it goes from the cache to an answer.
+
+The caller (:mod:`stages.llm._caller`) makes an :class:`Exchange` when a run starts and drops
+it when the run ends. It holds what all workers share for that run: the API key, the
+:class:`~stages.llm._admission.Admission` (limiter, concurrency, seats), the
+:class:`~stages.llm._transport.HTTPTransport` (one aiohttp session) and the
+:class:`~stages.llm._output.Ledger` (tokens and cost). :meth:`Exchange.request` takes one
+request through, in order:
+
+1. the response cache (a hit sends nothing and costs nothing);
+2. the rate limiter and a concurrency slot (:meth:`Exchange.send`);
+3. the HTTP attempt: an error response is classified by the provider and the retry policy
+   (:func:`~stages.llm._retry.refusal`), slowing everyone down on 429/503/529 and stopping the
+   run on a rejected key or an empty account;
+4. the retry policy for failed attempts (:meth:`~stages.llm._retry.Retry.after`);
+5. accounting (the estimate settled with the limiter, tokens and cost counted).
+
+:meth:`Exchange.call` does the same around a user ``call=`` instead of HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from pipeline._envelope import Envelope
+from pipeline._errors import FatalError, ItemError, QuotaExhaustedError
+from pipeline._stage import Outbox
+from stages.llm._admission import Admission
+from stages.llm._cache import ResponseCache, request_key
+from stages.llm._errors import LLMCallError
+from stages.llm._output import CallerTotals, Ledger, Output, call_hook
+from stages.llm._providers import Answer, Endpoint, HTTPFailure, Provider
+from stages.llm._retry import (
+    OVERLOAD_CODES,
+    Retry,
+    classify_exception,
+    event_code,
+    refusal,
+    stream_failure,
+)
+from stages.llm._sse import StreamError
+from stages.llm._transport import HTTPTransport, encode_body, parse_answer
+
+Scrub = Callable[[str], str]
+
+
+class Exchange:
+    """What all workers of one caller share during a run, and the path of each request.
+
+    Args:
+        key: The API key read for this run (``None`` without one).
+        admission: The run's limiter, concurrency and seats.
+        transport: The run's HTTP session (``None`` with a user ``call``).
+        ledger: The run's token and cost accounting.
+        provider: The provider adapter (``None`` with a user ``call``).
+        endpoint: ``"chat"`` or ``"embeddings"``.
+        retry: The retry policy.
+        output: The output options (streaming and ``on_delta``).
+        cache: The response cache, if any.
+        totals: The run's counters.
+        log: The stage's logger.
+        scrub: Removes secrets from the text of errors.
+        key_env: The variable the key came from, for a rejected key's message.
+    """
+
+    def __init__(
+        self,
+        *,
+        key: str | None,
+        admission: Admission,
+        transport: HTTPTransport | None,
+        ledger: Ledger,
+        provider: Provider | None,
+        endpoint: Endpoint,
+        retry: Retry,
+        output: Output,
+        cache: ResponseCache | None,
+        totals: CallerTotals,
+        log: logging.Logger | logging.LoggerAdapter[Any],
+        scrub: Scrub,
+        key_env: str | None,
+    ) -> None:
+        self.key = key
+        self.admission = admission
+        self.transport = transport
+        self.ledger = ledger
+        self.provider = provider
+        self.endpoint = endpoint
+        self.retry = retry
+        self.output = output
+        self.cache = cache
+        self.totals = totals
+        self.log = log
+        self.scrub = scrub
+        self.key_env = key_env
+        self.provider_name = provider.name if provider is not None else "call"
+        self.chat_url = ""
+        self.chat_parts: tuple[str, str] | None = None
+        self.succeeded = False
+
+    # -- the HTTP path -------------------------------------------------------------------------
+
+    async def request(
+        self,
+        env: Envelope[Any],
+        outbox: Outbox[Any],
+        url: str,
+        body: dict[str, Any] | None,
+        count: int,
+        deadline: float | None,
+        payload: bytes | None = None,
+    ) -> tuple[Answer, float, bool]:
+        """Return ``(answer, cost, cached)`` for one request, with cache and retries.
+
+        ``payload`` is the encoded ``body``; pass one of them (``body`` when there is a cache:
+        its key is computed from the body).
+        """
+        if payload is None:
+            assert body is not None
+            payload = encode_body(body)
+        cache = self.cache
+        key: str | None = None
+        if cache is not None:
+            assert body is not None
+            key = request_key(url, body)
+            hit = await self._cached(env, cache, key, count)
+            if hit is not None:
+                return hit, 0.0, True
+        estimate = self.admission.estimate(len(payload))
+        retry = self.retry
+        # The first attempt runs bare (see Retry.run); this is the same, without a closure.
+        env.attempts += 1
+        try:
+            if deadline is None:
+                answer = await self.send(env, outbox, url, payload, count, estimate)
+            else:
+                answer = await retry.within(
+                    deadline, lambda: self.send(env, outbox, url, payload, count, estimate), env
+                )
+        except LLMCallError as error:
+            answer = await retry.after(
+                env,
+                outbox,
+                lambda: self.send(env, outbox, url, payload, count, estimate),
+                deadline,
+                error,
+                log=self.log,
+                scrub=self.scrub,
+            )
+        cost = self.account(outbox, answer, estimate)
+        if key is not None:
+            assert cache is not None
+            await cache.put(key, answer.to_bytes())
+        return answer, cost, False
+
+    async def _cached(
+        self, env: Envelope[Any], cache: ResponseCache, key: str, count: int
+    ) -> Answer | None:
+        """Return the cached answer for ``key`` if there is a usable one."""
+        raw = await cache.get(key)
+        if raw is None:
+            return None
+        try:
+            answer = Answer.from_bytes(raw)
+        except (ValueError, TypeError):
+            return None
+        if self.endpoint == "embeddings":
+            if answer.embeddings is None or len(answer.embeddings) != count:
+                return None
+        elif answer.text is None:
+            return None
+        self.totals.cache_hits += 1
+        on_delta = self.output.on_delta
+        if on_delta is not None and answer.text:
+            await call_hook(on_delta, env, answer.text)
+        return answer
+
+    def account(self, outbox: Outbox[Any], answer: Answer, estimate: int) -> float:
+        """Count an answer's tokens and cost, and settle its estimate with the limiter."""
+        usage = answer.usage
+        if usage is not None:
+            self.admission.settle(estimate, usage.prompt_tokens, usage.completion_tokens)
+        return self.ledger.account(outbox, answer)
+
+    async def send(
+        self,
+        env: Envelope[Any],
+        outbox: Outbox[Any],
+        url: str,
+        payload: bytes,
+        count: int,
+        estimate: int,
+    ) -> Answer:
+        """Make one HTTP attempt and return the answer; raise :class:`LLMCallError` if not."""
+        transport = self.transport
+        assert transport is not None
+        admission = self.admission
+        if admission.limited:
+            await admission.acquire(outbox, estimate)
+        # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
+        async with admission.slot(outbox):
+            try:
+                answer = await transport.post(url, payload, self._receive, env, count)
+            except StreamError as exc:
+                raise self._stream_failed(exc) from None
+        admission.concurrency.success()
+        self.succeeded = True
+        return answer
+
+    async def _receive(
+        self, resp: aiohttp.ClientResponse, env: Envelope[Any], count: int
+    ) -> Answer:
+        """Read one response: an error, a stream or a body."""
+        transport = self.transport
+        provider = self.provider
+        assert transport is not None and provider is not None
+        headers = resp.headers
+        self.admission.observe(headers, resp.raw_headers)
+        if not 200 <= resp.status < 300:
+            raw = await transport.body(resp)
+            raise self._refused(provider.classify(resp.status, headers, raw), headers)
+        output = self.output
+        if output.stream and headers.get("Content-Type", "").startswith("text/event-stream"):
+            return await transport.stream(resp, provider, env, output.on_delta)
+        raw = await transport.body(resp)
+        return parse_answer(provider, self.endpoint, raw, count, self.scrub)
+
+    def _refused(self, failure: HTTPFailure, headers: Mapping[str, str]) -> Exception:
+        """The error of an error response; slow down, or stop the run, as it says."""
+        error = refusal(
+            failure,
+            headers,
+            provider=self.provider_name,
+            first=not self.succeeded,
+            key_env=self.key_env,
+            scrub=self.scrub,
+        )
+        admission = self.admission
+        if failure.overload:
+            admission.overloaded(
+                getattr(error, "retry_after", None),
+                rate_limited=failure.status == 429,
+                pause=self.retry.backoff_base,
+            )
+        if isinstance(error, FatalError) and admission.fatal is None:
+            admission.fatal = error  # no worker sends another request from now on
+        return error
+
+    def _stream_failed(self, exc: StreamError) -> Exception:
+        """The error of a failed stream; slow down, or stop the run, as its event says."""
+        error = stream_failure(exc, provider=self.provider_name, scrub=self.scrub)
+        admission = self.admission
+        if isinstance(error, QuotaExhaustedError):
+            admission.fatal = admission.fatal or error
+            return error
+        code = event_code(exc)
+        if code in OVERLOAD_CODES:
+            admission.overloaded(
+                None, rate_limited=code != "overloaded_error", pause=self.retry.backoff_base
+            )
+        return error
+
+    # -- a user call ---------------------------------------------------------------------------
+
+    async def call(
+        self,
+        env: Envelope[Any],
+        outbox: Outbox[Any],
+        call: Callable[[Any], Awaitable[Any]],
+        deadline: float | None,
+    ) -> tuple[Any, int]:
+        """Return what ``call(record)`` returned, and the tokens reserved for it.
+
+        The call gets the limiter, a slot and the retry policy like an HTTP request; an
+        exception it raises is classified by :func:`~stages.llm._retry.classify_exception`.
+        """
+        record = env.value
+        admission = self.admission
+        estimate = admission.estimate(len(str(record)))
+
+        async def attempt() -> Any:
+            if admission.limited:
+                await admission.acquire(outbox, estimate)
+            async with admission.slot(outbox):
+                try:
+                    result = await call(record)
+                except (ItemError, FatalError):
+                    raise
+                except Exception as exc:
+                    raise self._foreign(exc) from exc
+            admission.concurrency.success()
+            self.succeeded = True
+            return result
+
+        raw = await self.retry.run(env, outbox, attempt, deadline, log=self.log, scrub=self.scrub)
+        return raw, estimate
+
+    def _foreign(self, exc: Exception) -> Exception:
+        """Classify an exception of the user's ``call``; slow down on 429, 503 and 529."""
+        error = classify_exception(exc, self.scrub)
+        if isinstance(error, LLMCallError) and error.status in (429, 503, 529):
+            self.admission.overloaded(
+                error.retry_after, rate_limited=error.status == 429, pause=self.retry.backoff_base
+            )
+        return error
+
+
+__all__ = ["Exchange"]

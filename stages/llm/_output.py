@@ -1,0 +1,451 @@
+"""What the caller does with an answer: stream it, check it, price it, and emit it.
+
+:class:`Output` holds the options (``Output(schema=Ticket, reask=2, prices={...})``); the common
+``output="completion"`` is a shortcut for ``Output(form="completion")``. For each row:
+
+- a streamed answer (``stream=True``) is passed delta by delta to ``on_delta``;
+- with ``json_output`` or ``schema`` the text is parsed as JSON (a Markdown code fence is
+  tolerated) and validated (:class:`Validator`: a JSON schema via ``jsonschema``, or a pydantic
+  model); an invalid answer is sent back with the error up to ``reask`` times
+  (:func:`reask_messages`), then the row fails with :class:`InvalidOutputError`;
+- tokens and cost are counted (:class:`Ledger`, prices in USD per million tokens looked up by
+  model name or its longest priced prefix); reaching ``budget_usd`` stops reading input;
+- the value sent on is the record with the answer merged in (``form="merge"``) or a
+  :class:`Completion` (:meth:`Output.emit`).
+
+A user ``call=`` may return a string, an :class:`Answer`, a :class:`Completion`, an OpenAI SDK
+object or a LangChain message: :func:`answer_of` reads any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+from opentelemetry import trace
+
+from pipeline._envelope import Envelope
+from pipeline._errors import ConfigError
+from pipeline._stage import Outbox
+from stages.llm._errors import InvalidOutputError
+from stages.llm._providers import Answer
+from stages.llm._sse import Usage
+
+OutputForm = Literal["merge", "completion"]
+DeltaHook = Callable[[Envelope[Any], str], Awaitable[None] | None]
+
+_FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Price:
+    """What a model costs, in US dollars per million tokens.
+
+    Attributes:
+        prompt: USD per 1M prompt (input) tokens.
+        completion: USD per 1M completion (output) tokens.
+    """
+
+    prompt: float
+    completion: float
+
+    def cost(self, usage: Usage) -> float:
+        """Return the cost of ``usage`` in USD."""
+        return (usage.prompt_tokens * self.prompt + usage.completion_tokens * self.completion) / 1e6
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Completion:
+    """The full answer for one row (``output="completion"``).
+
+    Attributes:
+        text: The generated text (chat), ``None`` for embeddings.
+        parsed: The validated JSON object (or pydantic model) with structured output.
+        usage: Tokens the server reported for this row, ``None`` when unknown.
+        model: The model that answered, as the server names it.
+        finish_reason: Why generation stopped (``"stop"``, ``"length"``, ``"end_turn"``...).
+        attempts: HTTP attempts made for the row (retries and re-asks included).
+        latency_s: Seconds from the first attempt to the answer, waits included.
+        embedding: The vector (embeddings).
+        cost_usd: What the row cost per the price table (0.0 when unknown or cached).
+        cached: Whether the answer came from the response cache.
+    """
+
+    text: str | None
+    parsed: Any = None
+    usage: Usage | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+    attempts: int = 1
+    latency_s: float = 0.0
+    embedding: list[float] | None = None
+    cost_usd: float = 0.0
+    cached: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class CallerTotals:
+    """What the caller did in its last run, beyond the stage counters.
+
+    Attributes:
+        limiter_wait_s: Seconds rows spent waiting for the rate limiter, summed.
+        slot_wait_s: Seconds rows spent waiting for a concurrency slot, summed.
+        cache_hits: Answers served from the response cache.
+        reasks: Follow-up requests made because an answer failed validation.
+        rate_limited: Responses that asked us to slow down (429, 503, 529).
+        unknown_usage: Answers whose token usage the server did not report.
+    """
+
+    limiter_wait_s: float = 0.0
+    slot_wait_s: float = 0.0
+    cache_hits: int = 0
+    reasks: int = 0
+    rate_limited: int = 0
+    unknown_usage: int = 0
+
+
+def short(text: str, limit: int = 300) -> str:
+    """Return ``text`` cut to ``limit`` characters (``...`` marks a cut)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_json_text(text: str) -> Any:
+    """Parse a JSON answer, tolerating surrounding whitespace and a Markdown code fence."""
+    stripped = text.strip()
+    fenced = _FENCE.match(stripped)
+    if fenced:
+        stripped = fenced.group(1).strip()
+    return json.loads(stripped)
+
+
+class Validator:
+    """Validates parsed JSON against a JSON schema dict or a pydantic model class.
+
+    Raises:
+        ConfigError: ``schema`` is neither, or not a valid JSON schema.
+    """
+
+    def __init__(self, schema: Mapping[str, Any] | type | None) -> None:
+        self.schema = schema
+        self._check: Callable[[Any], Any]
+        if schema is None:
+            self._check = lambda value: value
+        elif isinstance(schema, Mapping):
+            self._check = _schema_check(schema)
+        elif hasattr(schema, "model_validate"):
+            model: Any = schema
+
+            def check_model(value: Any) -> Any:
+                try:
+                    return model.model_validate(value)
+                except Exception as exc:  # pydantic.ValidationError
+                    raise ValueError(short(str(exc), 800)) from None
+
+            self._check = check_model
+        else:
+            raise ConfigError(
+                f"schema must be a JSON schema dict or a pydantic model, not {schema!r}"
+            )
+
+    def __call__(self, text: str | None) -> Any:
+        """Return the parsed, validated answer; raise ``ValueError`` saying what is wrong."""
+        if text is None:
+            raise ValueError("the answer has no text")
+        try:
+            value = parse_json_text(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+        return self._check(value)
+
+
+def _schema_check(schema: Mapping[str, Any]) -> Callable[[Any], Any]:
+    try:
+        from jsonschema import (  # type: ignore[import-untyped,unused-ignore]
+            exceptions,
+            validators,
+        )
+    except ImportError as exc:  # pragma: no cover - the [schema] extra
+        raise ConfigError("schema= needs jsonschema: pip install llm-pipeline[schema]") from exc
+    cls = validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except exceptions.SchemaError as exc:
+        raise ConfigError(f"schema is not a valid JSON schema: {exc.message}") from None
+    validator = cls(schema)
+
+    def check(value: Any) -> Any:
+        error = exceptions.best_match(validator.iter_errors(value))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            raise ValueError(f"at {where}: {error.message}")
+        return value
+
+    return check
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Output:
+    """How answers come back and what the caller sends on.
+
+    Args:
+        form: ``"merge"`` emits ``{**record, field: answer}``; ``"completion"`` emits a
+            :class:`Completion`.
+        field: Field name of the answer with ``form="merge"``.
+        json_output: Parse the answer as JSON (``parsed``); implied by ``schema``.
+        schema: JSON schema dict (jsonschema) or pydantic model the answer must satisfy.
+        reask: How many times an invalid answer is sent back with the error to fix it.
+        stream: Stream chat answers (SSE); deltas go to ``on_delta``.
+        on_delta: Called with ``(envelope, text)`` for each streamed delta (sync or async);
+            ``envelope.attempts`` tells which attempt a delta belongs to, since a retried
+            stream starts again from the beginning.
+        prices: USD per 1M prompt/completion tokens by model: ``{"gpt-4o": (2.5, 10.0)}``.
+        budget_usd: Stop reading input once the run has cost this much (needs ``prices``).
+
+    Raises:
+        ConfigError: An unknown form, a negative ``reask``, a bad schema, or a budget
+            without prices.
+    """
+
+    form: OutputForm = "merge"
+    field: str = "response"
+    json_output: bool = False
+    schema: Mapping[str, Any] | type | None = None
+    reask: int = 1
+    stream: bool = False
+    on_delta: DeltaHook | None = None
+    prices: Mapping[str, Price | tuple[float, float]] | None = None
+    budget_usd: float | None = None
+    validator: Validator | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.form not in ("merge", "completion"):
+            raise ConfigError(f"output must be 'merge' or 'completion', not {self.form!r}")
+        if self.reask < 0:
+            raise ConfigError(f"reask must be >= 0, got {self.reask}")
+        if self.budget_usd is not None and not self.prices:
+            raise ConfigError("budget_usd needs prices= to know what requests cost")
+        prices = {
+            m: p if isinstance(p, Price) else Price(float(p[0]), float(p[1]))
+            for m, p in (self.prices or {}).items()
+        }
+        checked = self.json_output or self.schema is not None
+        object.__setattr__(self, "prices", prices)
+        object.__setattr__(self, "validator", Validator(self.schema) if checked else None)
+
+    @classmethod
+    def of(cls, value: Output | OutputForm) -> Output:
+        """Return ``value`` as an :class:`Output` (a form name is ``Output(form=...)``)."""
+        return value if isinstance(value, Output) else cls(form=value)
+
+    def emit(
+        self,
+        env: Envelope[Any],
+        answer: Answer,
+        result: Any,
+        *,
+        started: float,
+        now: float,
+        cost: float = 0.0,
+        cached: bool = False,
+        vector: list[float] | None = None,
+        parsed: Any = None,
+    ) -> Any:
+        """Return what is sent on for ``env``: the record with ``result`` merged, or a Completion.
+
+        Tokens, cost and attempts are noted on the row's span.
+        """
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("llm.attempts", env.attempts)
+            span.set_attribute("llm.cached", cached)
+            if answer.usage is not None:
+                span.set_attribute("llm.prompt_tokens", answer.usage.prompt_tokens)
+                span.set_attribute("llm.completion_tokens", answer.usage.completion_tokens)
+            if cost:
+                span.set_attribute("llm.cost_usd", cost)
+        record = env.value
+        if self.form == "merge":
+            if isinstance(record, Mapping):
+                return {**record, self.field: result}
+            return {"value": record, self.field: result}
+        return Completion(
+            text=answer.text,
+            parsed=parsed,
+            usage=answer.usage,
+            model=answer.model,
+            finish_reason=answer.finish_reason,
+            attempts=env.attempts,
+            latency_s=now - started,
+            embedding=vector,
+            cost_usd=cost,
+            cached=cached,
+        )
+
+    def check(self, answer: Answer, attempts: int, scrub: Callable[[str], str]) -> Any:
+        """Return the validated answer of a ``call=`` (no re-ask: the call owns its request).
+
+        Raises:
+            InvalidOutputError: The answer is not valid.
+        """
+        assert self.validator is not None
+        try:
+            return self.validator(answer.text)
+        except ValueError as exc:
+            raise InvalidOutputError(
+                scrub(f"invalid JSON output: {exc}"), attempts=attempts
+            ) from None
+
+
+def reask_messages(
+    messages: list[dict[str, Any]], answer: str | None, problem: str
+) -> list[dict[str, Any]]:
+    """Return ``messages`` followed by the invalid answer and a request to correct it."""
+    return [
+        *messages,
+        {"role": "assistant", "content": answer or ""},
+        {
+            "role": "user",
+            "content": (
+                f"Your answer is not valid: {problem}. Reply again with only the corrected JSON."
+            ),
+        },
+    ]
+
+
+class Ledger:
+    """One run's token and cost accounting, and the budget that stops it.
+
+    Args:
+        output: The caller's output options (prices, budget).
+        model: The model asked for (its price is looked up first).
+        stage: The stage name, for the budget message.
+        log: Where a missing price and the budget stop are reported.
+        totals: Where answers without usage are counted.
+    """
+
+    __slots__ = ("budget_usd", "log", "model", "prices", "stage", "stopping", "totals", "warned")
+
+    def __init__(
+        self,
+        output: Output,
+        model: str,
+        stage: str,
+        log: logging.Logger | logging.LoggerAdapter[Any],
+        totals: CallerTotals,
+    ) -> None:
+        self.prices: Mapping[str, Price] = output.prices or {}  # type: ignore[assignment]
+        self.budget_usd = output.budget_usd
+        self.model = model
+        self.stage = stage
+        self.log = log
+        self.totals = totals
+        self.stopping = False
+        self.warned: set[str] = set()
+
+    def account(self, outbox: Outbox[Any], answer: Answer) -> float:
+        """Count tokens and cost of an answer; ask the run to stop at the budget."""
+        usage = answer.usage
+        if usage is None:
+            self.totals.unknown_usage += 1
+            return 0.0
+        stats = outbox.stats
+        stats.prompt_tokens += usage.prompt_tokens
+        stats.completion_tokens += usage.completion_tokens
+        price = self.price(answer.model)
+        if price is None:
+            return 0.0
+        cost = price.cost(usage)
+        stats.cost_usd += cost
+        budget = self.budget_usd
+        if budget is not None and stats.cost_usd >= budget and not self.stopping:
+            self.stopping = True
+            reason = (
+                f"budget of ${budget:g} reached by stage {self.stage!r} (${stats.cost_usd:.4f})"
+            )
+            self.log.warning("%s; no new rows are read, rows in flight finish", reason)
+            outbox.request_stop(reason)
+        return cost
+
+    def price(self, answered: str | None) -> Price | None:
+        """Return the price of the model that answered (exact name, else longest prefix)."""
+        prices = self.prices
+        if not prices:
+            return None
+        for name in (self.model, answered):
+            if name and name in prices:
+                return prices[name]
+        if answered:  # "gpt-4o-2024-08-06" priced as "gpt-4o": the longest matching prefix
+            matches = [m for m in prices if answered.startswith(m)]
+            if matches:
+                return prices[max(matches, key=len)]
+        if self.model not in self.warned:
+            self.warned.add(self.model)
+            self.log.warning("no price for model %r: its cost counts as 0", answered or self.model)
+        return None
+
+
+async def call_hook(hook: DeltaHook, env: Envelope[Any], text: str) -> None:
+    """Call ``on_delta`` (sync or async) with one piece of text."""
+    result = hook(env, text)
+    if inspect.isawaitable(result):
+        await result
+
+
+def usage_of(usage: Any) -> Usage | None:
+    """Read token usage from a mapping or object (OpenAI or Anthropic field names)."""
+    if usage is None:
+        return None
+    if isinstance(usage, Usage):
+        return usage
+    get = usage.get if isinstance(usage, Mapping) else lambda k, d=None: getattr(usage, k, d)
+    prompt = get("prompt_tokens", None)
+    if prompt is None:
+        prompt = get("input_tokens", None)
+    completion = get("completion_tokens", None)
+    if completion is None:
+        completion = get("output_tokens", 0)
+    if not isinstance(prompt, int):
+        return None
+    return Usage(prompt, completion if isinstance(completion, int) else 0)
+
+
+def answer_of(result: Any) -> Answer:
+    """Read what a user ``call`` returned: a string, an Answer, a Completion, an SDK object."""
+    if isinstance(result, Answer):
+        return result
+    if isinstance(result, str):
+        return Answer(text=result)
+    if isinstance(result, Completion):
+        return Answer(result.text, result.finish_reason, result.usage, result.model)
+    usage = result.get("usage") if isinstance(result, Mapping) else getattr(result, "usage", None)
+    text = None
+    choices = getattr(result, "choices", None)
+    if choices:  # an OpenAI SDK ChatCompletion
+        message = getattr(choices[0], "message", None)
+        text = getattr(message, "content", None)
+    elif isinstance(getattr(result, "content", None), str):  # a LangChain message
+        text = result.content
+    return Answer(text=text, usage=usage_of(usage), model=getattr(result, "model", None))
+
+
+__all__ = [
+    "CallerTotals",
+    "Completion",
+    "DeltaHook",
+    "Ledger",
+    "Output",
+    "OutputForm",
+    "Price",
+    "Validator",
+    "answer_of",
+    "call_hook",
+    "parse_json_text",
+    "reask_messages",
+    "short",
+    "usage_of",
+]

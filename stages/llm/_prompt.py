@@ -1,0 +1,180 @@
+"""From a record to what is asked: the prompt template, messages, and fast request bodies.
+
+A ``prompt=`` is a ``str.format`` template over the record's fields (:class:`Template`, whose
+errors name the missing field). Without one, a record is the prompt itself (a string), or a
+mapping with ``"messages"`` or ``"prompt"`` (chat), ``"text"``, ``"input"`` or ``"prompt"``
+(embeddings).
+
+Most chat rows are one user message. Their body differs from row to row only in that message's
+text, so :func:`chat_parts` encodes the body once around a marker and :func:`one_message_payload`
+makes each row's body as ``head + json_string(text) + tail``: byte for byte what encoding the
+whole body gives, without building and encoding a dict per row.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring
+from typing import Any
+
+from pipeline._errors import ConfigError, ItemError, MissingFieldError
+from stages.llm._providers import Provider
+from stages.llm._transport import ENCODER
+
+_MARKER = "\x00llm-pipeline-prompt\x00"
+
+
+class Template:
+    """A ``str.format`` template over a record's fields, with errors that name the field.
+
+    Raises:
+        ConfigError: The template is malformed.
+    """
+
+    __slots__ = ("fields", "text")
+
+    def __init__(self, text: str) -> None:
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise ConfigError(f"prompt template {text!r} is malformed: {exc}") from None
+        self.text = text
+        self.fields = tuple(name for _, name, _, _ in parsed if name is not None)
+
+    def render(self, record: Any) -> str:
+        """Fill the template from ``record`` (a mapping, or any value as ``{value}``/``{}``).
+
+        Raises:
+            MissingFieldError: A field the template names is missing from the record.
+        """
+        try:
+            if isinstance(record, Mapping):
+                return self.text.format_map(record)
+            return self.text.format(record, value=record)
+        except (KeyError, IndexError, AttributeError, TypeError):
+            raise self._missing(record) from None
+
+    def _missing(self, record: Any) -> MissingFieldError:
+        formatter = string.Formatter()
+        args: tuple[Any, ...] = () if isinstance(record, Mapping) else (record,)
+        kwargs: Mapping[str, Any] = record if isinstance(record, Mapping) else {"value": record}
+        auto = 0
+        for name in self.fields:
+            field = name
+            if field == "":
+                field, auto = str(auto), auto + 1
+            try:
+                formatter.get_field(field, args, kwargs)
+            except (KeyError, IndexError, AttributeError, TypeError):
+                return MissingFieldError(field, available(record))
+        return MissingFieldError(self.fields[0] if self.fields else "?", available(record))
+
+
+def available(record: Any) -> Sequence[str]:
+    """Return the field names a record offers, for a missing-field message."""
+    if isinstance(record, Mapping):
+        return [str(k) for k in record]
+    return ["value"]
+
+
+def messages(template: Template | None, record: Any) -> list[dict[str, Any]]:
+    """Return the chat messages of ``record``.
+
+    Raises:
+        MissingFieldError: A template field, or the record's prompt, is missing.
+    """
+    if template is not None:
+        return [{"role": "user", "content": template.render(record)}]
+    if isinstance(record, str):
+        return [{"role": "user", "content": record}]
+    if isinstance(record, Mapping):
+        listed = record.get("messages")
+        if isinstance(listed, list):
+            return [dict(m) for m in listed]
+        if isinstance(record.get("prompt"), str):
+            return [{"role": "user", "content": record["prompt"]}]
+    raise MissingFieldError("prompt", available(record))
+
+
+def embedding_text(template: Template | None, record: Any) -> str:
+    """Return the text of ``record`` to embed.
+
+    Raises:
+        MissingFieldError: A template field, or the record's text, is missing.
+    """
+    if template is not None:
+        return template.render(record)
+    if isinstance(record, str):
+        return record
+    if isinstance(record, Mapping):
+        for field in ("text", "input", "prompt"):
+            if isinstance(record.get(field), str):
+                return str(record[field])
+    raise MissingFieldError("text", available(record))
+
+
+def prompt_text(template: Template | None, record: Any) -> str | None:
+    """Return the one user message of ``record``, or ``None`` if it has other messages.
+
+    Raises:
+        MissingFieldError: A template field is missing from the record.
+    """
+    if template is not None:
+        return template.render(record)
+    if isinstance(record, str):
+        return record
+    if (
+        isinstance(record, Mapping)
+        and not isinstance(record.get("messages"), list)
+        and isinstance(record.get("prompt"), str)
+    ):
+        return str(record["prompt"])
+    return None  # messages() reads it, or says what is missing
+
+
+def chat_parts(
+    provider: Provider,
+    model: str,
+    system: str | None,
+    params: Mapping[str, Any],
+    stream: bool,
+) -> tuple[str, str] | None:
+    """Split the chat body of a one-message request around the message's JSON string.
+
+    ``None`` when the body cannot be split that way (params that are not JSON: the slow path
+    says what is wrong with them).
+    """
+    body = provider.chat_body(model, [{"role": "user", "content": _MARKER}], system, params, stream)
+    try:
+        encoded = ENCODER.encode(body)
+    except (TypeError, ValueError):
+        return None
+    quoted = encode_basestring(_MARKER)
+    if encoded.count(quoted) != 1:
+        return None
+    head, tail = encoded.split(quoted)
+    return head, tail
+
+
+def one_message_payload(parts: tuple[str, str], text: str) -> bytes:
+    """Return the body of a one-message chat request from its parts (see :func:`chat_parts`).
+
+    Raises:
+        ItemError: The text is not valid Unicode (a lone surrogate).
+    """
+    try:
+        return (parts[0] + encode_basestring(text) + parts[1]).encode()
+    except UnicodeEncodeError as exc:
+        raise ItemError(f"the request holds text that is not valid Unicode: {exc}") from None
+
+
+__all__ = [
+    "Template",
+    "available",
+    "chat_parts",
+    "embedding_text",
+    "messages",
+    "one_message_payload",
+    "prompt_text",
+]
