@@ -262,8 +262,8 @@ async def test_pause_moves_back_callers_already_waiting() -> None:
 async def test_requests_after_a_pause_keep_their_spacing(clock: FakeClock) -> None:
     limiter = RateLimiter(rpm=60, burst_s=0, clock=clock)
     await limiter.acquire()  # at 0; the next turn is at 1
-    limiter.pause(10)  # the schedule moves back by 10 s
-    assert await start_times(limiter, clock, 3) == pytest.approx([11, 12, 13])
+    limiter.pause(10)  # nothing before 10 s; the bucket refills meanwhile, as the server's does
+    assert await start_times(limiter, clock, 3) == pytest.approx([10, 11, 12])
 
 
 # --------------------------------------------------------------------------- cancellation
@@ -291,7 +291,7 @@ async def test_cancelled_waiter_returns_its_reservation(monkeypatch: pytest.Monk
     assert clock.now == pytest.approx(0.1)  # the cancelled turn was reused
 
 
-async def test_cancelled_waiter_with_later_reservations_keeps_turn_spent(
+async def test_cancelled_waiter_behind_others_takes_no_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = FakeClock()
@@ -300,30 +300,33 @@ async def test_cancelled_waiter_with_later_reservations_keeps_turn_spent(
     async def sleep_until_released(seconds: float) -> None:
         clock.sleeps.append(seconds)
         await release.wait()
+        clock.now += seconds
 
     monkeypatch.setattr(_limits, "sleep", sleep_until_released)
     limiter = RateLimiter(rpm=600, burst_s=0, clock=clock)
     await limiter.acquire()
     cancelled = anyio.CancelScope()
+    done: list[float] = []
 
-    async def cancelled_waiter() -> None:
-        with cancelled:
+    async def waiter(scope: anyio.CancelScope | None = None) -> None:
+        with scope or anyio.CancelScope():
             await limiter.acquire()
+            done.append(clock.now)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(limiter.acquire)  # turn at 0.1
+            tg.start_soon(waiter)  # first in line: sleeps until 0.1
             await wait_all_tasks_blocked()
-            tg.start_soon(cancelled_waiter)  # turn at 0.2
+            tg.start_soon(waiter, cancelled)  # second in line
             await wait_all_tasks_blocked()
-            tg.start_soon(limiter.acquire)  # turn at 0.3, reserved after the one cancelled
+            tg.start_soon(waiter)  # third in line
             await wait_all_tasks_blocked()
             cancelled.cancel()
             await wait_all_tasks_blocked()
-            clock.now = 1.0
             release.set()
-    assert clock.sleeps == pytest.approx([0.1, 0.2, 0.3])
-    assert limiter.statistics().acquired == 4  # the spent turn is not given back
+    assert done == pytest.approx([0.1, 0.2])  # the third took the cancelled one's place
+    assert clock.sleeps == pytest.approx([0.1, 0.1])
+    assert limiter.statistics().acquired == 3
 
 
 # --------------------------------------------------------------------------- learning
@@ -523,7 +526,7 @@ def test_parse_openai_headers() -> None:
     )
 
 
-def test_parse_anthropic_headers_prefers_combined_tokens() -> None:
+def test_parse_anthropic_headers_combined_and_input_tokens_apart() -> None:
     now = 1_700_000_000.0
     stamp = dt.datetime.fromtimestamp(now + 20, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     headers = {
@@ -536,7 +539,9 @@ def test_parse_anthropic_headers_prefers_combined_tokens() -> None:
         "anthropic-ratelimit-input-tokens-limit": "30000",
     }
     info = parse_rate_limit_headers(CIMultiDictProxy(CIMultiDict(headers)), now=now)
-    assert info == RateLimitInfo(50, 49, pytest.approx(20), 40000, 39000, pytest.approx(20))
+    assert info == RateLimitInfo(
+        50, 49, pytest.approx(20), 40000, 39000, pytest.approx(20), limit_input_tokens=30000
+    )
 
 
 def test_parse_anthropic_input_tokens_and_nanosecond_timestamp() -> None:
@@ -548,8 +553,9 @@ def test_parse_anthropic_input_tokens_and_nanosecond_timestamp() -> None:
     }
     info = parse_rate_limit_headers(headers, now=now)
     assert info is not None
-    assert info.limit_tokens == 30000
-    assert info.reset_tokens == pytest.approx(5.25)
+    assert info.limit_tokens is None  # no combined limit: input tokens have their own bucket
+    assert info.limit_input_tokens == 30000
+    assert info.reset_input_tokens == pytest.approx(5.25)
 
 
 def test_parse_headers_absent_or_garbage() -> None:

@@ -1,50 +1,110 @@
-"""Rate limits, adaptive concurrency and the parsing of providers' rate-limit headers.
+"""Rate limits that follow the provider's own accounting.
 
-:class:`RateLimiter` keeps two GCRA buckets on a monotonic clock, one for requests and one for
-tokens. GCRA stores a single number per bucket, the *theoretical arrival time* (``tat``): the
-moment the bucket would be full again if nothing more were sent. A request costing ``n`` units
-may start once the debt left at that moment fits in the bucket, that is at
-``tat - (capacity - n) / rate``. Every :meth:`RateLimiter.acquire` computes that instant,
-reserves it at once (advancing ``tat``) and then sleeps exactly once for the difference, so
-callers are served in order of arrival and no task ever polls.
+:class:`RateLimiter` models each of the provider's buckets (requests, tokens, and Anthropic's
+separate input and output tokens per minute) with GCRA on a monotonic clock. A bucket stores a
+single number, the *theoretical arrival time* (``tat``): the moment it would be full again if
+nothing more were sent. A request costing ``n`` units may go once the debt left at that moment
+fits in the bucket, at ``tat - (capacity - n) / rate``.
 
-:class:`AdaptiveConcurrency` bounds how many requests are in flight and adapts the bound with
-AIMD: one more slot after ``limit`` successes in a row, half as many after an overload.
+What the model trusts:
+
+* **The server's accounting.** A response's ``x-ratelimit-remaining-*`` /
+  ``anthropic-ratelimit-*-remaining`` and ``-reset`` headers set the bucket: ``remaining``
+  units are there now, less what this limiter let through after the request that carried them
+  (each :meth:`RateLimiter.acquire` takes a ticket, so the count is exact whatever order the
+  answers come back in), and ``remaining + reset * rate`` is the server's capacity. A fresh
+  key's bucket of 600 requests is 600 requests now, not half a second's worth.
+* **Configured limits as a ceiling and a first guess.** ``rpm``/``tpm``/``itpm``/``otpm`` cap
+  the rate and the capacity (never more than a minute's worth); until headers arrive the
+  bucket holds ``burst_s`` seconds of the rate (one second when not configured). A limit the
+  server states that is lower than the configured one replaces it.
+* **Short windows when the server enforces them.** Some servers enforce 600 RPM as 10 per
+  second while their headers report the minute. When 429s arrive while the headers say
+  plenty remains and this limiter sent faster than the rate in the last second, it switches to
+  a smooth rate (no bursts) for good, and says so once in the log.
+
+Waiting callers queue in arrival order. Only the first of them sleeps, until its turn or until
+the state changes (a header, a pause, a refund), then takes its turn and wakes the next: no
+task polls, and a turn that headers bring forward is taken at once.
+
+:meth:`RateLimiter.throttled` tells a quota 429 (the headers show the bucket empty, or the
+Retry-After is long: every worker waits) from an isolated one (plenty remaining: an
+overloaded replica; only that row backs off).
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
-import email.utils
 import logging
 import math
-import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import anyio
 from anyio import sleep
 
 from pipeline._errors import ConfigError
+from stages.llm._concurrency import AdaptiveConcurrency as AdaptiveConcurrency
+from stages.llm._ratelimit_headers import RateLimitInfo as RateLimitInfo
+from stages.llm._ratelimit_headers import parse_duration as parse_duration
+from stages.llm._ratelimit_headers import parse_rate_limit_headers as parse_rate_limit_headers
+from stages.llm._ratelimit_headers import parse_retry_after as parse_retry_after
 
 log = logging.getLogger("pipeline.limits")
 
 _INF = math.inf
+_EPS = 1e-9
+
+KINDS = ("requests", "tokens", "input_tokens", "output_tokens")
+"""The buckets a limiter keeps, in the order of its per-bucket tuples."""
+
+Verdict = Literal["quota", "isolated", "short_window"]
+"""What a 429 means: ``quota`` (every worker waits), ``isolated`` (only its row backs off),
+``short_window`` (the server enforces in short windows: the limiter has switched to a smooth
+rate; the row goes back through it)."""
+
+GUESS_S = 1.0
+"""Seconds of each rate a bucket holds before the server's headers say, when not configured."""
+SMOOTH_S = 0.1
+"""Seconds of each rate a bucket holds in short-window mode (at least one unit)."""
+LONG_RETRY_AFTER_S = 10.0
+"""A Retry-After at least this long is a quota signal whatever the headers say."""
+LOW_WATER = 0.1
+"""A 429 with less than this share of the limit remaining is a quota 429."""
+DETECT_429S = 3
+"""429s with plenty remaining, within a second, that reveal short-window enforcement."""
+DETECT_SHARE = 0.2
+"""... and the share of the requests sent in that second they must be."""
 
 
 class Limiter(Protocol):
-    """What a calling stage needs from a rate limiter (local or shared through Redis)."""
+    """What a calling stage needs from a rate limiter (local or shared through Redis).
 
-    async def acquire(self, tokens: int = 0) -> float:
-        """Wait until one request carrying about ``tokens`` tokens may go; return the wait."""
+    ``observe``, ``settle`` and ``throttled`` apply to the request the calling task acquired
+    last (its ticket); a task that acquired nothing gets the plain behaviour.
+    """
+
+    async def acquire(
+        self, tokens: int = 0, *, input_tokens: int | None = None, output_tokens: int = 0
+    ) -> float:
+        """Wait until one request may go; return the wait.
+
+        Args:
+            tokens: Estimated tokens of the request (the ``tpm`` bucket).
+            input_tokens: Its prompt tokens (``itpm``); ``tokens`` when not given.
+            output_tokens: Output tokens reserved (``otpm``): ``max_tokens``.
+        """
         ...
 
     def reconcile(self, estimated: int, actual: int) -> None:
-        """Correct the token budget once the real usage of a request is known."""
+        """Correct the token bucket once the real usage of a request is known."""
+        ...
+
+    def settle(self, input_tokens: int, output_tokens: int) -> None:
+        """Correct every token bucket to the real usage of the task's last request."""
         ...
 
     def pause(self, seconds: float) -> None:
@@ -55,196 +115,28 @@ class Limiter(Protocol):
         """Learn from a response's rate-limit headers."""
         ...
 
-
-# --------------------------------------------------------------------------- header parsing
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(text: str) -> float:
-    """Return the seconds in an OpenAI-style duration such as ``1s``, ``6m0s`` or ``12ms``.
-
-    The format is Go's: numbers with units ``h``, ``m``, ``s``, ``ms``, ``us``, ``ns`` run
-    together (``1h2m3.5s``). A bare number is taken as seconds.
-
-    Raises:
-        ValueError: ``text`` is not a duration.
-    """
-    stripped = text.strip()
-    try:
-        seconds = float(stripped)
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for match in _DURATION_PART.finditer(stripped):
-            if match.start() != pos:
-                break
-            seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-            pos = match.end()
-        if pos == 0 or pos != len(stripped):
-            raise ValueError(
-                f"not a duration: {text!r} (expected e.g. '1s', '6m0s', '12ms')"
-            ) from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"not a duration: {text!r} (must be a finite number >= 0)")
-    return seconds
-
-
-def _lower(headers: Mapping[str, str]) -> dict[str, str]:
-    """Return the headers keyed by lower-case name (plain dicts are case-sensitive)."""
-    return {str(name).lower(): value for name, value in headers.items()}
-
-
-def _seconds(value: str | None) -> float | None:
-    """Return a finite, non-negative float from ``value``, or ``None``."""
-    if value is None:
-        return None
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
-
-
-def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Return how many seconds a server asked us to wait, or ``None`` if it did not say.
-
-    ``retry-after-ms`` (milliseconds, a float) wins; else ``retry-after`` as seconds or an
-    HTTP date (a date in the past means 0). Negative, non-finite or unparsable values count as
-    absent. Header names are case-insensitive.
-
-    Args:
-        headers: Response headers (a dict or aiohttp's ``CIMultiDictProxy``).
-        now: The current Unix time, for HTTP dates; defaults to :func:`time.time`.
-    """
-    lowered = _lower(headers)
-    millis = _seconds(lowered.get("retry-after-ms"))
-    if millis is not None:
-        return millis / 1000.0
-    raw = lowered.get("retry-after")
-    if raw is None:
-        return None
-    seconds = _seconds(raw)
-    if seconds is not None:
-        return seconds
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = time.time() if now is None else now
-    return max(when.timestamp() - current, 0.0)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RateLimitInfo:
-    """What a response's rate-limit headers say; any field may be unknown (``None``).
-
-    Limits are per minute, as both OpenAI and Anthropic state them. A reset is the number of
-    seconds until the bucket is full again.
-    """
-
-    limit_requests: int | None = None
-    remaining_requests: int | None = None
-    reset_requests: float | None = None
-    limit_tokens: int | None = None
-    remaining_tokens: int | None = None
-    reset_tokens: float | None = None
-
-
-_FRACTION = re.compile(r"(\.\d{6})\d+")
-
-
-def _parse_reset(value: str | None, now: float) -> float | None:
-    """Return seconds from ``now`` to a reset given as a duration or an RFC 3339 timestamp."""
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError:
-        pass
-    text = _FRACTION.sub(r"\1", value.strip()).replace("Z", "+00:00").replace("z", "+00:00")
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(when.timestamp() - now, 0.0)
-
-
-def _count(value: str | None) -> int | None:
-    number = _seconds(value)
-    return None if number is None else int(number)
-
-
-def parse_rate_limit_headers(
-    headers: Mapping[str, str], *, now: float | None = None
-) -> RateLimitInfo | None:
-    """Parse OpenAI's ``x-ratelimit-*`` or Anthropic's ``anthropic-ratelimit-*`` headers.
-
-    OpenAI resets are durations (``6m0s``); Anthropic's are RFC 3339 timestamps, turned into
-    seconds from ``now``. For Anthropic the combined ``tokens`` headers are preferred over
-    ``input-tokens``. Unparsable values are left unknown rather than raising.
-
-    Args:
-        headers: Response headers (a dict or aiohttp's ``CIMultiDictProxy``).
-        now: The current Unix time, for timestamps; defaults to :func:`time.time`.
-
-    Returns:
-        The parsed values, or ``None`` when the response carries no rate-limit header.
-    """
-    lowered = _lower(headers)
-    current = time.time() if now is None else now
-    if any(name.startswith("x-ratelimit-") for name in lowered):
-
-        def openai(field: str, kind: str) -> str | None:
-            return lowered.get(f"x-ratelimit-{field}-{kind}")
-
-        get = openai
-    elif any(name.startswith("anthropic-ratelimit-") for name in lowered):
-        tokens = "tokens" if "anthropic-ratelimit-tokens-limit" in lowered else "input-tokens"
-
-        def anthropic(field: str, kind: str) -> str | None:
-            kind = tokens if kind == "tokens" else kind
-            return lowered.get(f"anthropic-ratelimit-{kind}-{field}")
-
-        get = anthropic
-    else:
-        return None
-    return RateLimitInfo(
-        limit_requests=_count(get("limit", "requests")),
-        remaining_requests=_count(get("remaining", "requests")),
-        reset_requests=_parse_reset(get("reset", "requests"), current),
-        limit_tokens=_count(get("limit", "tokens")),
-        remaining_tokens=_count(get("remaining", "tokens")),
-        reset_tokens=_parse_reset(get("reset", "tokens"), current),
-    )
-
-
-# --------------------------------------------------------------------------- rate limiter
+    def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
+        """Classify a 429 and act on it (pause on a quota 429); return the verdict."""
+        ...
 
 
 class LimiterStatistics(NamedTuple):
     """A snapshot of a :class:`RateLimiter`.
 
     Attributes:
-        acquired: Requests let through (or reserved) so far.
+        acquired: Requests let through so far.
         waited_s: Seconds callers spent waiting in :meth:`RateLimiter.acquire`, summed.
         paused_until: Clock time a pause lasts until, or ``None`` when not paused.
         rpm: Requests per minute in force (configured or learned), ``None`` if unlimited.
         tpm: Tokens per minute in force, ``None`` if unlimited.
         learned: Whether a limit was taken from the server's headers.
+        itpm: Input tokens per minute in force, ``None`` if unlimited.
+        otpm: Output tokens per minute in force, ``None`` if unlimited.
+        burst: Requests the request bucket holds (the server's capacity once its headers
+            say), ``None`` without a request limit.
+        smooth: Whether short-window enforcement was detected (no bursts since).
+        quota_429s: 429s that showed the quota used up (every worker waited).
+        isolated_429s: 429s while plenty remained (only their row backed off).
     """
 
     acquired: int
@@ -253,22 +145,55 @@ class LimiterStatistics(NamedTuple):
     rpm: float | None
     tpm: float | None
     learned: bool
+    itpm: float | None = None
+    otpm: float | None = None
+    burst: float | None = None
+    smooth: bool = False
+    quota_429s: int = 0
+    isolated_429s: int = 0
+
+
+Costs = tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ticket:
+    """What one acquire took: the units of each bucket, and each bucket's count after it."""
+
+    costs: Costs
+    counts: Costs
 
 
 class _Bucket:
-    """One GCRA bucket: ``rate`` units per second, ``burst_s`` seconds' worth of capacity.
+    """One GCRA bucket of ``rate`` units per second.
 
-    While ``now < pace_until`` the rate is at most ``pace`` (a server said its budget is low);
-    a ``pace`` of 0 lets nothing through before ``pace_until``.
+    Its capacity is the server's once headers told it (``capacity``), capped by ``burst_s``
+    seconds of the rate when configured, and ``GUESS_S`` seconds of the rate before that;
+    ``SMOOTH_S`` seconds in short-window mode. While ``now < pace_until`` the rate is at most
+    ``pace`` (a server said its budget is low and no rate is known); a ``pace`` of 0 lets
+    nothing through before ``pace_until``. ``count`` is every unit ever taken (for tickets).
     """
 
-    __slots__ = ("burst_s", "pace", "pace_until", "per_minute", "rate", "tat")
+    __slots__ = (
+        "burst_s",
+        "capacity",
+        "count",
+        "pace",
+        "pace_until",
+        "per_minute",
+        "rate",
+        "smooth",
+        "tat",
+    )
 
-    def __init__(self, per_minute: float | None, burst_s: float) -> None:
+    def __init__(self, per_minute: float | None, burst_s: float | None) -> None:
         self.per_minute = per_minute
         self.rate = None if per_minute is None else per_minute / 60.0
         self.burst_s = burst_s
+        self.capacity: float | None = None
+        self.smooth = False
         self.tat = -_INF
+        self.count = 0.0
         self.pace = _INF
         self.pace_until = -_INF
 
@@ -278,6 +203,17 @@ class _Bucket:
             rate = min(rate, self.pace)
         return None if rate == _INF else rate
 
+    def size(self, rate: float) -> float:
+        """Return how many units the bucket holds at ``rate``."""
+        if self.smooth:
+            return max(rate * SMOOTH_S, 1.0)
+        burst = self.burst_s
+        if self.capacity is not None:
+            units = self.capacity if burst is None else min(self.capacity, rate * burst)
+        else:
+            units = rate * (GUESS_S if burst is None else burst)
+        return max(units, 1.0)
+
     def ready(self, cost: float, now: float) -> float:
         """Return the earliest time a request costing ``cost`` units fits in the bucket."""
         rate = self.rate_at(now)
@@ -285,220 +221,297 @@ class _Bucket:
             return -_INF
         if rate <= 0:
             return self.pace_until
-        capacity = max(self.burst_s * rate, 1.0)
         # A cost larger than the whole bucket goes alone, once the bucket is full.
-        return self.tat - max(capacity - cost, 0.0) / rate
+        return self.tat - max(self.size(rate) - cost, 0.0) / rate
 
-    def take(self, cost: float, start: float, now: float) -> None:
+    def take(self, cost: float, now: float) -> None:
+        self.count += cost
         rate = self.rate_at(now)
         if rate is not None and rate > 0:
-            self.tat = max(self.tat, start) + cost / rate
+            self.tat = max(self.tat, now) + cost / rate
 
     def adjust(self, delta: float, now: float) -> None:
-        """Charge ``delta`` more units (or refund them).
-
-        A ``tat`` in the past means a full bucket however far back it is, so a refund never
-        credits more than a full bucket.
-        """
+        """Charge ``delta`` more units (or refund them); a past ``tat`` is a full bucket."""
         rate = self.rate_at(now)
         if rate is not None and rate > 0:
             self.tat += delta / rate
 
+    def sync(self, remaining: float, after: float, now: float, *, authoritative: bool) -> None:
+        """Follow the server: ``remaining`` units, less ``after`` taken since.
+
+        ``authoritative``: the bucket runs at the server's own rate and capacity, so the
+        server's count replaces this bucket's (a turn may come earlier). Otherwise (a lower
+        configured rate, a configured burst, short-window mode) it only ever slows down.
+        """
+        rate = self.rate
+        assert rate is not None
+        size = self.size(rate)
+        level = min(remaining - after, size)
+        tat = now + (size - level) / rate
+        if authoritative or tat > self.tat:
+            self.tat = tat
+
+    def rescale(self, per_minute: float, now: float) -> None:
+        rate = per_minute / 60.0
+        if self.rate is not None and self.tat > now:
+            self.tat = now + (self.tat - now) * self.rate / rate  # keep the debt
+        self.rate = rate
+        self.per_minute = per_minute
+
 
 class RateLimiter:
-    """Requests-per-minute and tokens-per-minute limits shared by every worker of a process.
-
-    Each :meth:`acquire` reserves the earliest instant at which one more request (and its
-    estimated tokens) fits both buckets and then sleeps once until then; callers proceed in
-    the order they arrived. A bucket holds ``burst_s`` seconds of its rate (at least one unit),
-    so after an idle spell a short burst goes at once, then requests are evenly spaced.
+    """Requests and tokens per minute, following the server's accounting, for one process.
 
     Args:
-        rpm: Requests per minute, or ``None`` for no request limit.
-        tpm: Tokens per minute, or ``None`` for no token limit.
-        burst_s: Seconds' worth of each rate that may go at once after an idle spell.
-        learn: Adopt the limits a server states in its headers when none was configured
-            (and lower a configured limit the server says is too high). The slow-down on a
-            low ``remaining`` applies either way.
+        rpm: Requests per minute (a ceiling and a first guess), or ``None``.
+        tpm: Tokens per minute, or ``None``.
+        itpm: Input tokens per minute (Anthropic), or ``None``.
+        otpm: Output tokens per minute (Anthropic), or ``None``; ``max_tokens`` is reserved
+            up front and what the answer did not use is returned by :meth:`settle`.
+        burst_s: Seconds' worth of each rate that may go at once, at most. ``None``: as much
+            as the server's headers say its bucket holds (one second before they arrive).
+        learn: Follow the server's headers (its limits where lower than configured, its
+            remaining capacity, its short windows). With ``False`` headers only slow down.
         clock: A monotonic clock in seconds (a fake one in tests).
     """
 
-    LOW_WATER = 0.1
-    """Below this fraction of the stated limit, requests are paced (see :meth:`observe`)."""
+    LOW_WATER = LOW_WATER
 
     def __init__(
         self,
         *,
         rpm: float | None = None,
         tpm: float | None = None,
-        burst_s: float = 0.5,
+        itpm: float | None = None,
+        otpm: float | None = None,
+        burst_s: float | None = None,
         learn: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        for name, value in (("rpm", rpm), ("tpm", tpm)):
+        configured = (rpm, tpm, itpm, otpm)
+        for name, value in zip(("rpm", "tpm", "itpm", "otpm"), configured, strict=True):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number > 0 or None, got {value!r}")
-        if not (burst_s >= 0 and math.isfinite(burst_s)):
-            raise ConfigError(f"burst_s must be a finite number >= 0, got {burst_s!r}")
-        self._configured = (rpm, tpm)
-        self._requests = _Bucket(rpm, burst_s)
-        self._tokens = _Bucket(tpm, burst_s)
+        if burst_s is not None and not (burst_s >= 0 and math.isfinite(burst_s)):
+            raise ConfigError(f"burst_s must be a finite number >= 0 or None, got {burst_s!r}")
+        self._configured = configured
+        self._buckets = tuple(_Bucket(limit, burst_s) for limit in configured)
+        self._burst_s = burst_s
         self._learn = learn
         self._learned = False
         self._clock = clock
         self._paused_until = -_INF
-        self._shifted = 0.0  # total time reservations were pushed back by pauses
-        self._last_start = -_INF
+        self._queue: collections.deque[anyio.Event] = collections.deque()
+        self._head: anyio.CancelScope | None = None
+        self._ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
+            f"limiter-ticket-{id(self)}", default=None
+        )
+        self._sent: collections.deque[tuple[float, Costs]] = collections.deque()
+        self._plenty_429s: collections.deque[float] = collections.deque()
         self._acquired = 0
         self._waited = 0.0
+        self._quota_429s = 0
+        self._isolated_429s = 0
 
     def __repr__(self) -> str:
         stats = self.statistics()
         return (
-            f"RateLimiter(rpm={stats.rpm!r}, tpm={stats.tpm!r}, burst_s={self._requests.burst_s})"
+            f"RateLimiter(rpm={stats.rpm!r}, tpm={stats.tpm!r}, itpm={stats.itpm!r}, "
+            f"otpm={stats.otpm!r}, burst_s={self._burst_s!r})"
         )
 
-    async def acquire(self, tokens: int = 0) -> float:
-        """Wait until one request carrying an estimated ``tokens`` may go.
+    # -- taking turns ----------------------------------------------------------------------
 
-        A request costing more tokens than the whole bucket is let through alone once the
-        bucket is full, rather than never. If a pause starts while a caller waits, its turn
-        moves back by the pause too.
+    async def acquire(
+        self, tokens: int = 0, *, input_tokens: int | None = None, output_tokens: int = 0
+    ) -> float:
+        """Wait until one request may go, and take its turn.
 
-        Cancelling a waiter gives its reservation back when nobody reserved after it (and no
-        pause moved it); otherwise its turn stays spent, erring on the slow side.
+        A request costing more than a whole bucket goes alone once the bucket is full,
+        rather than never. Callers go in arrival order; a cancelled caller takes nothing.
+
+        Args:
+            tokens: Estimated tokens of the request (the ``tpm`` bucket).
+            input_tokens: Its prompt tokens (``itpm``); ``tokens`` when not given.
+            output_tokens: Output tokens reserved for the answer (``otpm``).
 
         Returns:
             The seconds spent waiting.
         """
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        clock = self._clock
-        now = clock()
-        requests, tokens_bucket = self._requests, self._tokens
-        start = max(
-            now,
-            self._paused_until,
-            self._last_start,
-            requests.ready(1.0, now),
-            tokens_bucket.ready(tokens, now),
+        if tokens < 0 or output_tokens < 0 or (input_tokens is not None and input_tokens < 0):
+            raise ValueError(
+                f"tokens must be >= 0, got {tokens}, input {input_tokens}, output {output_tokens}"
+            )
+        costs: Costs = (
+            1.0,
+            float(tokens),
+            float(tokens if input_tokens is None else input_tokens),
+            float(output_tokens),
         )
-        before = (requests.tat, tokens_bucket.tat, self._last_start)
-        requests.take(1.0, start, now)
-        tokens_bucket.take(tokens, start, now)
-        self._last_start = start
-        self._acquired += 1
-        after = (requests.tat, tokens_bucket.tat, start)
-        shifted = self._shifted
-        target = start
-        try:
-            while (delay := target - clock()) > 0:
-                await sleep(delay)
-                target = max(start + self._shifted - shifted, self._paused_until)
-        except BaseException:
-            if (requests.tat, tokens_bucket.tat, self._last_start) == after and (
-                self._shifted == shifted
-            ):
-                requests.tat, tokens_bucket.tat, self._last_start = before
-                self._acquired -= 1
-            raise
-        waited = clock() - now
+        clock = self._clock
+        arrived = clock()
+        if not self._queue and self._start(costs, arrived) <= arrived + _EPS:
+            self._depart(costs, arrived)
+            return 0.0
+        await self._wait_in_line(costs)
+        now = clock()
+        self._depart(costs, now)
+        waited = now - arrived
         self._waited += waited
         return waited
+
+    async def _wait_in_line(self, costs: Costs) -> None:
+        """Queue behind earlier callers; as the first in line, sleep until the turn is due."""
+        turn = anyio.Event()
+        queue = self._queue
+        queue.append(turn)
+        clock = self._clock
+        try:
+            if queue[0] is not turn:
+                await turn.wait()
+            while (delay := self._start(costs, now := clock()) - now) > _EPS:
+                with anyio.CancelScope() as scope:
+                    self._head = scope  # _wake() cancels it to recompute the turn
+                    await sleep(delay)
+                self._head = None
+        finally:
+            self._head = None
+            if queue and queue[0] is turn:
+                queue.popleft()
+                if queue:
+                    queue[0].set()
+            else:
+                queue.remove(turn)
+
+    def _start(self, costs: Costs, now: float) -> float:
+        start = self._paused_until
+        for bucket, cost in zip(self._buckets, costs, strict=True):
+            start = max(start, bucket.ready(cost, now))
+        return start
+
+    def _depart(self, costs: Costs, now: float) -> None:
+        for bucket, cost in zip(self._buckets, costs, strict=True):
+            bucket.take(cost, now)
+        self._acquired += 1
+        counts = tuple(bucket.count for bucket in self._buckets)
+        self._ticket.set(Ticket(costs, counts))  # type: ignore[arg-type]
+        sent = self._sent
+        sent.append((now, costs))
+        while sent and sent[0][0] < now - 1.0:
+            sent.popleft()
+
+    def _wake(self) -> None:
+        """Make the first caller in line recompute its turn (the state changed)."""
+        if self._head is not None:
+            self._head.cancel()
+
+    # -- corrections -----------------------------------------------------------------------
 
     def reconcile(self, estimated: int, actual: int) -> None:
         """Charge (or refund) the difference between estimated and actual tokens of a request.
 
         A refund never makes the bucket fuller than full; under steady load it is exact.
         """
-        self._tokens.adjust(actual - estimated, self._clock())
+        self._buckets[1].adjust(actual - estimated, self._clock())
+        if actual < estimated:
+            self._wake()
+
+    def settle(self, input_tokens: int, output_tokens: int) -> None:
+        """Correct every token bucket to the real usage of the calling task's last request.
+
+        The ``tpm`` and ``itpm`` buckets are charged the difference from the estimate, the
+        ``otpm`` bucket gets back the output tokens reserved but not used.
+        """
+        ticket = self._ticket.get()
+        if ticket is None:
+            return
+        now = self._clock()
+        actual = (float(input_tokens + output_tokens), float(input_tokens), float(output_tokens))
+        for bucket, used, cost in zip(self._buckets[1:], actual, ticket.costs[1:], strict=True):
+            bucket.adjust(used - cost, now)
+        self._ticket.set(dataclasses.replace(ticket, costs=(1.0, *actual)))  # settled once
+        self._wake()
 
     def pause(self, seconds: float) -> None:
         """Hold every request back until ``seconds`` from now (a 429's Retry-After).
 
-        Later acquires wait until then, and so do callers already waiting: the turns they
-        reserved move back by the added pause, keeping their spacing. An existing pause is
-        extended, never shortened.
+        Callers already waiting wait too. An existing pause is extended, never shortened.
         """
         if not (seconds > 0 and math.isfinite(seconds)):
             return
+        until = self._clock() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._wake()
+
+    def lower(
+        self,
+        *,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        itpm: float | None = None,
+        otpm: float | None = None,
+    ) -> None:
+        """Lower the configured limits where the given ones are lower (or none was set).
+
+        Used when several users share one limiter (jobs on one API key): the strictest wins.
+        """
         now = self._clock()
-        until = now + seconds
-        begin = max(now, self._paused_until)
-        if until <= begin:
-            return
-        shift = until - begin
-        self._paused_until = until
-        self._shifted += shift
-        for bucket in (self._requests, self._tokens):
-            if bucket.tat > now:
-                bucket.tat += shift
-        if self._last_start > now:
-            self._last_start += shift
+        configured = list(self._configured)
+        for i, limit in enumerate((rpm, tpm, itpm, otpm)):
+            if limit is not None and (configured[i] is None or limit < configured[i]):  # type: ignore[operator]
+                self._buckets[i].rescale(limit, now)
+                configured[i] = limit
+        self._configured = tuple(configured)  # type: ignore[assignment]
+        self._wake()
+
+    # -- the server's word -----------------------------------------------------------------
 
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn from ``x-ratelimit-*`` or ``anthropic-ratelimit-*`` response headers.
+        """Follow a response's ``x-ratelimit-*`` or ``anthropic-ratelimit-*`` headers.
 
         With ``learn`` on, a limit the server states is adopted when none was configured, and
-        replaces a configured one that is higher.
-
-        When ``remaining`` falls below :attr:`LOW_WATER` of the limit, requests are paced until
-        the reset at the remaining budget spread over the time to the reset, but never slower
-        than the limit spread over its minute (``limit / 60`` per second): servers refill
-        their buckets continuously at that rate, so going slower would only waste quota. With
-        nothing remaining, the local bucket is emptied too, so the next request waits for the
-        server to refill what it costs (one request: ``60 / limit`` seconds) rather than for
-        the whole reset. Only when the server states no limit at all (and none is configured)
-        is the remaining budget spread over the reset as it is, and nothing remaining waits
-        for the reset.
+        replaces a configured one that is higher; the bucket then holds what the server says
+        remains, less what was let through after this task's request (its ticket), and its
+        capacity becomes the server's (``remaining + reset * rate``, at most a minute's worth
+        and at most ``burst_s`` seconds of it). With ``learn`` off, or with no rate known,
+        a low ``remaining`` only paces requests until the reset (see :meth:`_slow_down`).
         """
         info = parse_rate_limit_headers(headers)
         if info is None:
             return
         now = self._clock()
-        self._update(self._requests, self._configured[0], info.limit_requests, now)
-        self._update(self._tokens, self._configured[1], info.limit_tokens, now)
-        self._slow_down(
-            self._requests, info.limit_requests, info.remaining_requests, info.reset_requests, now
-        )
-        self._slow_down(
-            self._tokens, info.limit_tokens, info.remaining_tokens, info.reset_tokens, now
-        )
+        ticket = self._ticket.get()
+        for i, bucket in enumerate(self._buckets):
+            limit, remaining, reset = info.kind(KINDS[i])
+            if limit is None and remaining is None:
+                continue
+            self._adopt(bucket, self._configured[i], limit, now, KINDS[i])
+            if self._learn and bucket.rate is not None and remaining is not None:
+                if reset is not None and not bucket.smooth:
+                    server_rate = limit / 60.0 if limit else bucket.rate
+                    ceiling = bucket.per_minute if bucket.per_minute is not None else _INF
+                    bucket.capacity = max(min(remaining + reset * server_rate, ceiling), 1.0)
+                after = bucket.count - ticket.counts[i] if ticket is not None else 0.0
+                authoritative = (
+                    bucket.burst_s is None and not bucket.smooth and bucket.per_minute == limit
+                )
+                bucket.sync(remaining, after, now, authoritative=authoritative)
+            else:
+                self._slow_down(bucket, limit, remaining, reset, now)
+        self._wake()
 
-    def lower(self, *, rpm: float | None = None, tpm: float | None = None) -> None:
-        """Lower the configured limits to ``rpm``/``tpm`` where they are lower (or unset).
-
-        Used when several users share one limiter (jobs on one API key): the strictest wins.
-        """
-        now = self._clock()
-        configured_rpm, configured_tpm = self._configured
-        if rpm is not None and (configured_rpm is None or rpm < configured_rpm):
-            self._rescale(self._requests, rpm, now)
-            configured_rpm = rpm
-        if tpm is not None and (configured_tpm is None or tpm < configured_tpm):
-            self._rescale(self._tokens, tpm, now)
-            configured_tpm = tpm
-        self._configured = (configured_rpm, configured_tpm)
-
-    @staticmethod
-    def _rescale(bucket: _Bucket, per_minute: float, now: float) -> None:
-        rate = per_minute / 60.0
-        if bucket.rate is not None and bucket.tat > now:
-            bucket.tat = now + (bucket.tat - now) * bucket.rate / rate  # keep the debt
-        bucket.rate = rate
-        bucket.per_minute = per_minute
-
-    def _update(
-        self, bucket: _Bucket, configured: float | None, limit: int | None, now: float
+    def _adopt(
+        self, bucket: _Bucket, configured: float | None, limit: int | None, now: float, kind: str
     ) -> None:
         if not self._learn or limit is None or limit <= 0:
             return
         if configured is not None and limit >= configured:
             return
-        if bucket.rate != limit / 60.0:
-            self._rescale(bucket, limit, now)
+        if bucket.per_minute != limit:
+            bucket.rescale(limit, now)
             self._learned = True
-            log.info("rate limit learned from the server: %s per minute", limit)
+            log.info("rate limit learned from the server: %s %s per minute", limit, kind)
 
     def _slow_down(
         self,
@@ -508,6 +521,12 @@ class RateLimiter:
         reset: float | None,
         now: float,
     ) -> None:
+        """Pace a bucket whose rate is not followed.
+
+        Below ``LOW_WATER`` of the limit, the remaining budget is spread over the time to the
+        reset, but never slower than the limit over its minute (servers refill
+        continuously); with nothing remaining, the bucket empties too.
+        """
         if remaining is None or reset is None or reset <= 0:
             return
         if limit is not None and remaining > self.LOW_WATER * limit:
@@ -515,131 +534,102 @@ class RateLimiter:
         pace = remaining / reset
         per_minute = limit if limit is not None and limit > 0 else bucket.per_minute
         if per_minute is not None:
-            pace = max(pace, per_minute / 60.0)  # never slower than the server refills
+            pace = max(pace, per_minute / 60.0)
         bucket.pace = pace
         bucket.pace_until = now + reset
         if remaining <= 0:
             rate = bucket.rate_at(now)
             if rate is not None and rate > 0:
-                # the server's bucket is empty: so is ours, and the next request waits for
-                # the server to refill what it costs
-                capacity = max(bucket.burst_s * rate, 1.0)
-                bucket.tat = max(bucket.tat, now + capacity / rate)
+                bucket.tat = max(bucket.tat, now + bucket.size(rate) / rate)
+
+    def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
+        """Classify a 429 of the calling task's last request, and act on it.
+
+        ``quota``: a Retry-After of at least :data:`LONG_RETRY_AFTER_S`, or headers showing a
+        bucket with less than the request's cost (or ``LOW_WATER`` of its limit) remaining:
+        every worker pauses for the Retry-After (the headers, already observed, emptied the
+        bucket). ``short_window``: plenty remained, but :data:`DETECT_429S` such 429s came
+        within a second while this limiter sent faster than the rate: the limiter switches to
+        a smooth rate. ``isolated`` otherwise (plenty remaining, or no headers at all): only
+        the row backs off.
+        """
+        now = self._clock()
+        info = parse_rate_limit_headers(headers)
+        ticket = self._ticket.get()
+        long_wait = retry_after is not None and retry_after >= LONG_RETRY_AFTER_S
+        if long_wait or (info is not None and self._used_up(info, ticket)):
+            self._quota_429s += 1
+            if retry_after is not None:
+                self.pause(retry_after)
+            return "quota"
+        self._isolated_429s += 1
+        if info is None:
+            return "isolated"
+        recent = self._plenty_429s
+        recent.append(now)
+        while recent and recent[0] <= now - 1.0:
+            recent.popleft()
+        if self._bursting(now) and len(recent) >= max(DETECT_429S, DETECT_SHARE * len(self._sent)):
+            self._go_smooth(info, now)
+            return "short_window"
+        return "isolated"
+
+    def _used_up(self, info: RateLimitInfo, ticket: Ticket | None) -> bool:
+        for i, kind in enumerate(KINDS):
+            limit, remaining, _ = info.kind(kind)
+            if remaining is None:
+                continue
+            cost = ticket.costs[i] if ticket is not None else (1.0 if i == 0 else 0.0)
+            floor = LOW_WATER * limit if limit else 0.0
+            if remaining < max(cost, 1.0) or remaining <= floor:
+                return True
+        return False
+
+    def _bursting(self, now: float) -> bool:
+        """Whether some bucket sent clearly more than its rate over the last second."""
+        if any(bucket.smooth for bucket in self._buckets):
+            return False
+        for i, bucket in enumerate(self._buckets):
+            if bucket.rate is not None:
+                sent = sum(costs[i] for when, costs in self._sent if when > now - 1.0)
+                if sent > bucket.rate * 1.2:  # a fifth over the rate: a burst
+                    return True
+        return False
+
+    def _go_smooth(self, info: RateLimitInfo, now: float) -> None:
+        for bucket in self._buckets:
+            if bucket.rate is not None:
+                bucket.smooth = True
+                # the window that refused us is full now; the burst before it is history
+                bucket.tat = now + bucket.size(bucket.rate) / bucket.rate
+        rpm = self._buckets[0].per_minute
+        log.warning(
+            "the server enforces its rate limit in short windows (429s while it reported %s "
+            "requests remaining): going on at a smooth %s requests per minute, without bursts",
+            info.remaining_requests if info.remaining_requests is not None else "plenty",
+            f"{rpm:g}" if rpm is not None else "(token-limited)",
+        )
+        self._wake()
 
     def statistics(self) -> LimiterStatistics:
         """Return counters and the limits in force."""
         now = self._clock()
+        requests = self._buckets[0]
+        rpm, tpm, itpm, otpm = (bucket.per_minute for bucket in self._buckets)
         return LimiterStatistics(
             acquired=self._acquired,
             waited_s=self._waited,
             paused_until=self._paused_until if self._paused_until > now else None,
-            rpm=self._requests.per_minute,
-            tpm=self._tokens.per_minute,
+            rpm=rpm,
+            tpm=tpm,
             learned=self._learned,
+            itpm=itpm,
+            otpm=otpm,
+            burst=None if requests.rate is None else requests.size(requests.rate),
+            smooth=any(bucket.smooth for bucket in self._buckets),
+            quota_429s=self._quota_429s,
+            isolated_429s=self._isolated_429s,
         )
-
-
-# --------------------------------------------------------------------------- concurrency
-
-
-class AdaptiveConcurrency:
-    """A concurrency limit that adapts to overload with AIMD.
-
-    ``success()`` after ``limit`` successes raises the limit by one; ``overload()`` (a 429, 503
-    or 529) halves it, at most once per window: overloads reported before every request that
-    was in flight at the last decrease has finished are part of the same burst and ignored.
-    Lowering the limit never interrupts holders; fewer are admitted until they drop below it.
-    Waiters are admitted in arrival order.
-
-    Args:
-        limit: Starting number of concurrent slots.
-        minimum: The limit never goes below this.
-        maximum: The limit never goes above this.
-        adaptive: With ``False`` the limit stays fixed (a plain semaphore).
-    """
-
-    def __init__(
-        self, *, limit: int = 16, minimum: int = 1, maximum: int = 256, adaptive: bool = True
-    ) -> None:
-        if not 1 <= minimum <= limit <= maximum:
-            raise ConfigError(
-                f"need 1 <= minimum <= limit <= maximum, got {minimum=}, {limit=}, {maximum=}"
-            )
-        self._limit = limit
-        self.minimum = minimum
-        self.maximum = maximum
-        self.adaptive = adaptive
-        self._in_use = 0
-        self._waiters: collections.deque[anyio.Event] = collections.deque()
-        self._successes = 0
-        self._holdoff = 0  # releases still to come from requests in flight at the last decrease
-
-    def __repr__(self) -> str:
-        return (
-            f"AdaptiveConcurrency(limit={self._limit}, minimum={self.minimum}, "
-            f"maximum={self.maximum}, adaptive={self.adaptive})"
-        )
-
-    @property
-    def limit(self) -> int:
-        """The current number of slots."""
-        return self._limit
-
-    @property
-    def in_use(self) -> int:
-        """Slots held right now."""
-        return self._in_use
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one concurrency slot for the body of the ``async with``."""
-        if self._in_use < self._limit and not self._waiters:
-            self._in_use += 1
-        else:
-            granted = anyio.Event()
-            self._waiters.append(granted)
-            try:
-                await granted.wait()
-            except BaseException:
-                if granted.is_set():
-                    self._release()
-                else:
-                    self._waiters.remove(granted)
-                raise
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        self._in_use -= 1
-        if self._holdoff:
-            self._holdoff -= 1
-        self._admit()
-
-    def _admit(self) -> None:
-        while self._waiters and self._in_use < self._limit:
-            self._in_use += 1
-            self._waiters.popleft().set()
-
-    def success(self) -> None:
-        """Record a request that went through; every ``limit`` of them add one slot."""
-        if not self.adaptive:
-            return
-        self._successes += 1
-        if self._successes >= self._limit:
-            self._successes = 0
-            if self._limit < self.maximum:
-                self._limit += 1
-                self._admit()
-
-    def overload(self) -> None:
-        """Record an overload (429/503/529): halve the limit, once per burst of overloads."""
-        if not self.adaptive or self._holdoff:
-            return
-        self._limit = max(self.minimum, self._limit // 2)
-        self._successes = 0
-        self._holdoff = self._in_use
 
 
 if TYPE_CHECKING:

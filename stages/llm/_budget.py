@@ -1,0 +1,92 @@
+"""A spending limit enforced before requests are sent, not counted after they come back.
+
+A :class:`Budget` holds reservations. Before a request goes out, its worst-case cost (its
+prompt tokens counted, ``max_tokens`` for the answer) is reserved; a reservation that would
+take spent plus reserved past the limit is refused, and the request is not sent. When the
+answer arrives the reservation is settled at the real cost (usually less); a request that
+failed without being billed releases it. Spending can therefore pass the limit only by what a
+reservation under-estimated, which the worst case rules out when the prompt count is right:
+at most the settled cost of the requests in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from pipeline._errors import ConfigError
+
+
+class BudgetStatistics(NamedTuple):
+    """A snapshot of a :class:`Budget`.
+
+    Attributes:
+        limit_usd: The spending limit.
+        spent_usd: Settled cost of the requests answered so far.
+        reserved_usd: Worst-case cost of the requests in flight.
+        refused: Reservations refused because they would cross the limit.
+    """
+
+    limit_usd: float
+    spent_usd: float
+    reserved_usd: float
+    refused: int
+
+
+class Budget:
+    """A spending limit in US dollars with reservations for requests in flight.
+
+    Args:
+        limit_usd: The most a run may spend.
+    """
+
+    def __init__(self, limit_usd: float) -> None:
+        if not (limit_usd >= 0 and math.isfinite(limit_usd)):
+            raise ConfigError(f"budget must be a finite number of USD >= 0, got {limit_usd!r}")
+        self.limit_usd = float(limit_usd)
+        self._spent = 0.0
+        self._reserved = 0.0
+        self._refused = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Budget(limit_usd={self.limit_usd:g}, spent_usd={self._spent:.6f}, "
+            f"reserved_usd={self._reserved:.6f})"
+        )
+
+    @property
+    def spent_usd(self) -> float:
+        """Settled cost so far."""
+        return self._spent
+
+    @property
+    def available_usd(self) -> float:
+        """What may still be reserved: the limit less spent and reserved."""
+        return max(self.limit_usd - self._spent - self._reserved, 0.0)
+
+    def reserve(self, usd: float) -> bool:
+        """Reserve ``usd`` for one request; return ``False`` (and reserve nothing) past the limit.
+
+        Raises:
+            ValueError: ``usd`` is negative or not finite.
+        """
+        if not (usd >= 0 and math.isfinite(usd)):
+            raise ValueError(f"a reservation must be a finite number of USD >= 0, got {usd!r}")
+        if self._spent + self._reserved + usd > self.limit_usd + 1e-12:
+            self._refused += 1
+            return False
+        self._reserved += usd
+        return True
+
+    def settle(self, reserved_usd: float, actual_usd: float) -> None:
+        """Replace a reservation of ``reserved_usd`` by the request's real cost."""
+        self._reserved = max(self._reserved - reserved_usd, 0.0)
+        self._spent += max(actual_usd, 0.0)
+
+    def release(self, reserved_usd: float) -> None:
+        """Give back a reservation whose request cost nothing (not sent, or refused)."""
+        self._reserved = max(self._reserved - reserved_usd, 0.0)
+
+    def statistics(self) -> BudgetStatistics:
+        """Return the limit, spending, reservations and refusals so far."""
+        return BudgetStatistics(self.limit_usd, self._spent, self._reserved, self._refused)

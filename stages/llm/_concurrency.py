@@ -1,0 +1,111 @@
+"""Adaptive concurrency: how many requests may be in flight, adapted with AIMD."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from pipeline._errors import ConfigError
+
+
+class AdaptiveConcurrency:
+    """A concurrency limit that adapts to overload with AIMD.
+
+    ``success()`` after ``limit`` successes raises the limit by one; ``overload()`` (a 429, 503
+    or 529) halves it, at most once per window: overloads reported before every request that
+    was in flight at the last decrease has finished are part of the same burst and ignored.
+    Lowering the limit never interrupts holders; fewer are admitted until they drop below it.
+    Waiters are admitted in arrival order.
+
+    Args:
+        limit: Starting number of concurrent slots.
+        minimum: The limit never goes below this.
+        maximum: The limit never goes above this.
+        adaptive: With ``False`` the limit stays fixed (a plain semaphore).
+    """
+
+    def __init__(
+        self, *, limit: int = 16, minimum: int = 1, maximum: int = 256, adaptive: bool = True
+    ) -> None:
+        if not 1 <= minimum <= limit <= maximum:
+            raise ConfigError(
+                f"need 1 <= minimum <= limit <= maximum, got {minimum=}, {limit=}, {maximum=}"
+            )
+        self._limit = limit
+        self.minimum = minimum
+        self.maximum = maximum
+        self.adaptive = adaptive
+        self._in_use = 0
+        self._waiters: collections.deque[anyio.Event] = collections.deque()
+        self._successes = 0
+        self._holdoff = 0  # releases still to come from requests in flight at the last decrease
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveConcurrency(limit={self._limit}, minimum={self.minimum}, "
+            f"maximum={self.maximum}, adaptive={self.adaptive})"
+        )
+
+    @property
+    def limit(self) -> int:
+        """The current number of slots."""
+        return self._limit
+
+    @property
+    def in_use(self) -> int:
+        """Slots held right now."""
+        return self._in_use
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one concurrency slot for the body of the ``async with``."""
+        if self._in_use < self._limit and not self._waiters:
+            self._in_use += 1
+        else:
+            granted = anyio.Event()
+            self._waiters.append(granted)
+            try:
+                await granted.wait()
+            except BaseException:
+                if granted.is_set():
+                    self._release()
+                else:
+                    self._waiters.remove(granted)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._in_use -= 1
+        if self._holdoff:
+            self._holdoff -= 1
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiters and self._in_use < self._limit:
+            self._in_use += 1
+            self._waiters.popleft().set()
+
+    def success(self) -> None:
+        """Record a request that went through; every ``limit`` of them add one slot."""
+        if not self.adaptive:
+            return
+        self._successes += 1
+        if self._successes >= self._limit:
+            self._successes = 0
+            if self._limit < self.maximum:
+                self._limit += 1
+                self._admit()
+
+    def overload(self) -> None:
+        """Record an overload (429/503/529): halve the limit, once per burst of overloads."""
+        if not self.adaptive or self._holdoff:
+            return
+        self._limit = max(self.minimum, self._limit // 2)
+        self._successes = 0
+        self._holdoff = self._in_use
