@@ -236,8 +236,18 @@ class _Bucket:
         if rate is not None and rate > 0:
             self.tat += delta / rate
 
-    def sync(self, remaining: float, after: float, now: float, *, authoritative: bool) -> None:
+    def sync(
+        self,
+        remaining: float,
+        reset: float | None,
+        after: float,
+        now: float,
+        *,
+        authoritative: bool,
+    ) -> None:
         """Follow the server: ``remaining`` units, less ``after`` taken since.
+
+        The bucket is full again (less ``after``) within ``reset`` seconds at the latest.
 
         ``authoritative``: the bucket runs at the server's own rate and capacity, so the
         server's count replaces this bucket's (a turn may come earlier). Otherwise (a lower
@@ -248,6 +258,8 @@ class _Bucket:
         size = self.size(rate)
         level = min(remaining - after, size)
         tat = now + (size - level) / rate
+        if reset is not None:
+            tat = min(tat, now + reset + after / rate)
         if authoritative or tat > self.tat:
             self.tat = tat
 
@@ -257,6 +269,88 @@ class _Bucket:
             self.tat = now + (self.tat - now) * self.rate / rate  # keep the debt
         self.rate = rate
         self.per_minute = per_minute
+
+
+class ThrottleJudge:
+    """Tells what a 429 means, from its headers, its Retry-After and recent sending.
+
+    ``quota``: a Retry-After of at least :data:`LONG_RETRY_AFTER_S`, or headers showing a
+    bucket with less than the request's cost (or ``LOW_WATER`` of its limit) remaining.
+    ``short_window``: plenty remained, but :data:`DETECT_429S` such 429s (and at least
+    :data:`DETECT_SHARE` of the requests sent) came within a second while a bucket was sent
+    more than its rate: the server enforces its minute in short windows. ``isolated``
+    otherwise (plenty remaining, or no headers at all): an overloaded replica.
+    """
+
+    def __init__(self) -> None:
+        self._sent: collections.deque[tuple[float, Costs]] = collections.deque()
+        self._plenty: collections.deque[float] = collections.deque()
+        self.quota = 0
+        self.isolated = 0
+
+    def sent(self, now: float, costs: Costs) -> None:
+        """Record a request let through at ``now``."""
+        sent = self._sent
+        sent.append((now, costs))
+        while sent and sent[0][0] < now - 1.0:
+            sent.popleft()
+
+    def judge(
+        self,
+        info: RateLimitInfo | None,
+        retry_after: float | None,
+        ticket: Ticket | None,
+        rates: tuple[float | None, ...],
+        smooth: bool,
+        now: float,
+    ) -> Verdict:
+        """Return the verdict on one 429 (and count it)."""
+        long_wait = retry_after is not None and retry_after >= LONG_RETRY_AFTER_S
+        if long_wait or (info is not None and self._used_up(info, ticket)):
+            self.quota += 1
+            return "quota"
+        self.isolated += 1
+        if info is None or smooth:
+            return "isolated"
+        recent = self._plenty
+        recent.append(now)
+        while recent and recent[0] <= now - 1.0:
+            recent.popleft()
+        enough = len(recent) >= max(DETECT_429S, DETECT_SHARE * len(self._sent))
+        if enough and self._bursting(rates, now):
+            return "short_window"
+        return "isolated"
+
+    @staticmethod
+    def _used_up(info: RateLimitInfo, ticket: Ticket | None) -> bool:
+        for i, kind in enumerate(KINDS):
+            limit, remaining, _ = info.kind(kind)
+            if remaining is None:
+                continue
+            cost = ticket.costs[i] if ticket is not None else (1.0 if i == 0 else 0.0)
+            floor = LOW_WATER * limit if limit else 0.0
+            if remaining < max(cost, 1.0) or remaining <= floor:
+                return True
+        return False
+
+    def _bursting(self, rates: tuple[float | None, ...], now: float) -> bool:
+        """Whether some bucket was sent clearly more than its rate over the last second."""
+        for i, rate in enumerate(rates):
+            if rate is not None:
+                sent = sum(costs[i] for when, costs in self._sent if when > now - 1.0)
+                if sent > rate * 1.2:  # a fifth over the rate: a burst
+                    return True
+        return False
+
+
+def short_window_message(info: RateLimitInfo, rpm: float | None) -> str:
+    """The one log line that says short-window enforcement was detected."""
+    remaining = info.remaining_requests if info.remaining_requests is not None else "plenty"
+    rate = f"{rpm:g} requests per minute" if rpm is not None else "its token rate"
+    return (
+        f"the server enforces its rate limit in short windows (429s while it reported "
+        f"{remaining} requests remaining): going on at a smooth {rate}, without bursts"
+    )
 
 
 class RateLimiter:
@@ -306,12 +400,9 @@ class RateLimiter:
         self._ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
             f"limiter-ticket-{id(self)}", default=None
         )
-        self._sent: collections.deque[tuple[float, Costs]] = collections.deque()
-        self._plenty_429s: collections.deque[float] = collections.deque()
+        self._judge = ThrottleJudge()
         self._acquired = 0
         self._waited = 0.0
-        self._quota_429s = 0
-        self._isolated_429s = 0
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -395,10 +486,7 @@ class RateLimiter:
         self._acquired += 1
         counts = tuple(bucket.count for bucket in self._buckets)
         self._ticket.set(Ticket(costs, counts))  # type: ignore[arg-type]
-        sent = self._sent
-        sent.append((now, costs))
-        while sent and sent[0][0] < now - 1.0:
-            sent.popleft()
+        self._judge.sent(now, costs)
 
     def _wake(self) -> None:
         """Make the first caller in line recompute its turn (the state changed)."""
@@ -496,7 +584,7 @@ class RateLimiter:
                 authoritative = (
                     bucket.burst_s is None and not bucket.smooth and bucket.per_minute == limit
                 )
-                bucket.sync(remaining, after, now, authoritative=authoritative)
+                bucket.sync(remaining, reset, after, now, authoritative=authoritative)
             else:
                 self._slow_down(bucket, limit, remaining, reset, now)
         self._wake()
@@ -545,56 +633,21 @@ class RateLimiter:
     def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
         """Classify a 429 of the calling task's last request, and act on it.
 
-        ``quota``: a Retry-After of at least :data:`LONG_RETRY_AFTER_S`, or headers showing a
-        bucket with less than the request's cost (or ``LOW_WATER`` of its limit) remaining:
-        every worker pauses for the Retry-After (the headers, already observed, emptied the
-        bucket). ``short_window``: plenty remained, but :data:`DETECT_429S` such 429s came
-        within a second while this limiter sent faster than the rate: the limiter switches to
-        a smooth rate. ``isolated`` otherwise (plenty remaining, or no headers at all): only
-        the row backs off.
+        See :class:`ThrottleJudge` for the verdicts. ``quota`` pauses every worker for the
+        Retry-After (the headers, already observed, emptied the bucket); ``short_window``
+        switches the limiter to a smooth rate for good; ``isolated`` changes nothing here.
         """
         now = self._clock()
         info = parse_rate_limit_headers(headers)
         ticket = self._ticket.get()
-        long_wait = retry_after is not None and retry_after >= LONG_RETRY_AFTER_S
-        if long_wait or (info is not None and self._used_up(info, ticket)):
-            self._quota_429s += 1
-            if retry_after is not None:
-                self.pause(retry_after)
-            return "quota"
-        self._isolated_429s += 1
-        if info is None:
-            return "isolated"
-        recent = self._plenty_429s
-        recent.append(now)
-        while recent and recent[0] <= now - 1.0:
-            recent.popleft()
-        if self._bursting(now) and len(recent) >= max(DETECT_429S, DETECT_SHARE * len(self._sent)):
+        rates = tuple(bucket.rate for bucket in self._buckets)
+        smooth = any(bucket.smooth for bucket in self._buckets)
+        verdict = self._judge.judge(info, retry_after, ticket, rates, smooth, now)
+        if verdict == "quota" and retry_after is not None:
+            self.pause(retry_after)
+        elif verdict == "short_window" and info is not None:
             self._go_smooth(info, now)
-            return "short_window"
-        return "isolated"
-
-    def _used_up(self, info: RateLimitInfo, ticket: Ticket | None) -> bool:
-        for i, kind in enumerate(KINDS):
-            limit, remaining, _ = info.kind(kind)
-            if remaining is None:
-                continue
-            cost = ticket.costs[i] if ticket is not None else (1.0 if i == 0 else 0.0)
-            floor = LOW_WATER * limit if limit else 0.0
-            if remaining < max(cost, 1.0) or remaining <= floor:
-                return True
-        return False
-
-    def _bursting(self, now: float) -> bool:
-        """Whether some bucket sent clearly more than its rate over the last second."""
-        if any(bucket.smooth for bucket in self._buckets):
-            return False
-        for i, bucket in enumerate(self._buckets):
-            if bucket.rate is not None:
-                sent = sum(costs[i] for when, costs in self._sent if when > now - 1.0)
-                if sent > bucket.rate * 1.2:  # a fifth over the rate: a burst
-                    return True
-        return False
+        return verdict
 
     def _go_smooth(self, info: RateLimitInfo, now: float) -> None:
         for bucket in self._buckets:
@@ -603,12 +656,7 @@ class RateLimiter:
                 # the window that refused us is full now; the burst before it is history
                 bucket.tat = now + bucket.size(bucket.rate) / bucket.rate
         rpm = self._buckets[0].per_minute
-        log.warning(
-            "the server enforces its rate limit in short windows (429s while it reported %s "
-            "requests remaining): going on at a smooth %s requests per minute, without bursts",
-            info.remaining_requests if info.remaining_requests is not None else "plenty",
-            f"{rpm:g}" if rpm is not None else "(token-limited)",
-        )
+        log.warning(short_window_message(info, rpm))
         self._wake()
 
     def statistics(self) -> LimiterStatistics:
@@ -627,8 +675,8 @@ class RateLimiter:
             otpm=otpm,
             burst=None if requests.rate is None else requests.size(requests.rate),
             smooth=any(bucket.smooth for bucket in self._buckets),
-            quota_429s=self._quota_429s,
-            isolated_429s=self._isolated_429s,
+            quota_429s=self._judge.quota,
+            isolated_429s=self._judge.isolated,
         )
 
 

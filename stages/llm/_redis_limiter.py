@@ -1,31 +1,42 @@
 """A rate limiter shared by many processes and machines through Redis (extra ``[redis]``).
 
-Every worker of every process that uses the same provider, API key and model reserves its turn
-in one Redis hash, ``llmpipe:{provider}:{key_fingerprint}:{model}``, with a single Lua script:
-the script reads the server's clock (``TIME``, so machines with skewed clocks agree), applies
-any pause and token correction this process has to report, computes with GCRA the earliest
-instant at which one more request and its estimated tokens fit both buckets, reserves that
-instant and returns how long to wait. The caller then sleeps exactly that long, once: no
-polling and no second round trip. It is the same algorithm as :class:`pipeline.RateLimiter`,
-with its state in Redis instead of in memory, and needs no Redis module (managed Redis works).
+Every worker of every process that uses the same provider, API key and model takes its turn
+in one Redis hash, ``llmpipe:{provider}:{key_fingerprint}:{model}``, through a single Lua
+script. It is the model of :class:`~stages.llm._limits.RateLimiter` (GCRA buckets for
+requests, tokens, input and output tokens that follow the server's accounting) with its state
+in Redis, so N processes together run at the quota and never over it. The script reads the
+server's clock (``TIME``, so machines with skewed clocks agree), applies what this process has
+to report (a pause, token corrections, the latest rate-limit headers it saw, a switch to
+short-window mode), and takes a turn if one is due within :data:`SLACK_S`; otherwise it says
+how long to wait. Needs no Redis module (managed Redis works).
 
-:meth:`RedisRateLimiter.pause`, :meth:`~RedisRateLimiter.reconcile` and
-:meth:`~RedisRateLimiter.observe` are synchronous, as the :class:`~stages.llm._limits.Limiter`
-protocol wants: they take effect in this process at once and reach Redis with this process's
-next script call (the next ``acquire``, which a retry after a 429 makes right away) or an
-explicit :meth:`~RedisRateLimiter.flush`. Turns other processes reserved before a pause
-reached Redis are kept (at most one per waiting worker); every turn reserved after it waits.
+Shared state: each bucket's theoretical arrival time, its count of units ever taken (the
+tickets that make a header's ``remaining`` exact: what any process sent after the answered
+request is subtracted), the capacity the server's headers revealed, the pause, and the
+short-window mode. Within a process callers queue in arrival order and only the first of them
+talks to Redis; it sleeps until its turn is near, or until this process learns something
+(headers, a pause), and at most :data:`RECHECK_S` so that what other processes learned is
+seen too.
+
+:meth:`RedisRateLimiter.pause`, :meth:`~RedisRateLimiter.settle`,
+:meth:`~RedisRateLimiter.observe` and :meth:`~RedisRateLimiter.throttled` are synchronous, as
+the :class:`~stages.llm._limits.Limiter` protocol wants: they take effect in this process at
+once and reach Redis with this process's next script call (a waiting caller makes it at once)
+or an explicit :meth:`~RedisRateLimiter.flush`.
 
 If Redis becomes unreachable mid-job the limiter either stops the run with
 :class:`RedisUnavailableError` or, with ``fallback="local"``, carries on alone with a local
 :class:`~stages.llm._limits.RateLimiter` at ``fallback_share`` of the limits (each process
 assumes it shares the quota with others), logging a warning. The local limiter starts after
-the last turn this process had already reserved in Redis, so the two never overlap. It never
+the last turn this process had already taken in Redis, so the two never overlap. It never
 falls back to no limit.
 """
 
 from __future__ import annotations
 
+import collections
+import contextvars
+import dataclasses
 import hashlib
 import logging
 import math
@@ -38,7 +49,19 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 
 from pipeline._errors import ConfigError, FatalError
-from stages.llm._limits import LimiterStatistics, RateLimiter, parse_rate_limit_headers
+from stages.llm._limits import (
+    GUESS_S,
+    KINDS,
+    SMOOTH_S,
+    Costs,
+    LimiterStatistics,
+    RateLimiter,
+    ThrottleJudge,
+    Ticket,
+    Verdict,
+    parse_rate_limit_headers,
+    short_window_message,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -49,56 +72,117 @@ log = logging.getLogger("pipeline.redis_limiter")
 
 Fallback = Literal["error", "local"]
 
-# KEYS[1]: the limiter's hash. ARGV: requests/s, tokens/s (0 = no limit), burst seconds,
-# estimated tokens, pause seconds to apply, tokens to charge (+) or refund (-), reserve (1/0).
-# Fields: req and tok (theoretical arrival times), pause (paused until), last (last turn given).
+SLACK_S = 0.25
+"""A turn due within this many seconds is taken at once (and slept for) rather than asked again."""
+RECHECK_S = 0.5
+"""The first caller in line asks Redis again at least this often while it waits."""
+
+# KEYS[1]: the limiter's hash. ARGV[1..7]: take a turn (1/0), slack, pause seconds, switch to
+# short windows (1/0), guess seconds, smooth seconds, burst seconds (-1: the server's). Then 8
+# values per bucket (requests, tokens, input, output): rate/s (0: none), cost, correction,
+# sync (1/0), remaining, ticket (-1: none), capacity (-1: unknown), authoritative (1/0), reset
+# seconds (-1: unknown).
+# Fields: t1..t4 (theoretical arrival times), n1..n4 (units ever taken), k1..k4 (capacities the
+# server revealed), r1..r4 (rates per second in force), pause (paused until), smooth (1 once
+# short windows were detected).
 _SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local key = KEYS[1]
-local req_rate = tonumber(ARGV[1])
-local tok_rate = tonumber(ARGV[2])
-local burst = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local pause_s = tonumber(ARGV[5])
-local correction = tonumber(ARGV[6])
-local reserve = tonumber(ARGV[7])
-
+local take = tonumber(ARGV[1])
+local slack = tonumber(ARGV[2])
+local pause_s = tonumber(ARGV[3])
+local go_smooth = tonumber(ARGV[4])
+local guess = tonumber(ARGV[5])
+local smooth_s = tonumber(ARGV[6])
+local burst = tonumber(ARGV[7])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local state = redis.call('HMGET', key, 'req', 'tok', 'pause', 'last')
-local req_tat = tonumber(state[1]) or 0
-local tok_tat = tonumber(state[2]) or 0
-local pause_until = tonumber(state[3]) or 0
-local last = tonumber(state[4]) or 0
-
+local names = {'pause', 'smooth', 't1', 't2', 't3', 't4', 'n1', 'n2', 'n3', 'n4',
+  'k1', 'k2', 'k3', 'k4', 'r1', 'r2', 'r3', 'r4'}
+local unpack = unpack or table.unpack
+local got = redis.call('HMGET', key, unpack(names))
+local pause_until = tonumber(got[1]) or 0
+local smooth = tonumber(got[2]) or 0
+local tat, cnt, cap, rates = {}, {}, {}, {}
+for i = 1, 4 do
+  tat[i] = tonumber(got[2 + i]) or 0
+  cnt[i] = tonumber(got[6 + i]) or 0
+  cap[i] = tonumber(got[10 + i]) or -1
+  -- a process that knows no rate uses the one another process configured or learned
+  rates[i] = tonumber(ARGV[8 + (i - 1) * 9])
+  if rates[i] <= 0 then rates[i] = tonumber(got[14 + i]) or 0 end
+end
 if pause_s > 0 then pause_until = math.max(pause_until, now + pause_s) end
-if correction ~= 0 and tok_rate > 0 then
-  tok_tat = tok_tat + correction / tok_rate  -- a tat in the past is a full bucket
+local switched = go_smooth == 1 and smooth == 0
+if switched then smooth = 1 end
+
+local function size(rate, capacity)
+  if smooth == 1 then return math.max(rate * smooth_s, 1) end
+  local units
+  if capacity >= 0 then
+    units = capacity
+    if burst >= 0 then units = math.min(units, rate * burst) end
+  elseif burst >= 0 then
+    units = rate * burst
+  else
+    units = rate * guess
+  end
+  return math.max(units, 1)
 end
 
-local wait = 0
-if reserve == 1 then
-  local start = math.max(now, pause_until, last)
-  if req_rate > 0 then
-    local capacity = math.max(burst * req_rate, 1)
-    start = math.max(start, req_tat - math.max(capacity - 1, 0) / req_rate)
+local start = math.max(now, pause_until)
+for i = 1, 4 do
+  local b = 8 + (i - 1) * 9
+  local rate = rates[i]
+  if rate > 0 then
+    local cost = tonumber(ARGV[b + 1])
+    local correction = tonumber(ARGV[b + 2])
+    if correction ~= 0 then tat[i] = tat[i] + correction / rate end  -- a past tat is full
+    if tonumber(ARGV[b + 3]) == 1 then
+      local capacity = tonumber(ARGV[b + 6])
+      if capacity >= 0 and smooth == 0 then cap[i] = capacity end
+      local units = size(rate, cap[i])
+      local after = 0
+      if tonumber(ARGV[b + 5]) >= 0 then after = cnt[i] - tonumber(ARGV[b + 5]) end
+      local level = math.min(tonumber(ARGV[b + 4]) - after, units)
+      local synced = now + (units - level) / rate
+      local reset = tonumber(ARGV[b + 8])
+      if reset >= 0 then synced = math.min(synced, now + reset + after / rate) end
+      if (tonumber(ARGV[b + 7]) == 1 and smooth == 0) or synced > tat[i] then
+        tat[i] = synced
+      end
+    end
+    if switched then tat[i] = now + size(rate, cap[i]) / rate end
+    start = math.max(start, tat[i] - math.max(size(rate, cap[i]) - cost, 0) / rate)
   end
-  if tok_rate > 0 then
-    local capacity = math.max(burst * tok_rate, 1)
-    start = math.max(start, tok_tat - math.max(capacity - cost, 0) / tok_rate)
+end
+
+local wait = start - now
+local taken = 0
+if take == 1 and wait <= slack then
+  taken = 1
+  for i = 1, 4 do
+    local b = 8 + (i - 1) * 9
+    local rate = rates[i]
+    local cost = tonumber(ARGV[b + 1])
+    cnt[i] = cnt[i] + cost
+    if rate > 0 then tat[i] = math.max(tat[i], start) + cost / rate end
   end
-  if req_rate > 0 then req_tat = math.max(req_tat, start) + 1 / req_rate end
-  if tok_rate > 0 then tok_tat = math.max(tok_tat, start) + cost / tok_rate end
-  last = start
-  wait = start - now
 end
 
 local function fmt(x) return string.format('%.6f', x) end
-redis.call('HSET', key, 'req', fmt(req_tat), 'tok', fmt(tok_tat), 'pause', fmt(pause_until),
-  'last', fmt(last))
-local horizon = math.max(req_tat, tok_tat, pause_until, last) - now
+redis.call('HSET', key, 'pause', fmt(pause_until), 'smooth', tostring(smooth),
+  't1', fmt(tat[1]), 't2', fmt(tat[2]), 't3', fmt(tat[3]), 't4', fmt(tat[4]),
+  'n1', fmt(cnt[1]), 'n2', fmt(cnt[2]), 'n3', fmt(cnt[3]), 'n4', fmt(cnt[4]),
+  'k1', fmt(cap[1]), 'k2', fmt(cap[2]), 'k3', fmt(cap[3]), 'k4', fmt(cap[4]),
+  'r1', fmt(rates[1]), 'r2', fmt(rates[2]), 'r3', fmt(rates[3]), 'r4', fmt(rates[4]))
+local horizon = math.max(tat[1], tat[2], tat[3], tat[4], pause_until) - now
 redis.call('PEXPIRE', key, math.ceil((math.max(horizon, 0) + 60) * 1000))
-return string.format('%.6f', wait)
+local burst1 = -1
+if rates[1] > 0 then burst1 = size(rates[1], cap[1]) end
+return {fmt(wait), tostring(taken), fmt(cnt[1]), fmt(cnt[2]), fmt(cnt[3]), fmt(cnt[4]),
+  tostring(smooth), fmt(pause_until - now), fmt(burst1),
+  fmt(rates[1]), fmt(rates[2]), fmt(rates[3]), fmt(rates[4])}
 """
 
 
@@ -125,23 +209,53 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-class RedisRateLimiter:
-    """Requests-per-minute and tokens-per-minute limits shared through Redis.
+@dataclasses.dataclass(slots=True)
+class _Sync:
+    """The latest rate-limit headers of one bucket, waiting to reach Redis."""
 
-    Implements the :class:`~stages.llm._limits.Limiter` protocol. Build it with :meth:`from_url`
-    (or pass a ``redis.asyncio.Redis`` client), use it from any number of workers, processes
-    and machines, and :meth:`aclose` it at the end (or use ``async with``).
+    remaining: float
+    reset: float
+    ticket: float
+    capacity: float
+    authoritative: bool
+
+
+class _Reply:
+    """What one script call said."""
+
+    __slots__ = ("burst", "counts", "paused_s", "per_minute", "smooth", "taken", "wait")
+
+    def __init__(self, raw: Any) -> None:
+        values = [float(v) for v in raw]
+        self.wait = max(values[0], 0.0)
+        self.taken = values[1] == 1
+        self.counts: Costs = (values[2], values[3], values[4], values[5])
+        self.smooth = values[6] == 1
+        self.paused_s = values[7]
+        self.burst = values[8] if values[8] >= 0 else None
+        self.per_minute = [rate * 60.0 if rate > 0 else None for rate in values[9:13]]
+
+
+class RedisRateLimiter:
+    """Requests and tokens per minute shared through Redis, following the server's accounting.
+
+    Implements the :class:`~stages.llm._limits.Limiter` protocol with the semantics of
+    :class:`~stages.llm._limits.RateLimiter`. Build it with :meth:`from_url` (or pass a
+    ``redis.asyncio.Redis`` client), use it from any number of workers, processes and
+    machines, and :meth:`aclose` it at the end (or use ``async with``).
 
     Args:
         client: A ``redis.asyncio.Redis`` client (closed by :meth:`aclose`).
         rpm: Requests per minute for everyone on this key together; ``None``: no limit.
         tpm: Tokens per minute for everyone on this key together; ``None``: no limit.
+        itpm: Input tokens per minute (Anthropic); ``None``: no limit.
+        otpm: Output tokens per minute (Anthropic); ``None``: no limit.
         provider: Provider name, part of the Redis key.
         api_key: The API key whose quota is shared; only its fingerprint is used.
         model: Model name, part of the Redis key.
-        burst_s: Seconds' worth of each rate that may go at once after an idle spell.
-        learn: Adopt limits stated in response headers when none was configured (and lower a
-            configured one the server says is too high).
+        burst_s: Seconds' worth of each rate that may go at once, at most; ``None``: as much
+            as the server's headers say its bucket holds (one second before they arrive).
+        learn: Follow the server's headers (limits, remaining capacity, short windows).
         fallback: ``"error"`` stops the run when Redis is unreachable; ``"local"`` goes on
             with a local limiter at ``fallback_share`` of the limits.
         fallback_share: Fraction of the limits a process may use alone after a fallback.
@@ -154,33 +268,36 @@ class RedisRateLimiter:
         *,
         rpm: float | None = None,
         tpm: float | None = None,
+        itpm: float | None = None,
+        otpm: float | None = None,
         provider: str = "default",
         api_key: str | None = None,
         model: str = "default",
-        burst_s: float = 0.5,
+        burst_s: float | None = None,
         learn: bool = True,
         fallback: Fallback = "error",
         fallback_share: float = 0.5,
         url: str = "redis",
     ) -> None:
-        for name, value in (("rpm", rpm), ("tpm", tpm)):
+        configured = (rpm, tpm, itpm, otpm)
+        for name, value in zip(("rpm", "tpm", "itpm", "otpm"), configured, strict=True):
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number > 0 or None, got {value!r}")
-        if not (burst_s >= 0 and math.isfinite(burst_s)):
-            raise ConfigError(f"burst_s must be a finite number >= 0, got {burst_s!r}")
+        if burst_s is not None and not (burst_s >= 0 and math.isfinite(burst_s)):
+            raise ConfigError(f"burst_s must be a finite number >= 0 or None, got {burst_s!r}")
         if fallback not in ("error", "local"):
             raise ConfigError(f"fallback must be 'error' or 'local', got {fallback!r}")
         if not 0 < fallback_share <= 1:
             raise ConfigError(f"fallback_share must be in (0, 1], got {fallback_share!r}")
-        if fallback == "local" and rpm is None and tpm is None:
+        if fallback == "local" and all(value is None for value in configured):
             raise ConfigError("fallback='local' needs rpm= or tpm= to fall back to a share of")
         fingerprint = key_fingerprint(api_key) if api_key else "nokey"
         self.key = f"llmpipe:{provider}:{fingerprint}:{model}"
         self.url = redact_url(url)
         self._client = client
         self._script = client.register_script(_SCRIPT)
-        self._configured = (rpm, tpm)
-        self._rpm, self._tpm = rpm, tpm
+        self._configured = configured
+        self._limits: list[float | None] = list(configured)
         self._burst_s = burst_s
         self._learn = learn
         self._learned = False
@@ -189,44 +306,31 @@ class RedisRateLimiter:
         self._local: RateLimiter | None = None
         self._paused_until = -math.inf  # this process's view, on the monotonic clock
         self._pending_pause: float | None = None  # a pause deadline not yet sent to Redis
-        self._pending_tokens = 0  # token corrections not yet sent to Redis
+        self._pending_tokens = [0.0, 0.0, 0.0, 0.0]  # corrections not yet sent to Redis
+        self._pending_sync: list[_Sync | None] = [None, None, None, None]
+        self._pending_smooth = False
+        self._smooth = False
+        self._burst: float | None = None
+        self._queue: collections.deque[anyio.Event] = collections.deque()
+        self._head: anyio.CancelScope | None = None
+        self._ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
+            f"redis-limiter-ticket-{id(self)}", default=None
+        )
+        self._judge = ThrottleJudge()
         self._acquired = 0
         self._waited = 0.0
-        self._last_tokens = 0  # the estimate of the latest acquire, for an exhausted budget
         self._reserved_until = -math.inf  # the latest turn this process got from Redis
 
     @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        rpm: float | None = None,
-        tpm: float | None = None,
-        provider: str = "default",
-        api_key: str | None = None,
-        model: str = "default",
-        burst_s: float = 0.5,
-        learn: bool = True,
-        fallback: Fallback = "error",
-        fallback_share: float = 0.5,
-        timeout: float = 2.0,
-    ) -> RedisRateLimiter:
+    def from_url(cls, url: str, *, timeout: float = 2.0, **options: Any) -> RedisRateLimiter:
         """Connect (lazily) to ``redis://host:port/db`` and return a limiter on it.
 
         Args:
             url: A ``redis://`` or ``rediss://`` URL; a password in it never appears in
                 messages.
-            rpm: See :class:`RedisRateLimiter`.
-            tpm: See :class:`RedisRateLimiter`.
-            provider: See :class:`RedisRateLimiter`.
-            api_key: See :class:`RedisRateLimiter`.
-            model: See :class:`RedisRateLimiter`.
-            burst_s: See :class:`RedisRateLimiter`.
-            learn: See :class:`RedisRateLimiter`.
-            fallback: See :class:`RedisRateLimiter`.
-            fallback_share: See :class:`RedisRateLimiter`.
             timeout: Seconds to connect and to wait for each reply before Redis counts as
                 unreachable.
+            **options: The keyword arguments of :class:`RedisRateLimiter`.
         """
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
@@ -238,24 +342,13 @@ class RedisRateLimiter:
             socket_timeout=timeout,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         )
-        return cls(
-            client,
-            rpm=rpm,
-            tpm=tpm,
-            provider=provider,
-            api_key=api_key,
-            model=model,
-            burst_s=burst_s,
-            learn=learn,
-            fallback=fallback,
-            fallback_share=fallback_share,
-            url=url,
-        )
+        return cls(client, url=url, **options)
 
     def __repr__(self) -> str:
+        rpm, tpm, itpm, otpm = self._limits
         return (
-            f"RedisRateLimiter(url={self.url!r}, key={self.key!r}, rpm={self._rpm!r}, "
-            f"tpm={self._tpm!r})"
+            f"RedisRateLimiter(url={self.url!r}, key={self.key!r}, rpm={rpm!r}, tpm={tpm!r}, "
+            f"itpm={itpm!r}, otpm={otpm!r})"
         )
 
     async def __aenter__(self) -> RedisRateLimiter:
@@ -274,11 +367,17 @@ class RedisRateLimiter:
         """Whether Redis was lost and a local limiter took over."""
         return self._local is not None
 
-    async def acquire(self, tokens: int = 0) -> float:
-        """Wait until one request carrying an estimated ``tokens`` may go.
+    # -- taking turns ----------------------------------------------------------------------
 
-        One script call reserves the turn; the caller then sleeps once until it. A turn
-        reserved by a caller that is then cancelled stays spent (errs on the slow side).
+    async def acquire(
+        self, tokens: int = 0, *, input_tokens: int | None = None, output_tokens: int = 0
+    ) -> float:
+        """Wait until one request may go, and take its turn in Redis.
+
+        Args:
+            tokens: Estimated tokens of the request (the ``tpm`` bucket).
+            input_tokens: Its prompt tokens (``itpm``); ``tokens`` when not given.
+            output_tokens: Output tokens reserved for the answer (``otpm``).
 
         Returns:
             The seconds spent waiting.
@@ -286,18 +385,31 @@ class RedisRateLimiter:
         Raises:
             RedisUnavailableError: Redis cannot be reached and ``fallback="error"``.
         """
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        self._last_tokens = tokens
+        if tokens < 0 or output_tokens < 0 or (input_tokens is not None and input_tokens < 0):
+            raise ValueError(
+                f"tokens must be >= 0, got {tokens}, input {input_tokens}, output {output_tokens}"
+            )
+        costs: Costs = (
+            1.0,
+            float(tokens),
+            float(tokens if input_tokens is None else input_tokens),
+            float(output_tokens),
+        )
         if self._local is not None:
-            return await self._local.acquire(tokens)
+            return await self._local.acquire(
+                tokens, input_tokens=input_tokens, output_tokens=output_tokens
+            )
         started = time.monotonic()
-        wait = await self._call(tokens, reserve=True)
-        if wait is None:  # Redis was lost just now: the local limiter took over
+        reply = await self._turn(costs)
+        if reply is None:  # Redis was lost: the local limiter took over
             assert self._local is not None
-            return await self._local.acquire(tokens)
+            return await self._local.acquire(
+                tokens, input_tokens=input_tokens, output_tokens=output_tokens
+            )
         self._acquired += 1
-        target = max(time.monotonic() + wait, self._paused_until)
+        self._ticket.set(Ticket(costs, reply.counts))
+        self._judge.sent(time.monotonic(), costs)
+        target = max(time.monotonic() + reply.wait, self._paused_until)
         self._reserved_until = max(self._reserved_until, target)
         while (delay := target - time.monotonic()) > 0:
             await anyio.sleep(delay)
@@ -306,39 +418,114 @@ class RedisRateLimiter:
         self._waited += waited
         return waited
 
+    async def _turn(self, costs: Costs) -> _Reply | None:
+        """Queue behind this process's earlier callers; as the first, ask Redis for a turn."""
+        queue = self._queue
+        if not queue:
+            reply = await self._call(costs, take=True)
+            if reply is None or reply.taken:
+                return reply
+        turn = anyio.Event()
+        queue.append(turn)
+        try:
+            if queue[0] is not turn:
+                await turn.wait()
+            while True:
+                reply = await self._call(costs, take=True)
+                if reply is None or reply.taken:
+                    return reply
+                delay = min(max(reply.wait - SLACK_S, 0.001), RECHECK_S)
+                with anyio.CancelScope() as scope:
+                    self._head = scope  # _wake() cancels it: something was learned
+                    await anyio.sleep(delay)
+                self._head = None
+        finally:
+            self._head = None
+            if queue and queue[0] is turn:
+                queue.popleft()
+                if queue:
+                    queue[0].set()
+            else:
+                queue.remove(turn)
+
+    def _wake(self) -> None:
+        if self._head is not None:
+            self._head.cancel()
+
     async def flush(self) -> None:
-        """Send a pending pause or token correction to Redis now instead of with the next turn.
+        """Send pending pauses, corrections and headers to Redis now.
 
         Raises:
             RedisUnavailableError: Redis cannot be reached and ``fallback="error"``.
         """
-        if self._local is None and (self._pending_pause is not None or self._pending_tokens):
-            await self._call(0, reserve=False)
+        if self._local is None and self._pending():
+            await self._call((0.0, 0.0, 0.0, 0.0), take=False)
 
-    async def _call(self, tokens: int, *, reserve: bool) -> float | None:
-        """Run the script once; return the wait, or ``None`` after falling back to local."""
+    def _pending(self) -> bool:
+        return (
+            self._pending_pause is not None
+            or self._pending_smooth
+            or any(self._pending_tokens)
+            or any(sync is not None for sync in self._pending_sync)
+        )
+
+    async def _call(self, costs: Costs, *, take: bool) -> _Reply | None:
+        """Run the script once; return its reply, or ``None`` after falling back to local."""
         from redis.exceptions import ConnectionError, TimeoutError
 
-        pause_deadline, correction = self._pending_pause, self._pending_tokens
+        pause_deadline = self._pending_pause
         pause_s = 0.0 if pause_deadline is None else max(pause_deadline - time.monotonic(), 0.0)
-        args = (
-            self._rpm / 60.0 if self._rpm is not None else 0,
-            self._tpm / 60.0 if self._tpm is not None else 0,
-            self._burst_s,
-            tokens,
+        corrections = list(self._pending_tokens)
+        syncs = list(self._pending_sync)
+        smooth = self._pending_smooth
+        args: list[float | int] = [
+            1 if take else 0,
+            SLACK_S,
             pause_s,
-            correction,
-            1 if reserve else 0,
-        )
+            1 if smooth else 0,
+            GUESS_S,
+            SMOOTH_S,
+            -1 if self._burst_s is None else self._burst_s,
+        ]
+        for limit, cost, correction, sync in zip(
+            self._limits, costs, corrections, syncs, strict=True
+        ):
+            args += [limit / 60.0 if limit is not None else 0, cost, correction]
+            if sync is None:
+                args += [0, 0, -1, -1, 0, -1]
+            else:
+                args += [
+                    1,
+                    sync.remaining,
+                    sync.ticket,
+                    sync.capacity,
+                    int(sync.authoritative),
+                    sync.reset,
+                ]
         try:
-            reply: Any = await self._script(keys=[self.key], args=args)
+            raw: Any = await self._script(keys=[self.key], args=args)
         except (ConnectionError, TimeoutError, OSError) as error:
             self._unreachable(error)
             return None
         if self._pending_pause == pause_deadline:
             self._pending_pause = None
-        self._pending_tokens -= correction
-        return max(float(reply), 0.0)
+        for i, correction in enumerate(corrections):
+            self._pending_tokens[i] -= correction
+        for i, sync in enumerate(syncs):
+            if self._pending_sync[i] is sync:
+                self._pending_sync[i] = None
+        if smooth:
+            self._pending_smooth = False
+        reply = _Reply(raw)
+        self._burst = reply.burst
+        for i, per_minute in enumerate(reply.per_minute):
+            if self._limits[i] is None and per_minute is not None:
+                self._limits[i] = per_minute  # learned by another process
+        if reply.smooth and not self._smooth:
+            self._smooth = True
+        if reply.paused_s > 0:
+            self._paused_until = max(self._paused_until, time.monotonic() + reply.paused_s)
+        return reply
 
     def _unreachable(self, error: BaseException) -> None:
         """Stop with a clear error, or fall back to a local limiter at the configured share."""
@@ -351,27 +538,28 @@ class RedisRateLimiter:
                 "stopping rather than sending requests without a limit"
             ) from None
         share = self._share
+        rpm, tpm, itpm, otpm = (None if v is None else v * share for v in self._limits)
         local = RateLimiter(
-            rpm=None if self._rpm is None else self._rpm * share,
-            tpm=None if self._tpm is None else self._tpm * share,
-            burst_s=self._burst_s,
-            learn=False,
+            rpm=rpm, tpm=tpm, itpm=itpm, otpm=otpm, burst_s=self._burst_s, learn=False
         )
-        # Turns this process already reserved in Redis still go at their times: the local
+        # Turns this process already took in Redis still go at their times: the local
         # limiter starts after the last of them, so the two never add up.
         remaining_pause = max(self._paused_until, self._reserved_until) - time.monotonic()
         if remaining_pause > 0:
             local.pause(remaining_pause)
         self._local = local
+        self._wake()
         log.warning(
             "the shared rate limiter's Redis at %s is unreachable (%s); this process goes on "
             "alone at %.0f%% of the limits (rpm=%s, tpm=%s)",
             self.url,
             reason,
             share * 100,
-            local.statistics().rpm,
-            local.statistics().tpm,
+            rpm,
+            tpm,
         )
+
+    # -- corrections and the server's word -------------------------------------------------
 
     def reconcile(self, estimated: int, actual: int) -> None:
         """Charge (or refund) the difference between estimated and actual tokens.
@@ -381,13 +569,27 @@ class RedisRateLimiter:
         if self._local is not None:
             self._local.reconcile(estimated, actual)
         else:
-            self._pending_tokens += actual - estimated
+            self._pending_tokens[1] += actual - estimated
+
+    def settle(self, input_tokens: int, output_tokens: int) -> None:
+        """Correct every token bucket to the real usage of the calling task's last request."""
+        if self._local is not None:
+            self._local.settle(input_tokens, output_tokens)
+            return
+        ticket = self._ticket.get()
+        if ticket is None:
+            return
+        actual = (float(input_tokens + output_tokens), float(input_tokens), float(output_tokens))
+        for i, (used, cost) in enumerate(zip(actual, ticket.costs[1:], strict=True)):
+            self._pending_tokens[i + 1] += used - cost
+        self._ticket.set(dataclasses.replace(ticket, costs=(1.0, *actual)))
+        self._wake()
 
     def pause(self, seconds: float) -> None:
         """Hold back every request on this key, in every process, for ``seconds``.
 
         Callers of this process wait at once; other processes from the moment the pause
-        reaches Redis (the next ``acquire`` or :meth:`flush` here). Extends, never shortens.
+        reaches Redis (the next script call here, or :meth:`flush`). Extends, never shortens.
         """
         if not (seconds > 0 and math.isfinite(seconds)):
             return
@@ -398,16 +600,14 @@ class RedisRateLimiter:
         if until > self._paused_until:
             self._paused_until = until
             self._pending_pause = until
+            self._wake()
 
     def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn limits from rate-limit headers; an exhausted budget pauses the whole key.
+        """Follow a response's rate-limit headers, for every process on this key.
 
-        With ``learn`` on, a stated limit is adopted when none was configured, and replaces a
-        configured one that is higher. ``remaining`` at 0 pauses everyone for as long as the
-        server needs to refill one request (``60 / limit`` seconds; for tokens, the last
-        request's estimated tokens) but no longer than the reset: servers refill their
-        buckets continuously, so waiting for the whole reset would waste quota. When the
-        server states no limit (and none is in force) the pause lasts until the reset.
+        Limits the server states are adopted as :class:`~stages.llm._limits.RateLimiter`
+        does; ``remaining`` and the capacity it reveals go to Redis with the next script call,
+        where what every process took after this task's request is subtracted.
         """
         if self._local is not None:
             self._local.observe(headers)
@@ -415,19 +615,33 @@ class RedisRateLimiter:
         info = parse_rate_limit_headers(headers)
         if info is None:
             return
-        if self._learn:
-            self._rpm = self._adopt(self._configured[0], self._rpm, info.limit_requests)
-            self._tpm = self._adopt(self._configured[1], self._tpm, info.limit_tokens)
-        for remaining, reset, limit, cost in (
-            (info.remaining_requests, info.reset_requests, info.limit_requests or self._rpm, 1),
-            (info.remaining_tokens, info.reset_tokens, info.limit_tokens or self._tpm, None),
-        ):
-            if remaining != 0 or not reset:
+        ticket = self._ticket.get()
+        for i, kind in enumerate(KINDS):
+            limit, remaining, reset = info.kind(kind)
+            if limit is None and remaining is None:
                 continue
-            if limit:
-                units = self._last_tokens if cost is None else cost
-                reset = min(reset, units * 60.0 / limit)
-            self.pause(reset)
+            if self._learn:
+                self._limits[i] = self._adopt(self._configured[i], self._limits[i], limit)
+            current = self._limits[i]
+            if current is None and remaining == 0 and reset:
+                self.pause(reset)  # no rate known: wait for the server's reset
+            if not self._learn or current is None or remaining is None:
+                continue
+            capacity = -1.0
+            if reset is not None:
+                server_rate = (limit if limit else current) / 60.0
+                capacity = max(min(remaining + reset * server_rate, current), 1.0)
+            sync = _Sync(
+                remaining=float(remaining),
+                reset=-1.0 if reset is None else reset,
+                ticket=-1.0 if ticket is None else ticket.counts[i],
+                capacity=capacity,
+                authoritative=self._burst_s is None and current == limit,
+            )
+            pending = self._pending_sync[i]
+            if pending is None or sync.ticket >= pending.ticket:
+                self._pending_sync[i] = sync
+        self._wake()
 
     def _adopt(
         self, configured: float | None, current: float | None, limit: int | None
@@ -439,6 +653,27 @@ class RedisRateLimiter:
             log.info("shared rate limit learned from the server: %s per minute", limit)
         return float(limit)
 
+    def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
+        """Classify a 429 (see :class:`~stages.llm._limits.ThrottleJudge`), and act on it.
+
+        ``quota`` pauses every process for the Retry-After; ``short_window`` switches the
+        shared limiter to a smooth rate for every process on this key.
+        """
+        if self._local is not None:
+            return self._local.throttled(headers, retry_after)
+        info = parse_rate_limit_headers(headers)
+        rates = tuple(None if v is None else v / 60.0 for v in self._limits)
+        verdict = self._judge.judge(
+            info, retry_after, self._ticket.get(), rates, self._smooth, time.monotonic()
+        )
+        if verdict == "quota" and retry_after is not None:
+            self.pause(retry_after)
+        elif verdict == "short_window" and info is not None:
+            self._smooth = self._pending_smooth = True
+            log.warning(short_window_message(info, self._limits[0]))
+            self._wake()
+        return verdict
+
     def statistics(self) -> LimiterStatistics:
         """Return this process's counters and the limits it applies."""
         if self._local is not None:
@@ -447,15 +682,24 @@ class RedisRateLimiter:
                 acquired=local.acquired + self._acquired,
                 waited_s=local.waited_s + self._waited,
                 learned=self._learned,
+                quota_429s=local.quota_429s + self._judge.quota,
+                isolated_429s=local.isolated_429s + self._judge.isolated,
             )
         now = time.monotonic()
+        rpm, tpm, itpm, otpm = self._limits
         return LimiterStatistics(
             acquired=self._acquired,
             waited_s=self._waited,
             paused_until=self._paused_until if self._paused_until > now else None,
-            rpm=self._rpm,
-            tpm=self._tpm,
+            rpm=rpm,
+            tpm=tpm,
             learned=self._learned,
+            itpm=itpm,
+            otpm=otpm,
+            burst=self._burst,
+            smooth=self._smooth,
+            quota_429s=self._judge.quota,
+            isolated_429s=self._judge.isolated,
         )
 
     async def aclose(self) -> None:
