@@ -62,6 +62,7 @@ from stages.llm._limits import (
     parse_rate_limit_headers,
     short_window_message,
 )
+from stages.llm._redis_script import SCRIPT, Reply
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -76,114 +77,6 @@ SLACK_S = 0.25
 """A turn due within this many seconds is taken at once (and slept for) rather than asked again."""
 RECHECK_S = 0.5
 """The first caller in line asks Redis again at least this often while it waits."""
-
-# KEYS[1]: the limiter's hash. ARGV[1..7]: take a turn (1/0), slack, pause seconds, switch to
-# short windows (1/0), guess seconds, smooth seconds, burst seconds (-1: the server's). Then 8
-# values per bucket (requests, tokens, input, output): rate/s (0: none), cost, correction,
-# sync (1/0), remaining, ticket (-1: none), capacity (-1: unknown), authoritative (1/0), reset
-# seconds (-1: unknown).
-# Fields: t1..t4 (theoretical arrival times), n1..n4 (units ever taken), k1..k4 (capacities the
-# server revealed), r1..r4 (rates per second in force), pause (paused until), smooth (1 once
-# short windows were detected).
-_SCRIPT = """
-if redis.replicate_commands then redis.replicate_commands() end
-local key = KEYS[1]
-local take = tonumber(ARGV[1])
-local slack = tonumber(ARGV[2])
-local pause_s = tonumber(ARGV[3])
-local go_smooth = tonumber(ARGV[4])
-local guess = tonumber(ARGV[5])
-local smooth_s = tonumber(ARGV[6])
-local burst = tonumber(ARGV[7])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local names = {'pause', 'smooth', 't1', 't2', 't3', 't4', 'n1', 'n2', 'n3', 'n4',
-  'k1', 'k2', 'k3', 'k4', 'r1', 'r2', 'r3', 'r4'}
-local unpack = unpack or table.unpack
-local got = redis.call('HMGET', key, unpack(names))
-local pause_until = tonumber(got[1]) or 0
-local smooth = tonumber(got[2]) or 0
-local tat, cnt, cap, rates = {}, {}, {}, {}
-for i = 1, 4 do
-  tat[i] = tonumber(got[2 + i]) or 0
-  cnt[i] = tonumber(got[6 + i]) or 0
-  cap[i] = tonumber(got[10 + i]) or -1
-  -- a process that knows no rate uses the one another process configured or learned
-  rates[i] = tonumber(ARGV[8 + (i - 1) * 9])
-  if rates[i] <= 0 then rates[i] = tonumber(got[14 + i]) or 0 end
-end
-if pause_s > 0 then pause_until = math.max(pause_until, now + pause_s) end
-local switched = go_smooth == 1 and smooth == 0
-if switched then smooth = 1 end
-
-local function size(rate, capacity)
-  if smooth == 1 then return math.max(rate * smooth_s, 1) end
-  local units
-  if capacity >= 0 then
-    units = capacity
-    if burst >= 0 then units = math.min(units, rate * burst) end
-  elseif burst >= 0 then
-    units = rate * burst
-  else
-    units = rate * guess
-  end
-  return math.max(units, 1)
-end
-
-local start = math.max(now, pause_until)
-for i = 1, 4 do
-  local b = 8 + (i - 1) * 9
-  local rate = rates[i]
-  if rate > 0 then
-    local cost = tonumber(ARGV[b + 1])
-    local correction = tonumber(ARGV[b + 2])
-    if correction ~= 0 then tat[i] = tat[i] + correction / rate end  -- a past tat is full
-    if tonumber(ARGV[b + 3]) == 1 then
-      local capacity = tonumber(ARGV[b + 6])
-      if capacity >= 0 and smooth == 0 then cap[i] = capacity end
-      local units = size(rate, cap[i])
-      local after = 0
-      if tonumber(ARGV[b + 5]) >= 0 then after = cnt[i] - tonumber(ARGV[b + 5]) end
-      local level = math.min(tonumber(ARGV[b + 4]) - after, units)
-      local synced = now + (units - level) / rate
-      local reset = tonumber(ARGV[b + 8])
-      if reset >= 0 then synced = math.min(synced, now + reset + after / rate) end
-      if (tonumber(ARGV[b + 7]) == 1 and smooth == 0) or synced > tat[i] then
-        tat[i] = synced
-      end
-    end
-    if switched then tat[i] = now + size(rate, cap[i]) / rate end
-    start = math.max(start, tat[i] - math.max(size(rate, cap[i]) - cost, 0) / rate)
-  end
-end
-
-local wait = start - now
-local taken = 0
-if take == 1 and wait <= slack then
-  taken = 1
-  for i = 1, 4 do
-    local b = 8 + (i - 1) * 9
-    local rate = rates[i]
-    local cost = tonumber(ARGV[b + 1])
-    cnt[i] = cnt[i] + cost
-    if rate > 0 then tat[i] = math.max(tat[i], start) + cost / rate end
-  end
-end
-
-local function fmt(x) return string.format('%.6f', x) end
-redis.call('HSET', key, 'pause', fmt(pause_until), 'smooth', tostring(smooth),
-  't1', fmt(tat[1]), 't2', fmt(tat[2]), 't3', fmt(tat[3]), 't4', fmt(tat[4]),
-  'n1', fmt(cnt[1]), 'n2', fmt(cnt[2]), 'n3', fmt(cnt[3]), 'n4', fmt(cnt[4]),
-  'k1', fmt(cap[1]), 'k2', fmt(cap[2]), 'k3', fmt(cap[3]), 'k4', fmt(cap[4]),
-  'r1', fmt(rates[1]), 'r2', fmt(rates[2]), 'r3', fmt(rates[3]), 'r4', fmt(rates[4]))
-local horizon = math.max(tat[1], tat[2], tat[3], tat[4], pause_until) - now
-redis.call('PEXPIRE', key, math.ceil((math.max(horizon, 0) + 60) * 1000))
-local burst1 = -1
-if rates[1] > 0 then burst1 = size(rates[1], cap[1]) end
-return {fmt(wait), tostring(taken), fmt(cnt[1]), fmt(cnt[2]), fmt(cnt[3]), fmt(cnt[4]),
-  tostring(smooth), fmt(pause_until - now), fmt(burst1),
-  fmt(rates[1]), fmt(rates[2]), fmt(rates[3]), fmt(rates[4])}
-"""
 
 
 class RedisUnavailableError(FatalError):
@@ -218,22 +111,6 @@ class _Sync:
     ticket: float
     capacity: float
     authoritative: bool
-
-
-class _Reply:
-    """What one script call said."""
-
-    __slots__ = ("burst", "counts", "paused_s", "per_minute", "smooth", "taken", "wait")
-
-    def __init__(self, raw: Any) -> None:
-        values = [float(v) for v in raw]
-        self.wait = max(values[0], 0.0)
-        self.taken = values[1] == 1
-        self.counts: Costs = (values[2], values[3], values[4], values[5])
-        self.smooth = values[6] == 1
-        self.paused_s = values[7]
-        self.burst = values[8] if values[8] >= 0 else None
-        self.per_minute = [rate * 60.0 if rate > 0 else None for rate in values[9:13]]
 
 
 class RedisRateLimiter:
@@ -295,7 +172,7 @@ class RedisRateLimiter:
         self.key = f"llmpipe:{provider}:{fingerprint}:{model}"
         self.url = redact_url(url)
         self._client = client
-        self._script = client.register_script(_SCRIPT)
+        self._script = client.register_script(SCRIPT)
         self._configured = configured
         self._limits: list[float | None] = list(configured)
         self._burst_s = burst_s
@@ -418,7 +295,7 @@ class RedisRateLimiter:
         self._waited += waited
         return waited
 
-    async def _turn(self, costs: Costs) -> _Reply | None:
+    async def _turn(self, costs: Costs) -> Reply | None:
         """Queue behind this process's earlier callers; as the first, ask Redis for a turn."""
         queue = self._queue
         if not queue:
@@ -469,7 +346,7 @@ class RedisRateLimiter:
             or any(sync is not None for sync in self._pending_sync)
         )
 
-    async def _call(self, costs: Costs, *, take: bool) -> _Reply | None:
+    async def _call(self, costs: Costs, *, take: bool) -> Reply | None:
         """Run the script once; return its reply, or ``None`` after falling back to local."""
         from redis.exceptions import ConnectionError, TimeoutError
 
@@ -516,7 +393,7 @@ class RedisRateLimiter:
                 self._pending_sync[i] = None
         if smooth:
             self._pending_smooth = False
-        reply = _Reply(raw)
+        reply = Reply(raw)
         self._burst = reply.burst
         for i, per_minute in enumerate(reply.per_minute):
             if self._limits[i] is None and per_minute is not None:
