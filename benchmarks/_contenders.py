@@ -508,7 +508,7 @@ def _caller(job: Job, probe: Probe, *, learn: bool) -> Any:
 
 
 async def _run_pipeline(job: Job, rows: Rows, probe: Probe, *, learn: bool) -> None:
-    from pipeline._runner import Pipeline
+    from pipeline import Pipeline
 
     pipe = Pipeline(_caller(job, probe, learn=learn))
     async with pipe.open(iter(rows)) as results:

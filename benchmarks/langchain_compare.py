@@ -34,7 +34,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
-from pipeline._runner import Pipeline
+from pipeline import Pipeline
 from stages._langchain import RunnableStage
 
 PROMPT = ChatPromptTemplate.from_messages([("user", "Summarise item {i}: {text}")])

@@ -13,6 +13,9 @@ tests :mod:`pipeline.testing`)::
     report = await pipeline.Pipeline([{"name": "ada"}], pipeline.map(enrich)).run()
 """
 
+from ._channels import Inbox as Inbox
+from ._channels import Outbox as Outbox
+from ._channels import StageStats as StageStats
 from ._envelope import Envelope as Envelope
 from ._envelope import Failed as Failed
 from ._errors import ConfigError as ConfigError
@@ -28,15 +31,12 @@ from ._functions import map as map
 from ._logging import StageFilter as StageFilter
 from ._logging import configure_logging as configure_logging
 from ._report import RunReport as RunReport
-from ._runner import IterSource as IterSource
-from ._runner import Pipeline as Pipeline
 from ._runner import Results as Results
-from ._stage import Inbox as Inbox
 from ._stage import ItemStage as ItemStage
-from ._stage import Outbox as Outbox
+from ._stage import IterSource as IterSource
+from ._stage import Pipeline as Pipeline
 from ._stage import Source as Source
 from ._stage import Stage as Stage
-from ._stage import StageStats as StageStats
 
 __all__ = [
     "ConfigError",

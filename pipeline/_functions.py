@@ -11,8 +11,9 @@ import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+from ._channels import Inbox, Outbox
 from ._envelope import Envelope
-from ._stage import Inbox, ItemStage, OnError, Outbox
+from ._stage import ItemStage, OnError
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -63,7 +64,7 @@ class Map(_FunctionStage[In, Out]):
 
     async def run(self, inbox: Inbox[In], outbox: Outbox[Out]) -> None:
         """Apply the function to each item, with a span per item when tracing is on."""
-        if outbox._run.tracing.enabled:
+        if outbox.tracing_enabled:
             await super().run(inbox, outbox)
             return
         stats, fn, is_async = outbox.stats, self.fn, self.is_async

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ._channels import StageStats
 from ._envelope import Failed
-from ._stage import StageStats
 
 
 @dataclasses.dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Declare a pipeline, then run it: channels, tasks, ordering, dead letters and the ledger.
+"""Run a declared pipeline: channels, tasks, ordering, dead letters and the ledger.
 
 A run wires stage *i* to stage *i+1* with a bounded memory object stream whose capacity is the
 receiving stage's ``buffer``, starts ``workers`` copies of every stage in one task group, and
@@ -10,9 +10,11 @@ as the original exception, and nothing outlives the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -21,21 +23,20 @@ from anyio import EndOfStream, WouldBlock
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._compat import BaseExceptionGroup
-from ._envelope import Envelope, Failed
-from ._errors import ConfigError, LedgerError
-from ._logging import current_stage
-from ._report import RunReport
-from ._stage import (
+from ._channels import (
     Inbox,
+    Ledger,
     Outbox,
     RunState,
-    Source,
     SourceStopped,
-    Stage,
+    StageLike,
     StageStats,
-    _Ledger,
 )
+from ._compat import BaseExceptionGroup
+from ._envelope import Envelope, Failed
+from ._errors import LedgerError
+from ._logging import current_stage
+from ._report import RunReport
 from ._tracing import Metrics, Tracing, metrics_configured
 
 if TYPE_CHECKING:
@@ -44,50 +45,66 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DeadLetter = Stage[Failed, Any] | Callable[[Failed], Awaitable[None] | None]
-"""Where failed items go: a stage receiving :class:`Failed` values, or a (sync/async) function."""
+DeadLetterFn = Callable[[Failed], Awaitable[None] | None]
+"""A (sync or async) function that receives each :class:`Failed` record."""
 
 
-class IterSource(Source[Any]):
-    """A source over any iterable, async iterable, or aiostream stream."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunConfig:
+    """How to run a chain of stages (the options of :class:`pipeline.Pipeline`).
 
-    def __init__(self, items: Any, *, name: str = "source", buffer: int = 16) -> None:
-        super().__init__(name=name, buffer=buffer)
-        self.items = items
+    Attributes:
+        name: Name of the pipeline in spans and reports.
+        ordered: Restore input order before the first sink (or at the end).
+        window: With ``ordered``, how far the source may run ahead of the oldest unfinished item.
+        tracing: Force spans on or off, or the tracer provider (``None``: the global SDK's).
+        metrics: Record metrics, or the meter provider (``None``: the global SDK's).
+        metrics_interval: Seconds between metric flushes while the run goes on.
+        dead_letter_stage: A stage receiving the :class:`Failed` records, if any.
+        dead_letter_fn: Else a function receiving them; with neither, they are collected.
+    """
 
-    def total(self) -> int | None:
-        """Return ``len(items)`` when the input has one."""
-        try:
-            return len(self.items)
-        except TypeError:
-            return None
-
-    async def run(self, inbox: Inbox[None], outbox: Outbox[Any]) -> None:
-        """Emit every item of the input."""
-        items = self.items
-        if hasattr(items, "stream") and callable(items.stream) and hasattr(items, "__aiter__"):
-            async with items.stream() as streamer:  # an aiostream Stream, iterated in context
-                async for item in streamer:
-                    await outbox.emit(item)
-        elif isinstance(items, AsyncIterable):
-            async for item in items:
-                await outbox.emit(item)
-        else:
-            for item in items:
-                await outbox.emit(item)
+    name: str = "pipeline"
+    ordered: bool = False
+    window: int = 1024
+    tracing: bool | TracerProvider | None = None
+    metrics: bool | MeterProvider | None = None
+    metrics_interval: float = 1.0
+    dead_letter_stage: StageLike | None = None
+    dead_letter_fn: DeadLetterFn | None = None
 
 
-class _Reorder(Stage[Any, Any]):
-    """Restores input order before the first sink (or at the end) of an ordered run."""
+class _Reorder:
+    """Restores input order before the first sink (or at the end) of an ordered run.
 
-    def __init__(self, window: int, ledger: _Ledger) -> None:
-        super().__init__(name="reorder", buffer=min(window, 1024))
+    The runner wires it into the chain like a stage (it has what :class:`StageLike` asks for),
+    but it is not a user stage: it reads the run's ledger directly.
+    """
+
+    name = "reorder"
+    workers = 1
+    is_source = False
+    is_sink = False
+
+    def __init__(self, window: int, ledger: Ledger, state: RunState) -> None:
+        self.buffer = min(window, 1024)
         self.window = window
         self.ledger = ledger
+        self.state = state
         self.slots = anyio.Semaphore(window)
+        self.log = logging.LoggerAdapter(logging.getLogger("pipeline.stage"), {"stage": self.name})
+
+    def lifespan(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Nothing to open: the reorder point holds no resources."""
+        return contextlib.nullcontext()
+
+    def should_dead_letter(self, error: Exception) -> bool:
+        """Never: an error in the reorder point is a bug in the runtime, so it stops the run."""
+        return False
 
     async def run(self, inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
-        ledger, run = self.ledger, outbox._run
+        """Hold each item back until every item before it has left or failed."""
+        ledger, run = self.ledger, self.state
         live = ledger.live
         assert live is not None
         pending: dict[int, list[Envelope[Any]]] = {}
@@ -121,6 +138,11 @@ class Results(Generic[T]):
         self._run = run
         self._stream = run.final_recv
         self.report: RunReport | None = None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the run was asked to stop reading input (a budget, :meth:`stop`), if it was."""
+        return self._run.state.stop_reason
 
     def __aiter__(self) -> Results[T]:
         return self
@@ -166,128 +188,49 @@ class Results(Generic[T]):
         return self._run.failures
 
 
-class Pipeline:
-    """A declared chain of stages: a source, then stages, usually ending in a sink.
+@asynccontextmanager
+async def open_run(stages: list[StageLike], config: RunConfig) -> AsyncIterator[Results[Any]]:
+    """Start a run of ``stages`` (a source first) and yield its :class:`Results`.
+
+    Leaving the block early cancels every worker; a fatal stage error is raised here as the
+    original exception, with the stage name and item number attached.
 
     Args:
-        *stages: The first may be a :class:`Source` stage or any iterable/async iterable (or
-            omitted, giving the input to :meth:`run`/:meth:`open` instead).
-        ordered: Restore input order (before the first sink, or at the end).
-        window: With ``ordered``, how far the source may run ahead of the oldest unfinished
-            item; the source waits when the window is full, so memory stays bounded.
-        dead_letter: Where :class:`Failed` records go; by default they are collected in
-            ``report.failures``.
-        name: Name of the pipeline in spans and reports.
-        tracing: Force OpenTelemetry spans on or off, or give the tracer provider to use
-            (default: on when a global SDK tracer provider is configured).
-        metrics: Record OpenTelemetry metrics, or the meter provider to use (default: on when a
-            global SDK meter provider is configured).
-        metrics_interval: Seconds between metric flushes while the run goes on.
+        stages: The chain to run, its source first.
+        config: The pipeline's options.
+
+    Raises:
+        LedgerError: When a completed run cannot account for every item.
     """
-
-    def __init__(
-        self,
-        *stages: Any,
-        ordered: bool = False,
-        window: int = 1024,
-        dead_letter: DeadLetter | None = None,
-        name: str = "pipeline",
-        tracing: bool | TracerProvider | None = None,
-        metrics: bool | MeterProvider | None = None,
-        metrics_interval: float = 1.0,
-    ) -> None:
-        if window < 1:
-            raise ConfigError(f"window must be >= 1, got {window}")
-        chain: list[Stage[Any, Any]] = []
-        for i, stage in enumerate(stages):
-            if isinstance(stage, Pipeline):
-                chain.extend(stage.stages)
-            elif isinstance(stage, Stage):
-                chain.append(stage)
-            elif i == 0 and (isinstance(stage, (Iterable, AsyncIterable))):
-                chain.append(IterSource(stage))
-            else:
-                raise ConfigError(f"pipeline element {i} is not a stage: {stage!r}")
-        for i, stage in enumerate(chain):
-            if stage.is_source and i != 0:
-                raise ConfigError(f"source {stage.name!r} must come first, not at position {i}")
-        self.stages: tuple[Stage[Any, Any], ...] = tuple(chain)
-        self.ordered = ordered
-        self.window = window
-        self.dead_letter = dead_letter
-        self.name = name
-        self.tracing = tracing
-        self.metrics = metrics
-        self.metrics_interval = metrics_interval
-
-    def __repr__(self) -> str:
-        names = " | ".join(s.name for s in self.stages)
-        return f"Pipeline({names}, ordered={self.ordered})"
-
-    def __or__(self, other: Stage[Any, Any] | Pipeline) -> Pipeline:
-        return Pipeline(
-            self,
-            other,
-            ordered=self.ordered,
-            window=self.window,
-            dead_letter=self.dead_letter,
-            name=self.name,
-            tracing=self.tracing,
-            metrics=self.metrics,
-            metrics_interval=self.metrics_interval,
-        )
-
-    async def run(self, items: Any = None) -> RunReport:
-        """Run to completion, discarding the results, and return the report."""
-        async with self.open(items) as results:
-            async for _ in results:
-                pass
-        assert results.report is not None
-        return results.report
-
-    @asynccontextmanager
-    async def open(self, items: Any = None) -> AsyncIterator[Results[Any]]:
-        """Start the run and yield its :class:`Results` as they complete.
-
-        Leaving the block early cancels every worker; a fatal stage error is raised here as
-        the original exception, with the stage name and item number attached.
-        """
-        stages = list(self.stages)
-        if items is not None:
-            if stages and stages[0].is_source:
-                raise ConfigError("this pipeline declares its own source; do not pass items")
-            stages.insert(0, items if isinstance(items, Source) else IterSource(items))
-        elif not stages or not stages[0].is_source:
-            raise ConfigError("no input: declare a source first or pass items to run()/open()")
-        run = _Run(self, stages)
-        results: Results[Any] = Results(run)
-        started = time.perf_counter()
-        run.tracing.start_run(self.name)
-        error: BaseException | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-                run.start(tg)
-                try:
-                    yield results
-                finally:
-                    if not run.exhausted:
-                        # Cancel, and keep the results channel open until every task has
-                        # unwound: closed now, a stage already woken with an item would fail
-                        # its next send with BrokenResourceError before seeing the cancel.
-                        tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            error = unwrap_group(group)
-            raise error from None
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            run.close_all()
-            run.flush_metrics()
-            results.report = run.report(time.perf_counter() - started)
-            run.tracing.end_run(error)
-        if results.report.complete and not results.report.balanced:
-            raise LedgerError(_imbalance(results.report))
+    run = _Run(config, stages)
+    results: Results[Any] = Results(run)
+    started = time.perf_counter()
+    run.tracing.start_run(config.name)
+    error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            run.start(tg)
+            try:
+                yield results
+            finally:
+                if not run.exhausted:
+                    # Cancel, and keep the results channel open until every task has
+                    # unwound: closed now, a stage already woken with an item would fail
+                    # its next send with BrokenResourceError before seeing the cancel.
+                    tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        error = unwrap_group(group)
+        raise error from None
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        run.close_all()
+        run.flush_metrics()
+        results.report = run.report(time.perf_counter() - started)
+        run.tracing.end_run(error)
+    if results.report.complete and not results.report.balanced:
+        raise LedgerError(_imbalance(results.report))
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -321,18 +264,18 @@ def _imbalance(report: RunReport) -> str:
 class _Run:
     """The state of one run of a pipeline."""
 
-    def __init__(self, pipeline: Pipeline, stages: list[Stage[Any, Any]]) -> None:
-        self.pipeline = pipeline
+    def __init__(self, config: RunConfig, stages: list[StageLike]) -> None:
+        self.config = config
         self.stages = stages
         reorder_at = len(stages)
-        if pipeline.ordered:
+        if config.ordered:
             reorder_at = next((i for i, s in enumerate(stages) if s.is_sink), len(stages))
-        self.ledger = _Ledger(pipeline.ordered, reorder_at)
+        self.ledger = Ledger(config.ordered, reorder_at)
         self.reorder_at = reorder_at
-        self.tracing = Tracing(pipeline.tracing)
+        self.tracing = Tracing(config.tracing)
         self.secrets: set[str] = set()
         self.dl_send, self.dl_recv = anyio.create_memory_object_stream[Envelope[Failed]](64)
-        self.state = RunState(pipeline.name, self.dl_send, self.ledger, self.tracing, self._redact)
+        self.state = RunState(config.name, self.dl_send, self.ledger, self.tracing, self._redact)
         self.stats = [StageStats(s.name, s.workers) for s in stages]
         self.failures: list[Failed] = []
         self.ok = 0
@@ -340,11 +283,11 @@ class _Run:
         self.source_scope: anyio.CancelScope | None = None
         self.state.on_stop = self._stop_source
         self.reorder: _Reorder | None = None
-        if pipeline.ordered:
-            self.reorder = _Reorder(pipeline.window, self.ledger)
+        if config.ordered:
+            self.reorder = _Reorder(config.window, self.ledger, self.state)
             self.stats.insert(reorder_at, StageStats("reorder"))
         # channels[i] feeds the i-th element of the wired chain (stages plus reorder)
-        self.chain: list[Stage[Any, Any]] = list(stages)
+        self.chain: list[StageLike] = list(stages)
         if self.reorder is not None:
             self.chain.insert(reorder_at, self.reorder)
         self.channels: list[
@@ -364,7 +307,7 @@ class _Run:
         self.remaining = len(self.chain)
         self.all_done = anyio.Event()
         self.wake: MemoryObjectSendStream[Envelope[Any]] | None = None
-        wanted = pipeline.metrics
+        wanted = config.metrics
         self.metrics: Metrics | None = None
         if wanted or (wanted is None and metrics_configured()):
             self.metrics = Metrics(None if isinstance(wanted, bool) else wanted)
@@ -387,7 +330,7 @@ class _Run:
     async def _metrics_task(self) -> None:
         """Flush metrics periodically until the stages are done (a reporter, not a sync)."""
         while self.remaining:
-            with anyio.move_on_after(self.pipeline.metrics_interval):
+            with anyio.move_on_after(self.config.metrics_interval):
                 await self.all_done.wait()
             self.flush_metrics()
 
@@ -428,7 +371,7 @@ class _Run:
     async def _stage_task(
         self,
         index: int,
-        stage: Stage[Any, Any],
+        stage: StageLike,
         recv: MemoryObjectReceiveStream[Envelope[Any]] | None,
         send: MemoryObjectSendStream[Envelope[Any]],
     ) -> None:
@@ -461,9 +404,9 @@ class _Run:
                 self.dl_send.close()
                 self.all_done.set()
 
-    async def _worker(self, stage: Stage[Any, Any], inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
+    async def _worker(self, stage: StageLike, inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
         current_stage.set(stage.name)
-        with inbox._stream, outbox._stream:  # type: ignore[union-attr]
+        with inbox, outbox:
             try:
                 if stage.is_source:
                     with anyio.CancelScope() as scope:
@@ -480,21 +423,21 @@ class _Run:
                 raise
 
     async def _dead_letter_task(self) -> None:
-        sink = self.pipeline.dead_letter
+        stage, sink = self.config.dead_letter_stage, self.config.dead_letter_fn
         with self.dl_recv:
+            if stage is not None:
+                await self._run_dead_letter_stage(stage)
+                return
             if sink is None:
                 async for env in self.dl_recv:
                     self.failures.append(env.value)
-                return
-            if isinstance(sink, Stage):
-                await self._run_dead_letter_stage(sink)
                 return
             async for env in self.dl_recv:
                 result = sink(env.value)
                 if inspect.isawaitable(result):
                     await result
 
-    async def _run_dead_letter_stage(self, sink: Stage[Failed, Any]) -> None:
+    async def _run_dead_letter_stage(self, sink: StageLike) -> None:
         stats = StageStats(sink.name, sink.workers)
         self.stats.append(stats)
         out_send, out_recv = anyio.create_memory_object_stream[Envelope[Any]](sink.buffer)
@@ -512,7 +455,7 @@ class _Run:
                 async for _ in out_recv:
                     pass
 
-    def _collect_secrets(self, stage: Stage[Any, Any]) -> None:
+    def _collect_secrets(self, stage: StageLike) -> None:
         secrets = getattr(stage, "secrets", None)
         if callable(secrets):
             self.secrets.update(s for s in secrets() if s and len(s) >= 4)
@@ -536,7 +479,7 @@ class _Run:
         stats = tuple(self.stats)
         user = [s for s in stats if s.name != "reorder" or self.reorder is None]
         return RunReport(
-            name=self.pipeline.name,
+            name=self.config.name,
             stages=stats,
             elapsed_s=elapsed,
             rows_in=self.ledger.entered,

@@ -39,9 +39,9 @@ from typing import Any, Literal, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
+from pipeline import Pipeline
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, ItemError, MissingFieldError, QuotaExhaustedError
-from pipeline._runner import Pipeline
 from pipeline._stage import Inbox, OnError, Outbox, Source
 from stages.llm._caller import (
     HTTP,

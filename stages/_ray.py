@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import anyio
 import anyio.to_thread
 
+from pipeline import Pipeline, Results
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._json import dumps, loads
-from pipeline._runner import Pipeline, Results
 from pipeline._stage import Inbox, ItemStage, Outbox, Source, Stage
 from stages.files import DeadLetterSink, FileSink, dead_letter_record
 from stages.files._records import encode_record, key_json

@@ -19,10 +19,10 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
 
+from pipeline import Pipeline
 from pipeline._errors import ConfigError, MissingFieldError, QuotaExhaustedError
 from pipeline._functions import filter as pfilter
 from pipeline._functions import flat_map, map
-from pipeline._runner import Pipeline
 from pipeline.testing._sim import SimConfig, serve
 from stages._langchain import ItemFailedError, PipelineRunnable, RunnableStage
 from stages.llm._caller import AuthenticationError, Limits, LLMCaller

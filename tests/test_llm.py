@@ -13,10 +13,10 @@ import anyio.lowlevel
 import pytest
 from tenacity import RetryCallState
 
+from pipeline import Pipeline
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, MissingFieldError
 from pipeline._report import RunReport
-from pipeline._runner import Pipeline
 from pipeline.testing._sim import SimConfig, embedding_for, serve
 from stages._batch import Batcher
 from stages.llm._admission import states_limits

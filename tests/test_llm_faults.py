@@ -18,9 +18,9 @@ import anyio
 import pytest
 from aiohttp import web
 
+from pipeline import Pipeline
 from pipeline._errors import QuotaExhaustedError
 from pipeline._report import RunReport
-from pipeline._runner import Pipeline
 from pipeline.testing._sim import SimConfig, serve
 from stages.llm._caller import (
     HTTP,

@@ -338,8 +338,10 @@ async def test_stop_lets_in_flight_items_finish() -> None:
             got = 0
             async for _ in results:
                 got += 1
+                assert results.stop_reason == (None if got <= 20 else "enough")
                 if got == 20:
                     results.stop("enough")
+                    results.stop("a second reason does not replace the first")
     report = results.report
     assert report is not None
     assert report.stopped == "enough" and report.complete and report.balanced

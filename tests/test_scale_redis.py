@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":  # a worker process: import the project from this checkout
     sys.path.insert(0, str(ROOT))
 
+from pipeline import Pipeline  # noqa: E402
 from pipeline._functions import map as pipeline_map  # noqa: E402
-from pipeline._runner import Pipeline  # noqa: E402
 from pipeline.testing._sim import SimConfig, Simulator, serve  # noqa: E402
 from stages.llm._caller import HTTP, Limits, LLMCaller, Retry  # noqa: E402
 from stages.llm._redis_limiter import RedisRateLimiter, RedisUnavailableError  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline import Pipeline
 from pipeline._errors import ConfigError
-from pipeline._runner import Pipeline
 from stages.llm._sse import (
     AnthropicStreamAssembler,
     ChatStreamAssembler,

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import aiohttp
 import anyio
 
-from pipeline._runner import Pipeline
+from pipeline import Pipeline
 from pipeline.cli._progress import ProgressDisplay, summary_table
 from pipeline.jobs._job import JobSettings, run_job
 from pipeline.testing._sim import SimConfig, serve

@@ -31,8 +31,8 @@ from pipeline._compat import BaseExceptionGroup
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import PipelineError
 from pipeline._json import dumps
-from pipeline._runner import Pipeline, unwrap_group
-from pipeline._stage import Inbox, Outbox, Source
+from pipeline._runner import unwrap_group
+from pipeline._stage import Inbox, Outbox, Pipeline, Source
 from pipeline.frames._checkpoint import MISSING, Checkpoint
 from pipeline.frames._options import Plan
 from pipeline.jobs import JobProgress, build_caller, preflight, release_caller, setup_failure

@@ -1008,7 +1008,7 @@ class _LocalJob:
                 await anyio.to_thread.run_sync(self.tracer.shutdown)
 
     async def _run(self, journal: Journal, caller: LLMCaller) -> JobSummary:
-        from pipeline._runner import Pipeline
+        from pipeline import Pipeline
         from stages._batch import Batcher
         from stages.files import open_sink, open_source
 
@@ -1164,7 +1164,7 @@ class _LocalJob:
             eta = max(self.total - skipped - done, 0) / rate
         stopping = self.stopped
         if stopping is None and self.results is not None:
-            stopping = self.results._run.state.stop_reason
+            stopping = self.results.stop_reason
         return JobProgress(
             rows_total=self.total,
             rows_done=done + skipped,
