@@ -46,3 +46,11 @@ def test_pure_pipeline_example_runs() -> None:
     assert "dead letter: item 5 'Error'" in done.stdout
     lines = [line for line in done.stdout.splitlines() if line.startswith("Hello")]
     assert lines == [f"Hello, {n}!" for n in ["Alice", "Bob", "Charlie", "Dave", "Emma"]]
+
+
+def test_readme_links_every_docs_page() -> None:
+    readme = (ROOT / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[\w-]+\.md)\)", readme))
+    pages = {f"docs/{page.name}" for page in (ROOT / "docs").glob("*.md")}
+    assert pages - linked == set(), "add these pages to README.md's documentation table"
+    assert linked - pages == set(), "README.md links pages that do not exist"
