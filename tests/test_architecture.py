@@ -70,7 +70,6 @@ PUBLIC_UNDERSCORED = {"_replace", "_asdict", "_fields", "_make", "_field_default
 OVERSIZE_FILES: dict[str, str] = {
     "pipeline/jobs/_job.py": "being split by engines",
     "pipeline/server/_app.py": "being split by house (server/simulator/files/CLI)",
-    "pipeline/testing/_sim.py": "being split by house (server/simulator/files/CLI)",
     "stages/_ray.py": "being split by engines (the Ray adapter apart from the Ray job engine)",
     "stages/files/_files.py": "being split by house (server/simulator/files/CLI)",
     "stages/llm/_caller.py": "being split by caller-split (LLMCaller into its parts)",
