@@ -140,7 +140,14 @@ PINNED: dict[str, list[str]] = {
         "setup_failure",
     ],
     "pipeline.server": ["ServerConfig", "create_app", "main"],
-    "pipeline.testing": ["SimConfig", "Simulator", "embedding_for", "serve"],
+    "pipeline.testing": [
+        "BatchSim",
+        "BatchSimConfig",
+        "SimConfig",
+        "Simulator",
+        "embedding_for",
+        "serve",
+    ],
     "pipeline.cli": ["main"],
     "pipeline.frames": ["EnrichOptions", "RowFailedError", "aenrich", "astream", "enrich"],
 }
