@@ -61,8 +61,21 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, default=_default, separators=(",", ":")).encode("ascii")
 
 
-_LONG_DIGITS = re.compile(rb"\d{19}")
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN = b"0" * 19
 _LONG_DIGITS_STR = re.compile(r"\d{19}")
+
+
+def _has_long_digits(data: bytes | str) -> bool:
+    """Return whether ``data`` holds a run of 19 or more digits.
+
+    For bytes (every response body the LLM caller reads) this maps each digit to ``0`` and
+    looks for nineteen of them in a row: a few times faster than the regular expression, which
+    costs more than orjson's whole parse of a typical answer.
+    """
+    if isinstance(data, bytes):
+        return _LONG_RUN in data.translate(_DIGITS_AS_ZERO)
+    return _LONG_DIGITS_STR.search(data) is not None
 
 
 def loads(data: bytes | str) -> Any:
@@ -75,15 +88,11 @@ def loads(data: bytes | str) -> Any:
         NestingError: The text nests deeper than the parser can follow (a ``ValueError``).
         ValueError: The text is not valid JSON.
     """
-    if _orjson is not None:
-        long = (
-            _LONG_DIGITS.search(data) if isinstance(data, bytes) else _LONG_DIGITS_STR.search(data)
-        )
-        if long is None:
-            try:
-                return _orjson.loads(data)
-            except ValueError:
-                pass
+    if _orjson is not None and not _has_long_digits(data):
+        try:
+            return _orjson.loads(data)
+        except ValueError:
+            pass
     try:
         return json.loads(data)
     except RecursionError:

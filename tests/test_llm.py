@@ -16,6 +16,7 @@ from tenacity import RetryCallState
 from pipeline import Pipeline
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, MissingFieldError
+from pipeline._json import loads
 from pipeline._report import RunReport
 from pipeline.testing._sim import SimConfig, embedding_for, serve
 from stages._batch import Batcher
@@ -725,6 +726,12 @@ def test_response_bodies_parse_like_json_loads(fast: str, monkeypatch: pytest.Mo
     assert parse(json.dumps(body, ensure_ascii=False).encode("utf-16")).text == "é 😀"
     nan = {"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": float("nan")}}
     assert parse(json.dumps(nan).encode()).usage is None  # NaN: the stdlib's extension
+    # integers past 64 bits keep every digit (orjson would read them as floats)
+    assert loads(b'{"n": 12345678901234567890123}')["n"] == 12345678901234567890123
+    assert loads(b"[-1234567890123456789, 123456789012345678]") == [
+        -1234567890123456789,
+        123456789012345678,
+    ]
     for raw in (b"<html>502 Bad Gateway</html>", b""):
         with pytest.raises(LLMCallError, match="non-JSON body") as info:
             parse(raw)

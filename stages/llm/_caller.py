@@ -74,7 +74,6 @@ from pipeline._errors import ConfigError, FatalError, MissingFieldError
 from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
 from pipeline._stage import Inbox, ItemStage, Outbox
 from stages._batch import split_batch
-from stages.llm import _prompt as prompts
 from stages.llm._admission import CURRENT_SEAT, Admission, Limits, Seat
 from stages.llm._errors import (
     AuthenticationError,
@@ -94,6 +93,14 @@ from stages.llm._output import (
     answer_of,
     reask_messages,
     short,
+)
+from stages.llm._prompt import (
+    Template,
+    chat_messages,
+    chat_parts,
+    embedding_text,
+    one_message_payload,
+    prompt_text,
 )
 from stages.llm._providers import (
     SENSITIVE_HEADERS,
@@ -207,7 +214,7 @@ class LLMCaller(ItemStage[Any, Any]):
             on_error=retry.on_error,
         )
         self.model = model
-        self.template = prompts.Template(prompt) if prompt is not None else None
+        self.template = Template(prompt) if prompt is not None else None
         self.system = system
         self.params = dict(params or {})
         self.endpoint: Endpoint = endpoint
@@ -348,9 +355,7 @@ class LLMCaller(ItemStage[Any, Any]):
         """
         if self.provider is None or self.endpoint != "chat" or self.http.cache is not None:
             return None
-        return prompts.chat_parts(
-            self.provider, self.model, self.system, self.params, self.output.stream
-        )
+        return chat_parts(self.provider, self.model, self.system, self.params, self.output.stream)
 
     @property
     def run_state(self) -> Exchange:
@@ -452,7 +457,7 @@ class LLMCaller(ItemStage[Any, Any]):
             result = parsed if checked else raw
             return self.value_of(env, answer, result, started=started, cost=cost, parsed=parsed)
         if self.endpoint == "embeddings":
-            text = prompts.embedding_text(self.template, env.value)
+            text = embedding_text(self.template, env.value)
             answer, cost, cached = await self._embed(env, outbox, [text], deadline)
             vector = answer.embeddings[0] if answer.embeddings else None
             return self.value_of(
@@ -505,15 +510,15 @@ class LLMCaller(ItemStage[Any, Any]):
         reask = self.output.reask
         messages: list[dict[str, Any]] | None = None
         parts = run.chat_parts
-        text = prompts.prompt_text(self.template, env.value) if parts is not None else None
+        text = prompt_text(self.template, env.value) if parts is not None else None
         if text is None:
-            messages = prompts.messages(self.template, env.value)
+            messages = chat_messages(self.template, env.value)
         total_cost = 0.0
         any_cached = False
         for round_ in range(reask + 1):
             if messages is None:
                 assert text is not None and parts is not None
-                payload = prompts.one_message_payload(parts, text)
+                payload = one_message_payload(parts, text)
                 answer, cost, cached = await run.request(
                     env, outbox, run.chat_url, None, 1, deadline, payload
                 )
@@ -562,7 +567,7 @@ class LLMCaller(ItemStage[Any, Any]):
         texts: list[str] = []
         for member in env.members:
             try:
-                texts.append(prompts.embedding_text(self.template, member.value))
+                texts.append(embedding_text(self.template, member.value))
             except MissingFieldError as error:
                 await outbox.fail(member, error)
                 continue

@@ -78,7 +78,7 @@ def available(record: Any) -> Sequence[str]:
     return ["value"]
 
 
-def messages(template: Template | None, record: Any) -> list[dict[str, Any]]:
+def chat_messages(template: Template | None, record: Any) -> list[dict[str, Any]]:
     """Return the chat messages of ``record``.
 
     Raises:
@@ -130,7 +130,7 @@ def prompt_text(template: Template | None, record: Any) -> str | None:
         and isinstance(record.get("prompt"), str)
     ):
         return str(record["prompt"])
-    return None  # messages() reads it, or says what is missing
+    return None  # chat_messages() reads it, or says what is missing
 
 
 def chat_parts(
@@ -174,7 +174,7 @@ __all__ = [
     "available",
     "chat_parts",
     "embedding_text",
-    "messages",
+    "chat_messages",
     "one_message_payload",
     "prompt_text",
 ]
