@@ -51,6 +51,9 @@ retry policy and what failures  ``retry=Retry(...)``           :mod:`stages.llm.
 mean
 output: JSON checks, re-asks,   ``output="completion"`` or     :mod:`stages.llm._output`
 costs, budget, emitted value    ``Output(...)``
+one run, and each request's     (made when a run starts)       :mod:`stages.llm._exchange`
+path from cache to answer
+what can fail, as exceptions    (raised, not configured)       :mod:`stages.llm._errors`
 ==============================  =============================  ==================================
 
 The options are frozen keyword-only dataclasses, validated when built; the objects that live
