@@ -3,6 +3,7 @@ and the happy paths end to end through a real socket against the simulated provi
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -102,6 +103,13 @@ def test_the_constructor_keeps_the_readme_keywords_and_groups_the_rest() -> None
     tuned = LLMCaller(model="m", rpm=60, limits=Limits(tpm=1000, concurrency=2))
     assert (tuned.limits.rpm, tuned.limits.tpm, tuned.limits.concurrency) == (60, 1000, 2)
     assert LLMCaller(model="m", output="completion").output.form == "completion"
+
+
+def test_the_constructor_takes_under_fifteen_keywords() -> None:
+    # the rarer options live in Limits, Retry, Output and HTTP; a new option goes there too
+    parameters = list(inspect.signature(LLMCaller.__init__).parameters.values())[1:]
+    assert len(parameters) < 15
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
 
 
 def test_a_limiter_given_in_limits_is_the_callers_part_not_an_option() -> None:
