@@ -441,7 +441,7 @@ def test_cache_hits_through_the_cli(tmp_path: Path, sim: Simulator) -> None:
 
 
 def test_uvloop_is_used_when_installed() -> None:
-    from pipeline.cli._main import backend_options
+    from pipeline.cli._common import backend_options
 
     pytest.importorskip("uvloop")
     assert backend_options() == {"use_uvloop": True}

@@ -21,15 +21,18 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import aiohttp
 import anyio
 
 from pipeline import Pipeline
+from pipeline.cli._common import backend_options
 from pipeline.cli._progress import ProgressDisplay, summary_table
-from pipeline.jobs._job import JobSettings, run_job
-from pipeline.testing._sim import SimConfig, serve
+from pipeline.jobs import JobSettings, run_job
+from pipeline.testing import SimConfig, serve
+from stages.llm import HTTP, Limits, LLMCaller
 
 NAMES = [
     "Alice",
@@ -89,8 +92,6 @@ async def sequential(url: str, names: list[str]) -> tuple[float, list[str]]:
 
 async def pipelined(url: str, names: list[str]) -> tuple[float, list[Any]]:
     """Greet ``names`` through a pipeline with every request in flight; return time, answers."""
-    from stages.llm._caller import HTTP, Limits, LLMCaller
-
     caller = LLMCaller(
         model=MODEL,
         prompt=PROMPT,
@@ -125,78 +126,89 @@ async def demo(
         out: Where to print (standard output by default).
         progress: The progress display for the file job (default: on standard error).
     """
-    out = out if out is not None else sys.stdout
+    stream = out if out is not None else sys.stdout
     os.environ.setdefault(KEY_ENV, "demo-key-not-secret")
 
     def say(text: str = "") -> None:
-        out.write(text + "\n")
-        out.flush()
+        stream.write(text + "\n")
+        stream.flush()
 
     config = SimConfig(latency_ms=latency_ms, jitter_ms=jitter_ms, seed=7)
-    figures: dict[str, Any] = {}
     async with serve(config) as sim:
         say(f"Simulated LLM server on {sim.url} (latency {latency_ms:g} +/- {jitter_ms:g} ms)")
         say()
-        say(f"1. Greeting {len(NAMES)} names one request at a time...")
-        seq_s, seq_answers = await sequential(sim.url, NAMES)
-        say(f"   {seq_answers[0]!r} ... {seq_answers[-1]!r}")
-        say(f"   sequential: {seq_s:.2f} s")
-        say(f"2. Greeting the same {len(NAMES)} names through the pipeline...")
-        par_s, par_answers = await pipelined(sim.url, NAMES)
-        if par_answers != seq_answers:  # the simulator's answers are deterministic
-            raise AssertionError("the pipeline's answers differ from the sequential ones")
-        say(f"   pipeline:   {par_s:.2f} s")
-        speedup = seq_s / par_s if par_s > 0 else float("inf")
-        published = PUBLISHED[0] / PUBLISHED[1]
+        figures = await _speed_test(sim.url, say)
         say()
-        say(f"   speed-up: {speedup:.2f}x  ({seq_s:.2f} s -> {par_s:.2f} s)")
-        say(f"   source documents: {PUBLISHED[0]:.2f} s -> {PUBLISHED[1]:.2f} s, {published:.2f}x")
-        figures.update(sequential_s=seq_s, pipeline_s=par_s, speedup=speedup)
-
-        say()
-        sample = sample_path()
-        workdir = None
-        if output is None:
-            workdir = tempfile.mkdtemp(prefix="llm-pipeline-demo-")
-            target = os.path.join(workdir, "customers.enriched.jsonl")
-        else:
-            target = output
-        say(f"3. Enriching {os.path.basename(sample)} (1,000 rows) with {concurrency} in flight...")
-        try:
-            settings = JobSettings(
-                input=sample,
-                output=target,
-                model=MODEL,
-                prompt=SAMPLE_PROMPT,
-                base_url=sim.url,
-                api_key_env=KEY_ENV,
-                id_field="id",
-                concurrency=concurrency,
-                output_field="note",
-                ordered=True,
-                overwrite=True,
-            )
-            display = progress if progress is not None else ProgressDisplay()
-            interval = 0.1 if display.tty else 1.0
-            summary = await run_job(
-                settings, on_progress=display.update, progress_interval=interval
-            )
-            display.close()
-            say(summary_table(summary))
-            say()
-            say("First rows of the output:")
-            text = await anyio.Path(target).read_text(encoding="utf-8")
-            for line in text.splitlines()[:3]:
-                say("   " + json.dumps(json.loads(line), ensure_ascii=False))
-            if workdir is not None:
-                say("(the output was written to a temporary directory; --output PATH keeps it)")
-            figures.update(file_rows=summary.total_ok, file_s=summary.elapsed_s)
-        finally:
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
-        counters = sim.counters()
-        figures["server_requests"] = counters["requests"]
+        figures.update(await _file_job(sim.url, say, concurrency, output, progress))
+        figures["server_requests"] = sim.counters()["requests"]
     return figures
+
+
+async def _speed_test(url: str, say: Callable[..., None]) -> dict[str, Any]:
+    """Greet the names one at a time, then through the pipeline; print and return the times."""
+    say(f"1. Greeting {len(NAMES)} names one request at a time...")
+    seq_s, seq_answers = await sequential(url, NAMES)
+    say(f"   {seq_answers[0]!r} ... {seq_answers[-1]!r}")
+    say(f"   sequential: {seq_s:.2f} s")
+    say(f"2. Greeting the same {len(NAMES)} names through the pipeline...")
+    par_s, par_answers = await pipelined(url, NAMES)
+    if par_answers != seq_answers:  # the simulator's answers are deterministic
+        raise AssertionError("the pipeline's answers differ from the sequential ones")
+    say(f"   pipeline:   {par_s:.2f} s")
+    speedup = seq_s / par_s if par_s > 0 else float("inf")
+    published = PUBLISHED[0] / PUBLISHED[1]
+    say()
+    say(f"   speed-up: {speedup:.2f}x  ({seq_s:.2f} s -> {par_s:.2f} s)")
+    say(f"   source documents: {PUBLISHED[0]:.2f} s -> {PUBLISHED[1]:.2f} s, {published:.2f}x")
+    return {"sequential_s": seq_s, "pipeline_s": par_s, "speedup": speedup}
+
+
+async def _file_job(
+    url: str,
+    say: Callable[..., None],
+    concurrency: int,
+    output: str | None,
+    progress: ProgressDisplay | None,
+) -> dict[str, Any]:
+    """Enrich the bundled sample with a file job; print its summary and first rows."""
+    sample = sample_path()
+    workdir = None
+    if output is None:
+        workdir = tempfile.mkdtemp(prefix="llm-pipeline-demo-")
+        target = os.path.join(workdir, "customers.enriched.jsonl")
+    else:
+        target = output
+    say(f"3. Enriching {os.path.basename(sample)} (1,000 rows) with {concurrency} in flight...")
+    try:
+        settings = JobSettings(
+            input=sample,
+            output=target,
+            model=MODEL,
+            prompt=SAMPLE_PROMPT,
+            base_url=url,
+            api_key_env=KEY_ENV,
+            id_field="id",
+            concurrency=concurrency,
+            output_field="note",
+            ordered=True,
+            overwrite=True,
+        )
+        display = progress if progress is not None else ProgressDisplay()
+        interval = 0.1 if display.tty else 1.0
+        summary = await run_job(settings, on_progress=display.update, progress_interval=interval)
+        display.close()
+        say(summary_table(summary))
+        say()
+        say("First rows of the output:")
+        text = await anyio.Path(target).read_text(encoding="utf-8")
+        for line in text.splitlines()[:3]:
+            say("   " + json.dumps(json.loads(line), ensure_ascii=False))
+        if workdir is not None:
+            say("(the output was written to a temporary directory; --output PATH keeps it)")
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return {"file_rows": summary.total_ok, "file_s": summary.elapsed_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         "--output", default=None, help="keep the enriched sample here (default: not kept)"
     )
     args = parser.parse_args(argv)
-    from pipeline.cli._main import backend_options
-
     if args.latency_ms < 0 or args.jitter_ms < 0 or args.concurrency < 1:
         parser.error("latency and jitter must be >= 0 and concurrency >= 1")
     try:

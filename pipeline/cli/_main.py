@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -19,24 +17,27 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from argparse import SUPPRESS
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
 
 from pipeline._errors import ConfigError
 from pipeline._logging import StageFilter
+from pipeline.cli._common import (
+    EXIT_FAILED_ROWS,
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    backend_options,
+    print_error,
+)
 from pipeline.cli._observe import RunObserver
 from pipeline.cli._progress import ProgressDisplay, summary_table
-from pipeline.jobs._job import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
-
-PROG = "llm-pipeline"
-
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_USAGE = 2
-EXIT_FAILED_ROWS = 3
-EXIT_INTERRUPTED = 130
+from pipeline.jobs import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
 
 
 def _int(text: str) -> int:
@@ -73,13 +74,22 @@ def _header(text: str) -> tuple[str, str]:
 
 
 def _run_parser(parser: argparse.ArgumentParser) -> None:
-    s = argparse.SUPPRESS
-    bool_flag = argparse.BooleanOptionalAction
     parser.add_argument(
-        "input", nargs="?", default=s, help="input file (JSONL, CSV, Parquet; - for stdin)"
+        "input", nargs="?", default=SUPPRESS, help="input file (JSONL, CSV, Parquet; - for stdin)"
     )
-    parser.add_argument("-o", "--output", default=s, help="output file (format by extension)")
+    parser.add_argument(
+        "-o", "--output", default=SUPPRESS, help="output file (format by extension)"
+    )
+    _request_arguments(parser)
+    _limit_arguments(parser)
+    _file_arguments(parser)
+    _running_arguments(parser)
+
+
+def _request_arguments(parser: argparse.ArgumentParser) -> None:
     job = parser.add_argument_group("model and request")
+    s = SUPPRESS
+    bool_flag = argparse.BooleanOptionalAction
     job.add_argument("--model", default=s, help="model name (Azure: deployment)")
     job.add_argument(
         "--prompt", default=s, metavar="TEMPLATE", help='template over row fields: "Hello {name}"'
@@ -116,7 +126,11 @@ def _run_parser(parser: argparse.ArgumentParser) -> None:
     )
     job.add_argument("--id-field", default=s, metavar="FIELD", help="row key (default: line no.)")
     job.add_argument("--batch-size", type=_int, default=s, help="rows per embeddings request")
+
+
+def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits = parser.add_argument_group("limits and retries")
+    s = SUPPRESS
     limits.add_argument(
         "--concurrency", type=_int, default=s, metavar="N", help="fixed (default adaptive)"
     )
@@ -138,7 +152,12 @@ def _run_parser(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--budget", type=_number, default=s, metavar="USD", help="stop reading input at this cost"
     )
+
+
+def _file_arguments(parser: argparse.ArgumentParser) -> None:
     files = parser.add_argument_group("files and resume")
+    s = SUPPRESS
+    bool_flag = argparse.BooleanOptionalAction
     files.add_argument("--dead-letter", default=s, metavar="PATH", help="OUTPUT.failed.jsonl")
     files.add_argument("--resume", action="store_true", default=s, help="continue a stopped job")
     files.add_argument(
@@ -150,7 +169,11 @@ def _run_parser(parser: argparse.ArgumentParser) -> None:
     files.add_argument("--output-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
     files.add_argument("--summary-json", default=s, metavar="PATH", help="write the summary here")
     files.add_argument("--config", default=s, metavar="job.toml", help="settings from a job file")
+
+
+def _running_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("running")
+    s = SUPPRESS
     run.add_argument("--engine", choices=["local", "ray"], default=s)
     run.add_argument("--ray-address", default=s, metavar="ADDR")
     run.add_argument("--trace", choices=["console", "otlp"], default=s, help="export spans")
@@ -271,16 +294,6 @@ def _configured_logging(quiet: bool, debug: bool) -> Iterator[None]:
             logger.setLevel(old)
 
 
-def backend_options() -> dict[str, Any]:
-    """Return anyio's asyncio options: uvloop when it is installed."""
-    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
-
-
-def _error(text: str) -> None:
-    sys.stderr.write(f"{PROG}: error: {text}\n")
-    sys.stderr.flush()
-
-
 def _one_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return " ".join(text.split("\n")[0].split()) if "\n" in text else text
@@ -303,7 +316,7 @@ def _write_summary(path: str | None, summary: JobSummary, status: int, error: st
             json.dump(data, f, indent=2)
             f.write("\n")
     except OSError as exc:
-        _error(f"cannot write the summary to {path!r}: {exc.strerror or exc}")
+        print_error(f"cannot write the summary to {path!r}: {exc.strerror or exc}")
 
 
 async def _watch_signals(stop: anyio.Event, display: ProgressDisplay | None) -> None:
@@ -370,13 +383,13 @@ def run_command(argv: Sequence[str]) -> int:
         settings, _flags = settings_from_args(args)
         settings.require_paths()
     except ConfigError as error:
-        _error(str(error))
+        print_error(str(error))
         return EXIT_USAGE
     display = None if settings.quiet else ProgressDisplay()
     if interval is None:
         interval = 0.2 if display is not None and display.tty else 5.0
     if interval <= 0:
-        _error(f"--progress-interval must be > 0, got {interval:g}")
+        print_error(f"--progress-interval must be > 0, got {interval:g}")
         return EXIT_USAGE
     with _configured_logging(settings.quiet, debug), _metrics_server(metrics_port) as metrics:
         if metrics is None and metrics_port is not None:
@@ -399,7 +412,7 @@ def run_command(argv: Sequence[str]) -> int:
     if not summary.complete:
         left = f"{summary.total_ok + summary.total_failed:,} rows done so far"
         message = f"stopped before the end ({summary.stopped}): {left}"
-        _error(f"{message}; run the same command with --resume to continue")
+        print_error(f"{message}; run the same command with --resume to continue")
     _write_summary(settings.summary_json, summary, status, message)
     observer.finish(summary, exit_status=status, error=message)
     return status
@@ -422,7 +435,7 @@ def _run_observed(
     except ConfigError as error:
         if display is not None:
             display.close()
-        _error(str(error))
+        print_error(str(error))
         observer.finish(None, exit_status=EXIT_USAGE, error=str(error))
         return EXIT_USAGE
     except JobFailedError as error:
@@ -430,7 +443,7 @@ def _run_observed(
             display.close()
         if debug:
             traceback.print_exception(error)
-        _error(_one_line(error))
+        print_error(_one_line(error))
         _write_summary(settings.summary_json, error.summary, EXIT_FATAL, str(error))
         observer.finish(error.summary, exit_status=EXIT_FATAL, error=str(error))
         return EXIT_FATAL
@@ -440,7 +453,7 @@ def _run_observed(
         if debug:
             traceback.print_exception(error)
         text = f"{type(error).__name__}: {_one_line(error)}"
-        _error(text)
+        print_error(text)
         observer.finish(None, exit_status=EXIT_FATAL, error=text)
         return EXIT_FATAL
 
@@ -458,7 +471,7 @@ def _metrics_server(port: int | None) -> Iterator[Any]:
     try:
         from pipeline.jobs._metrics import JobMetrics
     except ImportError as error:
-        _error(
+        print_error(
             f"--metrics-port needs the [server] extra: pip install 'llm-pipeline[server]' ({error})"
         )
         yield None
@@ -467,7 +480,7 @@ def _metrics_server(port: int | None) -> Iterator[Any]:
     try:
         server = metrics.serve(port)
     except OSError as error:
-        _error(f"--metrics-port: cannot serve on 127.0.0.1:{port}: {error.strerror or error}")
+        print_error(f"--metrics-port: cannot serve on 127.0.0.1:{port}: {error.strerror or error}")
         metrics.shutdown()
         yield None
         return
@@ -479,18 +492,43 @@ def _metrics_server(port: int | None) -> Iterator[Any]:
         metrics.shutdown()
 
 
-def _delegate(module: str, argv: Sequence[str], extra: str | None = None) -> int:
+def _report(argv: list[str]) -> int:
+    from pipeline.cli._report import main as report_main
+
+    return report_main(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from pipeline.cli._demo import main as demo_main  # aiohttp and the simulator: only here
+
+    return demo_main(argv)
+
+
+def _sim(argv: list[str]) -> int:
+    from pipeline.testing._sim import main as sim_main
+
+    return sim_main(argv)
+
+
+def _serve(argv: list[str]) -> int:
     try:
-        target = importlib.import_module(module)
-    except ImportError as error:
-        if extra is None:
-            raise
-        _error(
-            f"this command needs the [{extra}] extra: pip install 'llm-pipeline[{extra}]' ({error})"
+        from pipeline.server import main as serve_main
+    except ImportError as exc:
+        print_error(
+            f"this command needs the [server] extra: pip install 'llm-pipeline[server]' ({exc})"
         )
         return EXIT_FATAL
-    status = target.main(list(argv))
-    return int(status or 0)
+    return serve_main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "run": run_command,
+    "report": _report,
+    "demo": _demo,
+    "sim": _sim,
+    "serve": _serve,
+}
+"""Each command's function: its arguments after the command name in, the exit status out."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -503,16 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: list[str]) -> int:
-    if args and args[0] == "run":
-        return run_command(args[1:])
-    if args and args[0] == "report":
-        return _delegate("pipeline.cli._report", args[1:])
-    if args and args[0] == "demo":
-        return _delegate("pipeline.cli._demo", args[1:])
-    if args and args[0] == "sim":
-        return _delegate("pipeline.testing._sim", args[1:])
-    if args and args[0] == "serve":
-        return _delegate("pipeline.server", args[1:], extra="server")
+    command = COMMANDS.get(args[0]) if args else None
+    if command is not None:
+        return int(command(args[1:]) or 0)
     parser = build_parser()
     if not args:
         parser.print_help(sys.stderr)
@@ -521,4 +552,4 @@ def _main(args: list[str]) -> int:
     return EXIT_USAGE  # pragma: no cover - parse_args exits
 
 
-__all__ = ["build_parser", "main", "run_command", "settings_from_args"]
+__all__ = ["COMMANDS", "build_parser", "main", "run_command", "settings_from_args"]

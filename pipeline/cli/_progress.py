@@ -3,7 +3,7 @@
 On a terminal, :class:`ProgressDisplay` redraws one status line in place (a bar when the total
 is known, rows/s, tokens/s, retries, errors, cost and ETA); elsewhere (a log file, CI) it prints
 a plain progress line each time it is updated, which the CLI does every few seconds.
-:func:`summary_table` formats a :class:`~pipeline.jobs._job.JobSummary` for people.
+:func:`summary_table` formats a :class:`~pipeline.jobs.JobSummary` for people.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from pipeline.jobs._job import JobProgress, JobSummary
+    from pipeline.jobs import JobProgress, JobSummary
 
 _BAR_WIDTH = 24
 
