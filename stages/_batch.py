@@ -93,20 +93,8 @@ class Batcher(Stage[T, list[T]], Generic[T]):
         tokens = 0
         deadline = math.inf
         while True:
-            env: Envelope[T] | None = None
             try:
-                # Take a waiting item without awaiting: the wait below then starts empty-handed,
-                # so the deadline can only cancel a receive that holds no item.
-                env = inbox.receive_nowait()
-            except WouldBlock:
-                try:
-                    if members:
-                        with anyio.move_on_after(deadline - anyio.current_time()):
-                            env = await inbox.receive()
-                    else:
-                        env = await inbox.receive()
-                except EndOfStream:
-                    break
+                env = await _next_item(inbox, deadline)
             except EndOfStream:
                 break
             if env is None:  # max_wait passed
@@ -145,6 +133,25 @@ class Batcher(Stage[T, list[T]], Generic[T]):
                 batch.context = trace.set_span_in_context(span)
         self.batches += 1
         await outbox.send(batch)
+
+
+async def _next_item(inbox: Inbox[T], deadline: float) -> Envelope[T] | None:
+    """Return the next item, or ``None`` if the deadline (``inf``: none) passes first.
+
+    Raises:
+        EndOfStream: The input ended.
+    """
+    try:
+        # Take a waiting item without awaiting: the wait below then starts empty-handed,
+        # so the deadline can only cancel a receive that holds no item.
+        return inbox.receive_nowait()
+    except WouldBlock:
+        pass
+    if deadline == math.inf:
+        return await inbox.receive()
+    with anyio.move_on_after(deadline - anyio.current_time()):
+        return await inbox.receive()
+    return None
 
 
 def split_batch(env: Envelope[Any], values: Sequence[U]) -> list[Envelope[U]]:

@@ -127,27 +127,39 @@ class CsvSource(FileSource):
                 batch = await anyio.to_thread.run_sync(_take, records, CHUNK_ROWS)
                 if not batch:
                     break
-                for line, fields, raw, problem in batch:
-                    if header is None:
-                        if fields == []:
-                            continue
-                        header = self._header(fields, problem)
-                        continue
-                    if fields == [] and problem is None:
-                        continue
-                    if problem is not None or fields is None:
-                        await self._reject(outbox, raw, line, problem or "invalid CSV")
-                    elif len(fields) != len(header):
-                        await self._reject(
-                            outbox,
-                            raw,
-                            line,
-                            f"row has {len(fields)} fields, the header has {len(header)}",
-                        )
-                    else:
-                        await self._row(outbox, dict(zip(header, fields, strict=True)), line, raw)
+                header = await self._records(outbox, header, batch)
         finally:
             self._close(f)
+
+    async def _records(
+        self, outbox: Outbox[Row], header: list[str] | None, batch: list[Any]
+    ) -> list[str] | None:
+        """Emit or reject a batch of records (the first non-blank one is the header)."""
+        for line, fields, raw, problem in batch:
+            if header is None:
+                if fields != []:
+                    header = self._header(fields, problem)
+            elif fields != [] or problem is not None:
+                await self._record(outbox, header, line, fields, raw, problem)
+        return header
+
+    async def _record(
+        self,
+        outbox: Outbox[Row],
+        header: list[str],
+        line: int,
+        fields: list[str] | None,
+        raw: str,
+        problem: str | None,
+    ) -> None:
+        """Emit one record as a row, or reject it."""
+        if problem is not None or fields is None:
+            await self._reject(outbox, raw, line, problem or "invalid CSV")
+        elif len(fields) != len(header):
+            problem = f"row has {len(fields)} fields, the header has {len(header)}"
+            await self._reject(outbox, raw, line, problem)
+        else:
+            await self._row(outbox, dict(zip(header, fields, strict=True)), line, raw)
 
     def _header(self, fields: list[str] | None, problem: str | None) -> list[str]:
         if fields is None or problem is not None:

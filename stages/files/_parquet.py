@@ -162,25 +162,8 @@ class ParquetSink(FileSink):
             for row in chunk:
                 names.update(dict.fromkeys(row))
             for name in names:
-                if name in as_json:
-                    continue
-                try:
-                    kind = pa.array([row.get(name) for row in chunk]).type
-                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                if name not in as_json and not _infer(pa, types, name, chunk):
                     as_json.add(name)
-                    continue
-                known = types.get(name)
-                if known is None or pa.types.is_null(known):
-                    types[name] = kind
-                elif not pa.types.is_null(kind) and kind != known:
-                    try:
-                        merged = pa.unify_schemas(
-                            [pa.schema([(name, known)]), pa.schema([(name, kind)])],
-                            promote_options="permissive",
-                        )
-                        types[name] = merged.field(name).type
-                    except (pa.ArrowInvalid, pa.ArrowTypeError):
-                        as_json.add(name)
         schema = pa.schema(
             [(n, pa.string() if n in as_json else types.get(n, pa.null())) for n in names]
         )
@@ -196,3 +179,24 @@ class ParquetSink(FileSink):
                         ]
                     columns.append(pa.array(values, type=field.type))
                 writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+
+
+def _infer(pa: Any, types: dict[str, Any], name: str, chunk: list[dict[str, Any]]) -> bool:
+    """Widen ``types[name]`` by a chunk's values; ``False`` if they share no Arrow type."""
+    try:
+        kind = pa.array([row.get(name) for row in chunk]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return False
+    known = types.get(name)
+    if known is None or pa.types.is_null(known):
+        types[name] = kind
+    elif not pa.types.is_null(kind) and kind != known:
+        try:
+            merged = pa.unify_schemas(
+                [pa.schema([(name, known)]), pa.schema([(name, kind)])],
+                promote_options="permissive",
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return False
+        types[name] = merged.field(name).type
+    return True
