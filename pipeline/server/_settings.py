@@ -13,8 +13,9 @@ from typing import Any
 from pipeline._errors import ConfigError
 from pipeline.jobs import JobSettings
 from pipeline.server._config import RequestError, ServerConfig
+from stages.llm._providers import SENSITIVE_HEADERS
 
-__all__ = ["OUTPUT", "SENSITIVE_HEADERS", "SERVER_ONLY", "check_settings", "job_settings"]
+__all__ = ["OUTPUT", "SERVER_ONLY", "check_settings", "job_settings"]
 
 SERVER_ONLY = frozenset(
     {
@@ -32,7 +33,6 @@ SERVER_ONLY = frozenset(
 )
 """Settings a request may not give: the server decides them (or they name its resources)."""
 
-SENSITIVE_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
 OUTPUT = "output.jsonl"
 """The name of a job's output file in its directory."""
 
