@@ -768,3 +768,29 @@ async def test_client_leaving_mid_stream_is_counted_not_logged_as_error(
     # leaving serve() waited for the handler, which found the connection gone on its next write
     assert sim.counters()["by_route"]["/v1/chat/completions"] == {"disconnected": 1}
     assert not [rec for rec in caplog.records if rec.name.startswith("aiohttp")]
+
+
+async def test_an_endpoint_family_is_one_register_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new family plugs in by its register(core, router): numbered and counted like the rest."""
+    import pipeline.testing._sim._server as sim_server
+    from pipeline.testing._sim._core import SimCore
+
+    def register_numbers(core: SimCore, router: web.UrlDispatcher) -> None:
+        async def number(request: web.Request, n: int) -> web.StreamResponse:
+            return web.json_response({"n": n, "model": core.config.model})
+
+        core.route(router, "GET", "/v1/number", number)
+
+    monkeypatch.setattr(
+        sim_server, "ENDPOINT_FAMILIES", (*sim_server.ENDPOINT_FAMILIES, register_numbers)
+    )
+    async with server(model="m-9") as (sim, session):
+        async with session.post(sim.url + "/chat/completions", json=chat()) as r:
+            assert r.status == 200
+        async with session.get(sim.url + "/number") as r:
+            assert await r.json() == {"n": 1, "model": "m-9"}
+    counters = sim.counters()
+    assert counters["requests"] == 2
+    assert counters["by_route"]["/v1/number"] == {"200": 1}
