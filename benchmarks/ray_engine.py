@@ -59,8 +59,8 @@ def check_output(path: Path, rows: int) -> None:
 async def run_engine(
     engine: str, url: str, inp: Path, out: Path, concurrency: int, actors: int
 ) -> dict[str, Any]:
-    from pipeline.jobs._job import JobSettings, run_job
-    from stages._ray import run_job_on_ray
+    from pipeline.jobs import JobSettings, run_job
+    from pipeline.jobs._ray import run_job_on_ray
 
     settings = JobSettings(
         input=str(inp),

@@ -24,7 +24,7 @@ from pipeline.cli._progress import (
     format_line,
     summary_table,
 )
-from pipeline.jobs._job import JobProgress, JobSummary
+from pipeline.jobs import JobProgress, JobSummary
 from pipeline.testing._sim import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -561,7 +561,7 @@ def test_summary_table() -> None:
 
 def test_demo_sample_and_example_job_file_exist() -> None:
     from pipeline.cli._demo import sample_path
-    from pipeline.jobs._job import JobSettings
+    from pipeline.jobs import JobSettings
 
     assert os.path.getsize(sample_path()) > 0
     settings = JobSettings.from_toml(ROOT / "examples" / "job.toml")

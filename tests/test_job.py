@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +12,18 @@ import anyio
 import pytest
 
 from pipeline._errors import ConfigError
-from pipeline.jobs._job import (
-    BUILTIN_PRICES,
-    PATH_FIELDS,
+from pipeline.jobs import (
     JobFailedError,
     JobProgress,
     JobSettings,
     JobSummary,
     build_caller,
-    price_for,
     read_job_file,
     release_caller,
     run_job,
 )
 from pipeline.jobs._journal import ResumeError
+from pipeline.jobs._settings import BUILTIN_PRICES, PATH_FIELDS, price_for
 from pipeline.testing._sim import SimConfig, serve
 
 pytestmark = pytest.mark.anyio
@@ -529,17 +525,25 @@ async def test_console_trace_exports_spans(
     assert '"name": "llm"' in err and '"name": "pipeline job"' in err
 
 
-async def test_ray_engine_is_dispatched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_run_job_hands_the_job_to_the_engine_its_settings_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.jobs._run import ENGINES
+
     seen: list[Any] = []
 
-    def run_job_on_ray(settings: JobSettings, *, on_progress: Any = None) -> JobSummary:
-        seen.append((settings, on_progress))
+    async def engine(settings: JobSettings, options: Any) -> JobSummary:
+        seen.append((settings, options))
         return JobSummary(ok=7, complete=True, engine="ray")
 
-    fake = types.ModuleType("stages._ray")
-    fake.run_job_on_ray = run_job_on_ray  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "stages._ray", fake)
+    monkeypatch.setitem(ENGINES, "ray", engine)
     settings = JobSettings(input="in.jsonl", output="o.jsonl", model="m", engine="ray")
-    summary = await run_job(settings, on_progress=print)
+    stop = anyio.Event()
+    summary = await run_job(settings, on_progress=print, stop_event=stop, stop_reason="bye")
     assert summary.engine == "ray" and summary.ok == 7
-    assert seen == [(settings, print)]  # stop_event not passed: its signature does not take it
+    [(given, options)] = seen
+    assert given is settings
+    assert (options.on_progress, options.stop_event, options.stop_reason) == (print, stop, "bye")
+    with pytest.raises(ConfigError, match="no output file"):  # checked before any engine
+        await run_job(settings.replace(output=None))
+    assert len(seen) == 1

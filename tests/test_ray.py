@@ -21,19 +21,12 @@ ray = pytest.importorskip("ray")
 
 import pipeline  # noqa: E402
 from pipeline._errors import ConfigError, ItemError  # noqa: E402
-from pipeline.jobs._job import JobFailedError, JobSettings, run_job  # noqa: E402
+from pipeline.jobs import JobFailedError, JobSettings, run_job  # noqa: E402
 from pipeline.jobs._journal import Journal  # noqa: E402
+from pipeline.jobs._parts import JobColumns, PartsTally, fold_parts, parts_dir  # noqa: E402
+from pipeline.jobs._ray import run_job_on_ray  # noqa: E402
 from pipeline.testing._sim import SimConfig, Simulator, serve  # noqa: E402
-from stages._ray import (  # noqa: E402
-    ERROR,
-    ERROR_RECORD,
-    _fold_parts,
-    _JobColumns,
-    _Tally,
-    parts_dir,
-    ray_transform,
-    run_job_on_ray,
-)
+from stages._ray import ERROR, ERROR_RECORD, ray_transform  # noqa: E402
 from stages.files import JsonlSink  # noqa: E402
 from stages.llm._caller import HTTP, Limits, LLMCaller, Retry  # noqa: E402
 from stages.llm._limits import RateLimiter  # noqa: E402
@@ -286,20 +279,20 @@ def test_fold_parts_skips_torn_files_and_rows_already_journaled(tmp_path: Path) 
     JsonlSink(journal.output)
     directory = Path(parts_dir(str(output)))
     (directory / "run1").mkdir(parents=True)
-    part = _JobColumns()
+    part = JobColumns()
     part.add("ok", 1, 1, "in.jsonl:1", b'{"text":"a","response":"A"}')
     part.add("failed", 2, 2, "in.jsonl:2", b'{"key":2,"error":{"type":"ItemError","status":400}}')
     part.add("ok", 1, 1, "in.jsonl:1", b'{"text":"a","response":"A"}')  # written twice
     part.add("stats", None, None, None, b'{"requests":2,"retries":1,"cost_usd":0.5}')
     pq.write_table(part.table(), directory / "run1" / "a.parquet")
     (directory / "run1" / "b.parquet").write_bytes(b"PAR1 then the writer was killed")
-    tally = _Tally()
+    tally = PartsTally()
 
-    _fold_parts(str(directory), journal, tally)
+    fold_parts(str(directory), journal, tally)
 
     assert (tally.ok, tally.failed, tally.duplicates) == (1, 1, 1)
     assert tally.causes == {"ItemError (HTTP 400)": 1}
-    assert (tally.stats["requests"], tally.stats["retries"], tally.cost) == (2, 1, 0.5)
+    assert (tally.requests, tally.retries, tally.cost_usd) == (2, 1, 0.5)
     assert list((directory / "run1").iterdir()) == []  # folded or torn: both gone
     assert 1 in journal.done and 2 in journal.done
     journal.commit()
@@ -315,7 +308,7 @@ async def test_part_files_without_their_job_are_refused(
     out = tmp_path / "out.jsonl"
     directory = Path(parts_dir(str(out)))
     (directory / "old").mkdir(parents=True)
-    part = _JobColumns()
+    part = JobColumns()
     part.add("ok", 1, 1, "in.jsonl:1", b'{"text":"a","response":"from another job"}')
     pq.write_table(part.table(), directory / "old" / "a.parquet")
     settings = JobSettings(

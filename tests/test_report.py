@@ -14,7 +14,7 @@ from sim_thread import ThreadSim
 
 from pipeline.cli._main import main
 from pipeline.cli._report import latest_failures, render_html, report_data
-from pipeline.jobs._job import JobProgress
+from pipeline.jobs import JobProgress
 from pipeline.jobs._timeline import Sample, TimelineRecorder, read_timeline, timeline_path
 from pipeline.testing._sim import SimConfig, Simulator
 

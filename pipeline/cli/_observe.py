@@ -16,7 +16,7 @@ from pipeline.jobs._timeline import Sample, TimelineRecorder, job_facts, timelin
 
 if TYPE_CHECKING:
     from pipeline.cli._progress import ProgressDisplay
-    from pipeline.jobs._job import JobProgress, JobSettings, JobSummary
+    from pipeline.jobs import JobProgress, JobSettings, JobSummary
 
 TIMELINE_INTERVAL = 1.0
 

@@ -7,20 +7,25 @@ with every row exactly once::
     from pipeline.jobs import JobSettings, run_job
 
     summary = await run_job(JobSettings(input="in.jsonl", output="out.jsonl", prompt="{text}"))
+
+The modules: ``_settings`` (:class:`JobSettings`, job files), ``_caller`` (the caller settings
+describe), ``_journal`` (resume and atomic publish), ``_progress`` (progress and summary, one
+implementation for every engine), ``_local`` and ``_ray`` (the engines; ``_parts`` holds the
+Ray engine's files) and ``_run`` (:func:`run_job`, which picks the engine).
 """
 
-from pipeline.jobs._job import JobFailedError as JobFailedError
-from pipeline.jobs._job import JobProgress as JobProgress
-from pipeline.jobs._job import JobSettings as JobSettings
-from pipeline.jobs._job import JobSummary as JobSummary
-from pipeline.jobs._job import build_caller as build_caller
-from pipeline.jobs._job import preflight as preflight
-from pipeline.jobs._job import read_job_file as read_job_file
-from pipeline.jobs._job import release_caller as release_caller
-from pipeline.jobs._job import run_job as run_job
-from pipeline.jobs._job import setup_failure as setup_failure
+from pipeline.jobs._caller import build_caller as build_caller
+from pipeline.jobs._caller import preflight as preflight
+from pipeline.jobs._caller import release_caller as release_caller
+from pipeline.jobs._caller import setup_failure as setup_failure
 from pipeline.jobs._journal import Journal as Journal
 from pipeline.jobs._journal import ResumeError as ResumeError
+from pipeline.jobs._progress import JobFailedError as JobFailedError
+from pipeline.jobs._progress import JobProgress as JobProgress
+from pipeline.jobs._progress import JobSummary as JobSummary
+from pipeline.jobs._run import run_job as run_job
+from pipeline.jobs._settings import JobSettings as JobSettings
+from pipeline.jobs._settings import read_job_file as read_job_file
 
 __all__ = [
     "JobFailedError",

@@ -81,6 +81,8 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 from pipeline._errors import ConfigError
+from pipeline.jobs._settings import JobSettings
+from stages.files import count_rows
 from stages.files._records import (
     PUBLISH_SUFFIX,
     JournalFile,
@@ -427,3 +429,36 @@ class Journal:
 
 def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return json.dumps(manifest, indent=2, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+
+
+def journal_for(settings: JobSettings) -> Journal:
+    """Return the (unopened) journal of the job ``settings`` describe; every engine uses it.
+
+    The checkpoint stores :meth:`~pipeline.jobs._settings.JobSettings.fingerprint`, so a
+    resume with different answers-defining settings is refused whatever the engine.
+    """
+    assert settings.output is not None, "require_paths() first"
+    return Journal(
+        settings.output,
+        dead_letter=settings.dead_letter,
+        settings=settings.fingerprint(),
+        input=settings.input,
+        resume=settings.resume,
+        overwrite=settings.overwrite,
+        ordered=settings.ordered,
+    )
+
+
+def published_counts(journal: Journal, output_format: str | None) -> tuple[int, int]:
+    """Count the rows of a job's published files (a resume that only finished publishing).
+
+    Returns:
+        ``(output rows, dead-letter records)``; a file that cannot be counted counts 0.
+    """
+    counts = []
+    for path, fmt in ((journal.output_path, output_format), (journal.dead_letter_path, "jsonl")):
+        try:
+            counts.append(count_rows(path, fmt=fmt) or 0)
+        except (OSError, ConfigError, ValueError):
+            counts.append(0)
+    return counts[0], counts[1]

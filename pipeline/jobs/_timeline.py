@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.jobs._job import JobProgress, JobSettings
+    from pipeline.jobs._progress import JobProgress
+    from pipeline.jobs._settings import JobSettings
 
 TIMELINE_SUFFIX = ".timeline.jsonl"
 

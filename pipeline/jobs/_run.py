@@ -1,0 +1,70 @@
+"""Running a job: :func:`run_job` hands it to the engine its settings name.
+
+An engine is a coroutine function ``(settings, options) -> JobSummary`` (:data:`ENGINES`): the
+local engine (:mod:`pipeline.jobs._local`) and the Ray engine (:mod:`pipeline.jobs._ray`). An
+engine builds its caller with :func:`~pipeline.jobs._caller.build_caller`, keeps its state in a
+:func:`~pipeline.jobs._journal.journal_for` journal, and reports through
+:func:`~pipeline.jobs._progress.make_progress` and
+:func:`~pipeline.jobs._progress.make_summary`, so every engine's files, resume and summaries
+are the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from pipeline.jobs._local import run_local
+from pipeline.jobs._progress import JobSummary, ProgressHook, RunOptions, Waitable
+from pipeline.jobs._ray import run_on_ray
+from pipeline.jobs._settings import JobSettings
+from stages.llm._limits import Limiter
+
+Engine = Callable[[JobSettings, RunOptions], Awaitable[JobSummary]]
+"""Runs a job whose settings are checked and whose input and output are set."""
+
+ENGINES: dict[str, Engine] = {"local": run_local, "ray": run_on_ray}
+"""The engines by the name ``JobSettings.engine`` gives."""
+
+
+async def run_job(
+    settings: JobSettings,
+    *,
+    on_progress: ProgressHook | None = None,
+    stop_event: Waitable | None = None,
+    stop_reason: str = "stop requested",
+    progress_interval: float = 0.5,
+    limiter: Limiter | None = None,
+) -> JobSummary:
+    """Run a file job to the end (or until stopped) and return its summary.
+
+    The engine is ``settings.engine``: ``local`` (one pipeline in this process) or ``ray``
+    (Ray Data actors; extra ``[ray]``).
+
+    Args:
+        settings: The job; its input and output must be set.
+        on_progress: Called (sync or async) with a :class:`~pipeline.jobs.JobProgress` every
+            ``progress_interval`` seconds and once at the end.
+        stop_event: An event (anyio or asyncio): once set, no new rows are read, rows in
+            flight get ``settings.grace`` seconds to finish, then the run stops. The job
+            stays resumable.
+        stop_reason: The summary's ``stopped`` text when ``stop_event`` stops the job.
+        progress_interval: Seconds between progress snapshots.
+        limiter: A rate limiter shared with other jobs on the same API key (the HTTP server
+            passes one per key), instead of one built from the settings (local engine).
+
+    Returns:
+        The summary; ``complete`` is true when the files were published.
+
+    Raises:
+        ConfigError: Invalid or contradictory settings, an unreadable input, a checkpoint
+            that does not match the settings (:class:`~pipeline.jobs._journal.ResumeError`),
+            the Ray engine without Ray installed.
+        JobFailedError: A fatal error stopped the job (a rejected key, no credit, an
+            unreachable server, a full disk); what was done stays resumable.
+    """
+    settings.require_paths()
+    options = RunOptions(on_progress, stop_event, stop_reason, progress_interval, limiter)
+    return await ENGINES[settings.engine](settings, options)
+
+
+__all__ = ["ENGINES", "Engine", "run_job"]
