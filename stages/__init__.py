@@ -2,7 +2,7 @@
 
 Each capability's whole story is in one place (``stages.llm``, ``stages.files``, one module each
 for batching, LangChain and Ray); this package lists the public names.
-Names from optional extras (LangChain) load on first use, so ``import stages`` needs none.
+Names from optional extras (LangChain, Ray) load on first use, so ``import stages`` needs none.
 """
 
 from typing import Any as _Any
@@ -57,6 +57,8 @@ _LAZY = {
     "ItemFailedError": "stages._langchain",
     "PipelineRunnable": "stages._langchain",
     "RunnableStage": "stages._langchain",
+    "RayTransform": "stages._ray",
+    "ray_transform": "stages._ray",
 }
 
 
@@ -103,6 +105,7 @@ __all__ = [
     "PipelineRunnable",
     "Price",
     "Provider",
+    "RayTransform",
     "RedisRateLimiter",
     "RedisUnavailableError",
     "ResponseCache",
@@ -119,6 +122,7 @@ __all__ = [
     "key_fingerprint",
     "open_sink",
     "open_source",
+    "ray_transform",
     "request_key",
     "split_batch",
 ]

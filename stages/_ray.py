@@ -15,17 +15,13 @@ across all of them). Results and failures both come back as rows: a failed row i
 the failing stage received it with ``error`` (the message) and ``error_record`` (the
 dead-letter record as JSON) filled in; they are ``None`` on answers.
 
-An application that runs its own rows through the actors (the file-job engine,
-:mod:`pipeline.jobs`) builds an :class:`ActorSpec` itself and gives it what is its own: how a
-batch is read and written (a :class:`BatchFormat`), how the driver stops the actors and hears
-of a fatal error (an :class:`ActorControl`), and a rule for the first failures
-(``first_failure_rule``). This module knows nothing of jobs, settings or output files.
+An application that runs its own rows through the actors (the file-job engine) builds an
+:class:`ActorSpec` and gives it what is its own: a :class:`BatchFormat`, an
+:class:`ActorControl` and a ``first_failure_rule``. This module knows nothing of jobs.
 
-Rate limits: Ray actors are separate processes, possibly on other machines, so a limit must
-be shared through Redis (``limiter="redis://host:port/db"``; the key is the provider, the API
-key's fingerprint and the model, as for local jobs, so Ray and local jobs on one key share a
-budget). Without Redis each of the N actors keeps to ``1/N`` of ``rpm``/``tpm``, and a warning
-says so: the total stays within the limit, but reaches it only while every actor is busy.
+Rate limits: actors are separate processes, so a limit is shared through Redis
+(``limiter="redis://host:port/db"``, keyed as for local jobs); without it each of the N actors
+keeps to ``1/N`` of ``rpm``/``tpm``, and a warning says so.
 """
 
 from __future__ import annotations
@@ -72,9 +68,6 @@ def import_ray() -> Any:
     return ray
 
 
-# -- what an actor is given ------------------------------------------------------------------
-
-
 class StageFactory(Protocol):
     """Makes a fresh copy of the stages an actor runs (one per concurrent batch)."""
 
@@ -117,6 +110,7 @@ class BatchOutcome:
         stopped: Why the actor stopped taking rows, when it did.
         report: The batch run's report (its stage counters), once the run ended.
         caller: The batch's ``LLMCaller`` copy, if its stages hold one.
+        results: The batch run's live results, while it runs.
     """
 
     def __init__(self) -> None:
@@ -167,10 +161,6 @@ def _as_row(value: Any) -> dict[str, Any]:
     return {"value": value}
 
 
-def _pa() -> Any:
-    return importlib.import_module("pyarrow")
-
-
 def _column(pa: Any, values: list[Any]) -> Any:
     """An Arrow column for ``values``; values that share no type become JSON text."""
     try:
@@ -189,7 +179,7 @@ def rows_table(rows: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | Non
         rows: The rows.
         extra: Columns to add, by name, as ``(values, arrow type)`` pairs.
     """
-    pa = _pa()
+    pa = importlib.import_module("pyarrow")
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
@@ -216,7 +206,7 @@ class RowsFormat:
 
     def encode(self, outcome: BatchOutcome, carried: Any) -> Any:
         """Return answers and failures as one table with the two error columns."""
-        pa = _pa()
+        pa = importlib.import_module("pyarrow")
         rows: list[dict[str, Any]] = []
         errors: list[str | None] = []
         records: list[str | None] = []
@@ -250,8 +240,7 @@ class ActorSpec:
         ordered: Keep each batch's rows in order.
         budget_share: USD one actor may spend before it takes no new rows.
         format: How batches are read and written.
-        control: The driver's channel (stops, fatal errors); without one a fatal error fails
-            the Ray task.
+        control: The driver's channel; without one a fatal error fails the Ray task.
         first_failure_rule: Applied to the caller's failures until the actor's caller
             answered a row; an exception it returns stops the actor like a fatal error.
     """
@@ -265,9 +254,6 @@ class ActorSpec:
     format: BatchFormat = dataclasses.field(default_factory=RowsFormat)
     control: ActorControl | None = None
     first_failure_rule: FailureRule | None = None
-
-
-# -- what an actor runs ----------------------------------------------------------------------
 
 
 class _BatchSource(Source[Any]):

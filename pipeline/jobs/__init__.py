@@ -23,6 +23,7 @@ from pipeline.jobs._journal import ResumeError as ResumeError
 from pipeline.jobs._progress import JobFailedError as JobFailedError
 from pipeline.jobs._progress import JobProgress as JobProgress
 from pipeline.jobs._progress import JobSummary as JobSummary
+from pipeline.jobs._ray import run_job_on_ray as run_job_on_ray
 from pipeline.jobs._run import run_job as run_job
 from pipeline.jobs._settings import JobSettings as JobSettings
 from pipeline.jobs._settings import read_job_file as read_job_file
@@ -39,5 +40,6 @@ __all__ = [
     "read_job_file",
     "release_caller",
     "run_job",
+    "run_job_on_ray",
     "setup_failure",
 ]
