@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pipeline._compat import tomllib
 from pipeline._config import check_fields, type_name
 from pipeline._errors import ConfigError
+from stages.llm._providers import SENSITIVE_HEADERS
 
 Endpoint = Literal["chat", "embeddings"]
 ProviderName = Literal["openai", "azure", "anthropic"]
@@ -64,8 +65,6 @@ BUILTIN_PRICES: dict[str, tuple[float, float]] = {
     "claude-3-haiku": (0.25, 1.25),
     "claude-3-opus": (15.00, 75.00),
 }
-
-_SENSITIVE_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
 
 
 def price_for(model: str, prices: Mapping[str, tuple[float, float]]) -> tuple[float, float] | None:
@@ -310,7 +309,7 @@ class JobSettings:
         """Return the settings as JSON-ready data, with credential-like header values masked."""
         data = dataclasses.asdict(self)
         data["headers"] = {
-            k: ("***" if k.lower() in _SENSITIVE_HEADERS else v) for k, v in self.headers.items()
+            k: ("***" if k.lower() in SENSITIVE_HEADERS else v) for k, v in self.headers.items()
         }
         data["prices"] = {k: list(v) for k, v in self.prices.items()}
         return data
