@@ -68,34 +68,22 @@ PUBLIC_UNDERSCORED = {"_replace", "_asdict", "_fields", "_make", "_field_default
 # commit that makes it comply; test_allowlists_only_name_what_still_breaks enforces that.
 
 OVERSIZE_FILES: dict[str, str] = {
-    "pipeline/jobs/_job.py": "being split by engines",
-    "stages/_ray.py": "being split by engines (the Ray adapter apart from the Ray job engine)",
     "stages/_langchain.py": "703 lines since the caller split (caller-split): to be trimmed",
 }
 
 LONG_FUNCTIONS: dict[str, str] = {
-    "pipeline/jobs/_job.py::_LocalJob._run": "being split by engines",
-    "pipeline/jobs/_job.py::build_caller": "being split by engines",
-    "stages/_ray.py::run_job_on_ray": "being split by engines",
-    "stages/_ray.py::_run_on_ray": "being split by engines",
 }
 
 LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("stages._ray", "pipeline.jobs._job"): "being split by engines (Ray job engine -> jobs)",
-    ("stages._ray", "pipeline.jobs._journal"): "being split by engines (Ray job engine -> jobs)",
 }
 
 CYCLE_EXCEPTIONS: dict[frozenset[str], str] = {
-    frozenset({"pipeline.jobs._job", "stages._ray"}): "being split by engines",
 }
 
 DOCS_EXCEPTIONS: dict[str, str] = {
-    "docs/scaling.md: stages._ray": "waiting for engines to give the Ray adapter a public name",
 }
 
 PRIVATE_EXCEPTIONS: dict[str, str] = {
-    "stages._ray: from pipeline.jobs._job import _check_files": "being split by engines",
-    "stages._ray: from pipeline.jobs._job import _call_progress": "being split by engines",
 }
 
 
