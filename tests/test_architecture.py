@@ -71,20 +71,15 @@ OVERSIZE_FILES: dict[str, str] = {
     "stages/_langchain.py": "703 lines since the caller split (caller-split): to be trimmed",
 }
 
-LONG_FUNCTIONS: dict[str, str] = {
-}
+LONG_FUNCTIONS: dict[str, str] = {}
 
-LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
-}
+LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
-CYCLE_EXCEPTIONS: dict[frozenset[str], str] = {
-}
+CYCLE_EXCEPTIONS: dict[frozenset[str], str] = {}
 
-DOCS_EXCEPTIONS: dict[str, str] = {
-}
+DOCS_EXCEPTIONS: dict[str, str] = {}
 
-PRIVATE_EXCEPTIONS: dict[str, str] = {
-}
+PRIVATE_EXCEPTIONS: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- reading the source
