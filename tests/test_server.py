@@ -362,7 +362,8 @@ async def test_a_server_stopped_mid_job_marks_it_interrupted_and_a_new_one_resum
         # the lifespan ended with the job running: it recorded itself as interrupted
         record = json.loads((tmp_path / "jobs" / job["id"] / "job.json").read_text())
         assert record["status"] == "interrupted"
-        async with running(tmp_path, sim) as client:
+        assert record["resume_on_start"] is True
+        async with running(tmp_path, sim, resume_on_start=False) as client:
             state = (await client.get(f"/v1/jobs/{job['id']}")).json()
             assert state["status"] == "interrupted"
             assert (await client.post(f"/v1/jobs/{job['id']}/resume")).status_code == 202

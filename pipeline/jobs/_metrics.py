@@ -4,9 +4,11 @@
 Prometheus exporter (``PrometheusMetricReader``) on a registry of its own, so two servers in
 one process (tests) never mix their series. Jobs feed it their :class:`Sample` snapshots: each
 counter grows by what the job did since its previous sample, labelled with the job's id and
-model. The same provider can be handed to the runtime (``Pipeline(metrics=provider)``), whose
-per-stage instruments (items, queue depths, backpressure, limiter waits, tokens) then appear
-on the same page.
+model. The runtime's own instruments (``pipeline._tracing.Metrics``: items per stage and
+outcome, queue depths, backpressure and limiter waits, tokens) go to the same provider through
+:meth:`JobMetrics.provider_for`, which labels them with the job and model too
+(``pipeline_items_total``, ``pipeline_queue_depth``, ``pipeline_backpressure_wait_seconds_total``,
+``pipeline_limiter_wait_seconds_total``, ``pipeline_tokens_total``).
 
 Exported names (``/metrics`` of the server, ``--metrics-port`` of ``run``):
 
@@ -29,8 +31,10 @@ Needs the ``server`` extra (``opentelemetry-sdk``, ``opentelemetry-exporter-prom
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
+from opentelemetry import metrics as otel_metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
@@ -97,6 +101,13 @@ class JobMetrics:
         )
         self._last: dict[str, Sample] = {}
 
+    def provider_for(self, job: str, model: str | None) -> otel_metrics.MeterProvider:
+        """Return a meter provider for the runtime of ``job``: its measurements get its labels.
+
+        Pass it as ``Pipeline(metrics=...)`` (``run_job(..., metrics=...)``).
+        """
+        return LabelledProvider(self.provider, {"job": job, "model": model or ""})
+
     def start_run(self, job: str) -> None:
         """Forget ``job``'s last sample: its next run counts from zero again."""
         self._last.pop(job, None)
@@ -140,4 +151,72 @@ class JobMetrics:
         self.provider.shutdown()
 
 
-__all__ = ["CONTENT_TYPE", "JobMetrics"]
+class LabelledProvider(otel_metrics.MeterProvider):
+    """A meter provider adding fixed attributes to every measurement of its instruments.
+
+    The runtime's instruments know their stage, not the job they run for; the server runs many
+    jobs through one provider, so each job's pipeline gets one of these.
+
+    Args:
+        inner: The provider that records.
+        attributes: Added to every measurement (a measurement's own attributes win).
+    """
+
+    def __init__(self, inner: otel_metrics.MeterProvider, attributes: Mapping[str, str]) -> None:
+        self.inner = inner
+        self.attributes = dict(attributes)
+
+    def get_meter(
+        self,
+        name: str,
+        version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> otel_metrics.Meter:
+        """Return the inner provider's meter, wrapped to label what it records."""
+        meter = self.inner.get_meter(name, version, schema_url, attributes)
+        return cast(otel_metrics.Meter, _LabelledMeter(meter, self.attributes))
+
+
+class _LabelledMeter:
+    """A meter whose ``create_*`` instruments add fixed attributes to each measurement."""
+
+    def __init__(self, inner: otel_metrics.Meter, attributes: dict[str, str]) -> None:
+        self._inner = inner
+        self._attributes = attributes
+
+    def __getattr__(self, name: str) -> Any:
+        create = getattr(self._inner, name)
+        if not name.startswith("create_"):
+            return create
+
+        def labelled(*args: Any, **kwargs: Any) -> _LabelledInstrument:
+            return _LabelledInstrument(create(*args, **kwargs), self._attributes)
+
+        return labelled
+
+
+class _LabelledInstrument:
+    """An instrument adding fixed attributes to each ``add``, ``set`` or ``record``."""
+
+    def __init__(self, inner: Any, attributes: dict[str, str]) -> None:
+        self._inner = inner
+        self._attributes = attributes
+
+    def _with(self, attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {**self._attributes, **(attributes or {})}
+
+    def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
+        """Add to a counter."""
+        self._inner.add(amount, self._with(attributes))
+
+    def set(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
+        """Set a gauge."""
+        self._inner.set(amount, self._with(attributes))
+
+    def record(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
+        """Record into a histogram."""
+        self._inner.record(amount, self._with(attributes))
+
+
+__all__ = ["CONTENT_TYPE", "JobMetrics", "LabelledProvider"]

@@ -15,6 +15,10 @@ variable is set)::
     POST   /v1/jobs/{id}/resume     continue an interrupted, cancelled or failed job
     POST   /v1/enrich               a small batch answered synchronously, streamed as NDJSON
     GET    /healthz                 liveness; /docs and /openapi.json describe the API
+    GET    /readyz                  readiness: 503 once the server is stopping
+    GET    /metrics                 Prometheus metrics of every job
+    GET    /v1/jobs/{id}/timeline   the job's samples over time; .../failures its latest failures
+    GET    /                        the dashboard (the page and its assets need no token)
 
 How it works. A job manager owns one anyio task group for the life of the app (the ASGI
 lifespan); every job is a task in it, running :func:`pipeline.jobs.run_job` on the server's
@@ -53,6 +57,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 
 from pipeline.server._config import RequestError, ServerConfig
+from pipeline.server._dashboard import PUBLIC_PATHS, add_dashboard_routes
 from pipeline.server._guard import Guard, TooLargeError
 from pipeline.server._manager import JobManager
 from pipeline.server._routes import add_routes
@@ -82,7 +87,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         dependencies=[Security(bearer)],  # documents the scheme; Guard enforces it
     )
     app.state.jobs = manager
-    app.add_middleware(Guard, config=config)
+    app.add_middleware(Guard, config=config, public=PUBLIC_PATHS)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -93,4 +98,5 @@ def create_app(config: ServerConfig) -> FastAPI:
         return JSONResponse({"detail": str(error)}, status_code=413)
 
     add_routes(app, manager)
+    add_dashboard_routes(app, manager)
     return app

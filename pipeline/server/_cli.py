@@ -9,12 +9,35 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import FrameType
+
+import uvicorn
 
 from pipeline._errors import ConfigError
 from pipeline.server._app import create_app
 from pipeline.server._config import DEFAULT_KEY_ENVS, ServerConfig
+from pipeline.server._manager import JobManager
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["DrainingServer", "build_parser", "config_from_args", "main"]
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose SIGTERM (or Ctrl-C) also drains the job manager at once.
+
+    Uvicorn stops accepting connections and waits up to ``timeout_graceful_shutdown`` for open
+    ones; meanwhile the jobs stop (their journals are their checkpoint), so their event streams
+    end, and the lifespan's shutdown finds little left to wait for.
+    """
+
+    def __init__(self, config: uvicorn.Config, manager: JobManager) -> None:
+        super().__init__(config)
+        self.manager = manager
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Drain the jobs, then let uvicorn shut down."""
+        self.manager.drain_threadsafe()
+        super().handle_exit(sig, frame)
+
 
 log = logging.getLogger("pipeline.server")
 
@@ -52,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"a variable jobs may name as api_key_env (default: {', '.join(DEFAULT_KEY_ENVS)})",
     )
+    parser.add_argument(
+        "--no-resume-on-start",
+        dest="resume_on_start",
+        action="store_false",
+        help="leave the jobs a stopped or killed server left as interrupted (default: resume)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (info)")
     return parser
 
@@ -81,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         base_url=args.base_url,
         allowed_base_urls=tuple(args.allow_base_url),
         allowed_key_envs=tuple(args.allow_key_env or DEFAULT_KEY_ENVS),
+        resume_on_start=args.resume_on_start,
     )
 
 
@@ -97,20 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"error: cannot use data dir {args.data_dir!r}: {error}", file=sys.stderr)
         return 2
-    import uvicorn
-
     app = create_app(config)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
+    server_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=5,  # open result streams must not hold the jobs hostage
+    )
+    server = DrainingServer(server_config, app.state.jobs)
     try:
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            lifespan="on",
-            timeout_graceful_shutdown=5,  # open result streams must not hold the jobs hostage
-        )
+        server.run()
     except OSError as error:
         print(f"error: cannot serve on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ class ServerConfig:
         allowed_key_envs: Environment variables a request may name as ``api_key_env``.
         progress_interval: Seconds between progress snapshots (events, live counters).
         shutdown_grace: Seconds a stopping server waits for its jobs to record their state.
+        resume_on_start: Resume at start the jobs a stopped or killed server left unfinished.
     """
 
     data_dir: Path
@@ -46,6 +47,7 @@ class ServerConfig:
     allowed_key_envs: tuple[str, ...] = DEFAULT_KEY_ENVS
     progress_interval: float = 0.2
     shutdown_grace: float = 10.0
+    resume_on_start: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

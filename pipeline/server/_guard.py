@@ -51,12 +51,16 @@ class Guard:
     Args:
         app: The application behind it.
         config: Where the token and ``max_upload_bytes`` come from.
+        public: Paths served without the token (the dashboard's page and assets: no data).
     """
 
-    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
+    def __init__(
+        self, app: ASGIApp, config: ServerConfig, public: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.token = config.token.encode() if config.token else None
         self.limit = config.max_upload_bytes
+        self.public = public
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         if self.token is None:
@@ -71,7 +75,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
-        if not self._authorized(headers):
+        if scope.get("path") not in self.public and not self._authorized(headers):
             detail = {"detail": "missing or wrong bearer token"}
             await _send_json(send, 401, detail, [(b"www-authenticate", b"Bearer")])
             return

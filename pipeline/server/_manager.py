@@ -1,13 +1,15 @@
 """The job registry: one anyio task group for the life of the app, every job a task in it.
 
 Each job runs :func:`pipeline.jobs.run_job` on the server's event loop, at most ``max_jobs`` at
-once (the others wait as ``queued``). A server stopped with jobs running marks them
-``interrupted`` (a crash leaves them ``running`` in ``job.json``, which the next start turns
-into ``interrupted``); ``resume`` continues such a job with the journal's exactly-once resume.
+once (the others wait as ``queued``). A server that stops (``drain``, SIGTERM) stops its jobs
+at once and records them ``interrupted`` and ``resume_on_start`` (a crash leaves them
+``running`` in ``job.json``); the next start resumes them by itself, once each, with the
+journal's exactly-once resume (``resume_on_start=False`` leaves them ``interrupted``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,9 +25,11 @@ from anyio.abc import TaskGroup
 
 from pipeline._errors import ConfigError
 from pipeline.jobs import JobFailedError, JobProgress, JobSettings, JobSummary, run_job
+from pipeline.jobs._journal import MANIFEST_SUFFIX
 from pipeline.server._config import RequestError, ServerConfig
 from pipeline.server._job import JOB_ID, RESUMABLE, Job, now, public_summary
-from pipeline.server._settings import job_settings
+from pipeline.server._observe import Observers
+from pipeline.server._settings import OUTPUT, job_settings
 from stages.llm._limits import RateLimiter
 
 __all__ = ["JobManager"]
@@ -33,6 +37,7 @@ __all__ = ["JobManager"]
 log = logging.getLogger("pipeline.server")
 
 _INTERRUPTED = "the server stopped while the job ran"
+CHECKPOINT = OUTPUT + MANIFEST_SUFFIX
 
 
 class JobManager:
@@ -50,6 +55,8 @@ class JobManager:
         self.enriching = 0
         self._tg: TaskGroup | None = None
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.observers = Observers()
         self._limiters: dict[tuple[Any, ...], RateLimiter] = {}
 
     def limiter_for(self, settings: JobSettings) -> RateLimiter:
@@ -75,21 +82,63 @@ class JobManager:
 
     async def __aenter__(self) -> JobManager:
         await anyio.to_thread.run_sync(self._load)
+        self._loop = asyncio.get_running_loop()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        if self.config.resume_on_start:
+            self._resume_interrupted()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        self._closing = True
-        active = [job for job in self.jobs.values() if not job.done.is_set()]
-        for job in active:
-            self._stop(job, "interrupted")
+        active = self.drain()
         with anyio.move_on_after(self.config.shutdown_grace):
             for job in active:
                 await job.done.wait()
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc_info)
+        try:
+            return await self._tg.__aexit__(*exc_info)
+        finally:
+            self.observers.close()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the server takes jobs (started, and not stopping)."""
+        return self._tg is not None and not self._closing
+
+    def running(self) -> int:
+        """Return how many jobs run now."""
+        return sum(1 for job in self.jobs.values() if job.status == "running")
+
+    def drain(self) -> list[Job]:
+        """Stop taking jobs and stop the running and queued ones; return those still active.
+
+        They record themselves ``interrupted`` and ``resume_on_start``: their journals hold
+        every answered row, and the next start resumes them. Safe to call more than once.
+        """
+        self._closing = True
+        active = [job for job in self.jobs.values() if not job.done.is_set()]
+        for job in active:
+            self._stop(job, "interrupted")
+        return active
+
+    def drain_threadsafe(self) -> None:
+        """Call :meth:`drain` on the server's event loop (from a signal handler or a thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.drain)
+
+    def _resume_interrupted(self) -> None:
+        """Start again the jobs a stopped or killed server left, once each.
+
+        A job whose output is published and has no checkpoint finished before the server
+        died (it crashed before recording that): it is left as it is, never run again.
+        """
+        for job in self.jobs.values():
+            published = (job.dir / OUTPUT).exists() and not (job.dir / CHECKPOINT).exists()
+            if job.record.get("resume_on_start") and job.status in RESUMABLE and not published:
+                job.update(status="queued", error=None, stopped=None, resume_on_start=False)
+                self._start(job, resume=True)
+                log.info("job %s resumed: the server stopped while it ran", job.id)
 
     def _load(self) -> None:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +153,7 @@ class JobManager:
             job = Job(entry.name, entry, record)
             if not job.terminal:  # the server stopped without recording the job's end
                 job.record.update(status="interrupted", stopped=_INTERRUPTED)
+                job.record.update(resume_on_start=True)
                 job.save()
             self.jobs[job.id] = job
         if self.jobs:
@@ -236,7 +286,9 @@ class JobManager:
         try:
             summary = await self._run_job(job, resume)
         except anyio.get_cancelled_exc_class():
-            job.update(status="interrupted", finished_at=now(), stopped=_INTERRUPTED)
+            job.update(
+                status="interrupted", finished_at=now(), stopped=_INTERRUPTED, resume_on_start=True
+            )
             raise
         except JobFailedError as error:
             self._finish_failed(job, str(error), error.summary)
@@ -259,14 +311,24 @@ class JobManager:
             job.notify()
 
         settings = job_settings(self.config, job.record["settings"], job.dir, resume=resume)
-        return await run_job(
-            settings,
-            on_progress=on_progress,
-            stop_event=job.stop_event,
-            stop_reason=job.stop_why or "stop requested",
-            progress_interval=self.config.progress_interval,
-            limiter=self.limiter_for(settings),
-        )
+        watch = self.observers.watch(job.id, settings, on_progress)  # timeline and metrics
+        try:
+            summary = await run_job(
+                settings,
+                on_progress=watch.update,
+                stop_event=job.stop_event,
+                stop_reason=job.stop_why or "stop requested",
+                progress_interval=self.config.progress_interval,
+                limiter=self.limiter_for(settings),
+            )
+        except JobFailedError as error:
+            watch.finish(error.summary, error=self.config.scrub(str(error)))
+            raise
+        except BaseException as error:
+            watch.finish(None, error=self.config.scrub(f"{type(error).__name__}: {error}"))
+            raise
+        watch.finish(summary)
+        return summary
 
     def _finish_succeeded(self, job: Job, summary: JobSummary) -> None:
         job.update(
@@ -291,6 +353,7 @@ class JobManager:
             finished_at=now(),
             summary=public_summary(summary) if summary is not None else job.record.get("summary"),
             stopped=reason,
+            resume_on_start=status == "interrupted",
         )
         log.info("job %s %s", job.id, status)
 

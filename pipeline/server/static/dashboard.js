@@ -10,7 +10,7 @@
 
   const TOKEN_KEY = "llm-pipeline-token";
   const $ = (id) => document.getElementById(id);
-  const state = {job: null, data: null, stream: null, renderQueued: false, listTimer: null};
+  const state = {job: null, data: null, facts: {}, stream: null, renderQueued: false, listTimer: null};
 
   function token() {
     return sessionStorage.getItem(TOKEN_KEY) || "";
@@ -127,7 +127,7 @@
     let run = runs[runs.length - 1];
     const last = run && run.samples[run.samples.length - 1];
     if (!run || (last && sample.t < last.t)) {
-      run = {number: runs.length + 1, job: run ? run.job : {}, samples: [], end: null};
+      run = {number: runs.length + 1, job: run ? run.job : state.facts, samples: [], end: null};
       runs.push(run);
     }
     if (!last || sample.t > last.t) run.samples.push(sample);
@@ -167,6 +167,8 @@
       json(`/v1/jobs/${id}`), json(`/v1/jobs/${id}/timeline`),
       json(`/v1/jobs/${id}/failures?limit=20`)]);
     if (state.job !== id) return null;
+    const s = job.settings || {};
+    state.facts = {model: s.model, rpm: s.rpm, tpm: s.tpm};
     state.data = {runs: timeline.runs, summary: job.summary, failures: failures.failures};
     showJob(job);
     render();
