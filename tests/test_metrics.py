@@ -14,10 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sim_thread import ThreadSim
 
+import pipeline as pl
 from pipeline.jobs import JobProgress, JobSettings, run_job
 from pipeline.jobs._metrics import JobMetrics
 from pipeline.jobs._timeline import Sample
 from pipeline.testing import SimConfig, serve
+from stages import LLMCaller, Retry
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,3 +174,20 @@ def wait_for_metric(url: str, child: subprocess.Popen[bytes]) -> str:
         if "pipeline_job_requests_total{" in text:
             return text
     raise AssertionError("the job's metrics never appeared on --metrics-port")
+
+
+async def test_the_caller_counts_responses_by_status_and_requests_in_flight() -> None:
+    config = SimConfig(error_429=0.1, retry_after_s=0.05, seed=2)
+    async with serve(config) as sim:
+        caller = LLMCaller(
+            model="sim-1", prompt="Hi {name}", base_url=sim.url, retry=Retry(max_retries=8)
+        )
+        rows = [{"name": f"n{i}"} for i in range(40)]
+        async with pl.Pipeline(caller).open(rows) as results:
+            answered = [row async for row in results]
+        counted = sim.counters()
+    totals = caller.totals
+    assert len(answered) == 40 and totals.in_flight == 0
+    assert totals.statuses[200] == 40
+    assert totals.statuses.get(429, 0) == counted["http_429"] > 0
+    assert sum(totals.statuses.values()) == counted["requests"] == results.report.requests

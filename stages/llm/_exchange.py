@@ -202,11 +202,15 @@ class Exchange:
         if admission.limited:
             await admission.acquire(outbox, estimate)
         # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
+        totals = self.totals
         async with admission.slot(outbox):
+            totals.in_flight += 1
             try:
                 answer = await transport.post(url, payload, self._receive, env, count)
             except StreamError as exc:
                 raise self._stream_failed(exc) from None
+            finally:
+                totals.in_flight -= 1
         admission.concurrency.success()
         self.succeeded = True
         return answer
@@ -219,6 +223,8 @@ class Exchange:
         provider = self.provider
         assert transport is not None and provider is not None
         headers = resp.headers
+        statuses = self.totals.statuses
+        statuses[resp.status] = statuses.get(resp.status, 0) + 1
         self.admission.observe(headers, resp.raw_headers)
         if not 200 <= resp.status < 300:
             raw = await transport.body(resp)

@@ -99,6 +99,8 @@ class CallerTotals:
         reasks: Follow-up requests made because an answer failed validation.
         rate_limited: Responses that asked us to slow down (429, 503, 529).
         unknown_usage: Answers whose token usage the server did not report.
+        in_flight: HTTP attempts on the wire now.
+        statuses: Responses by HTTP status (an attempt that got no response is not counted).
     """
 
     limiter_wait_s: float = 0.0
@@ -107,6 +109,8 @@ class CallerTotals:
     reasks: int = 0
     rate_limited: int = 0
     unknown_usage: int = 0
+    in_flight: int = 0
+    statuses: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def short(text: str, limit: int = 300) -> str:
