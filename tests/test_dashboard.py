@@ -132,7 +132,9 @@ def tile(driver: Any, key: str) -> str:
 def test_the_dashboard_runs_watches_downloads_cancels_and_resumes(tmp_path: Path) -> None:
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    source = write_rows(tmp_path / "people.jsonl", rows(240))
+    given_rows = rows(240)
+    bad = {"r17": {"id": "r17", "nme": "typo"}, "r200": {"id": "r200", "nme": "typo"}}
+    source = write_rows(tmp_path / "people.jsonl", [bad.get(r["id"], r) for r in given_rows])
     slow_source = write_rows(tmp_path / "slow.jsonl", rows(30, "s"))
     quota = SimConfig(rpm=4800, burst_s=0.2, error_429=0.02, retry_after_s=0.2, seed=7)
     with (
@@ -178,11 +180,25 @@ def test_the_dashboard_runs_watches_downloads_cancels_and_resumes(tmp_path: Path
         results = downloads / f"{job_id}-results.jsonl"
         wait_for(driver, lambda d: results.exists() and results.stat().st_size > 0, "download")
         got = {r["id"]: r for r in map(json.loads, results.read_text().splitlines())}
-        assert len(got) == 240
-        for given in rows(240):  # row by row: the input's fields, plus the answer
+        assert len(got) == 240 - len(bad)
+        for given in given_rows:  # row by row: the input's fields, plus the answer
+            if given["id"] in bad:
+                assert given["id"] not in got
+                continue
             answer = got[given["id"]]
             assert {k: answer[k] for k in given} == given
             assert answer["response"] == f"echo: Hi {given['name']}"
+        driver.find_element("id", "btn-failed").click()
+        dead = downloads / f"{job_id}-failed.jsonl"
+        wait_for(driver, lambda d: dead.exists() and dead.stat().st_size > 0, "dead letters")
+        records = [json.loads(line) for line in dead.read_text().splitlines()]
+        assert {r["key"]: r["row"] for r in records} == bad
+        shown = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#failures tbody tr'))"
+            ".map(r => [r.cells[0].textContent, r.cells[2].textContent]);"
+        )
+        assert sorted(shown) == [["r17", "MissingFieldError"], ["r200", "MissingFieldError"]]
+        assert tile(driver, "failed") == "2"
 
         slow_settings = {"model": "sim-1", "prompt": "Hi {name}", "concurrency": "1"}
         extra = json.dumps({"base_url": slow.url, "id_field": "id"})

@@ -175,6 +175,21 @@
     return job;
   }
 
+  /** Fetch the latest failures again when more rows failed (at most every two seconds). */
+  async function refreshFailures(id, failed) {
+    const now = Date.now();
+    if (!state.data || failed <= (state.failedSeen || 0) || now - (state.failuresAt || 0) < 2000) return;
+    state.failedSeen = failed;
+    state.failuresAt = now;
+    try {
+      const found = await json(`/v1/jobs/${id}/failures?limit=20`);
+      if (state.job === id && state.data) {
+        state.data.failures = found.failures;
+        render();
+      }
+    } catch (error) { /* the next end event loads them */ }
+  }
+
   async function follow(id, controller) {
     const response = await api(`/v1/jobs/${id}/events`, {signal: controller.signal});
     const reader = response.body.getReader();
@@ -197,6 +212,7 @@
         const payload = JSON.parse(data);
         if (event === "progress") {
           addLive(payload.counters || {});
+          refreshFailures(id, (payload.counters || {}).failed || 0);
           $("job-status").textContent = payload.status;
           $("job-view").setAttribute("data-status", payload.status);
           render();
@@ -212,6 +228,7 @@
     if (state.stream) state.stream.abort();
     state.job = id;
     state.data = null;
+    state.failedSeen = 0;
     location.hash = `job=${id}`;
     $("job-view").hidden = false;
     $("job-figures").textContent = "";
