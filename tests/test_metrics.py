@@ -139,9 +139,10 @@ def scrape(url: str) -> str:
 
 def test_cli_serves_metrics_while_the_job_runs(tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"name": f"n{i}"}) + "\n" for i in range(40)))
+    # about 5 s of work at two rows in flight, so that several snapshots are served
+    source.write_text("".join(json.dumps({"name": f"n{i}"}) + "\n" for i in range(100)))
     port = free_port()
-    with ThreadSim(SimConfig(latency_ms=30)) as sim:
+    with ThreadSim(SimConfig(latency_ms=100)) as sim:
         argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", "sim-1",
                 "--prompt", "Hi {name}", "--base-url", sim.url, "--quiet", "--concurrency", "2",
                 "--metrics-port", str(port)]  # fmt: skip
@@ -150,7 +151,7 @@ def test_cli_serves_metrics_while_the_job_runs(tmp_path: Path) -> None:
             text = wait_for_metric(f"http://127.0.0.1:{port}/metrics", child)
             assert child.wait(60) == 0
     assert job_value(text, "pipeline_job_requests_total", "out.jsonl", model="sim-1") > 0
-    assert job_value(text, "pipeline_job_rows_remaining", "out.jsonl") < 40
+    assert job_value(text, "pipeline_job_rows_remaining", "out.jsonl") < 100
 
 
 def free_port() -> int:
