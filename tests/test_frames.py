@@ -404,3 +404,82 @@ def test_accessors_are_the_same_function(sim: Simulator) -> None:
     lazy = pl.LazyFrame({"name": names(5)})
     parts = list(lazy.llm.enrich(prompt="Hi {name}", **opts(sim)))
     assert pl.concat(parts)["response"].to_list() == list(out["response"])
+
+
+# -- notebooks -------------------------------------------------------------------------------
+
+NOTEBOOK_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JUPYTER_PLATFORM_DIRS": "1"}
+
+RUN_NOTEBOOK = """
+import sys
+import nbclient, nbformat
+nb = nbformat.read(sys.argv[1], as_version=4)
+nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+print("\\n".join(o.get("text", "") for o in outputs if o.get("name") == "stdout"))
+"""
+
+
+def test_example_notebook_runs_headless() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_NOTEBOOK, str(ROOT / "examples" / "dataframes.ipynb")],
+        capture_output=True,
+        text=True,
+        env=NOTEBOOK_ENV,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "first run: 20 requests, second run: 0 requests" in done.stdout
+
+
+INTERRUPT_KERNEL = """
+import sys, time
+from pathlib import Path
+from jupyter_client.manager import start_new_kernel
+
+checkpoint, tests = sys.argv[1], sys.argv[2]
+km, kc = start_new_kernel(kernel_name="python3")
+try:
+    setup = f'''
+import sys; sys.path.insert(0, {tests!r})
+import pandas as pd
+from sim_thread import ThreadSim
+from pipeline.frames import enrich
+from pipeline.testing import SimConfig
+server = ThreadSim(SimConfig(latency_ms=100)).__enter__()
+df = pd.DataFrame({{"name": [f"n{{i}}" for i in range(5000)]}})
+'''
+    assert kc.execute_interactive(setup, timeout=60)["content"]["status"] == "ok"
+    cell = ('enrich(df, model="sim-1", base_url=server.url, prompt="{name}", concurrency=2,'
+            f' checkpoint={checkpoint!r}, progress=False)')
+    msg_id = kc.execute(cell)
+    journal = Path(checkpoint + ".partial")
+    deadline = time.monotonic() + 60
+    while not journal.exists() or journal.read_bytes().count(b"\\n") < 4:
+        assert time.monotonic() < deadline, "the cell answered nothing"
+        time.sleep(0.05)
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    print(reply["content"]["status"], reply["content"].get("ename"))
+    again = kc.execute_interactive("print(len(df))", timeout=30)
+    print("kernel alive:", again["content"]["status"])
+finally:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+"""
+
+
+def test_interrupt_kernel_stops_the_cell_and_keeps_the_kernel(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "c"
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPT_KERNEL, str(checkpoint), str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        env=NOTEBOOK_ENV,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["error KeyboardInterrupt", "5000", "kernel alive: ok"]
+    manifest = json.loads((tmp_path / "c.checkpoint.json").read_text())
+    assert manifest["state"] == "running"
