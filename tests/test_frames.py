@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from sim_thread import ThreadSim
 from pipeline import ConfigError
 from pipeline.frames import RowFailedError, aenrich, astream, enrich
 from pipeline.jobs import JobProgress, ResumeError
-from pipeline.testing import SimConfig, Simulator, serve
+from pipeline.testing import SimConfig, Simulator, embedding_for, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO = {"type": "object", "properties": {"echo": {"type": "string"}}, "required": ["echo"]}
@@ -201,6 +203,42 @@ def test_batches_are_read_only_a_window_ahead(sim: Simulator) -> None:
         ahead.append(read[0] - given)
     assert given == 5000
     assert max(ahead) <= 500 + 100
+
+
+def test_leaving_a_stream_early_cancels_the_job() -> None:
+    before = threading.active_count()
+    with ThreadSim(SimConfig(latency_ms=20)) as server:
+        table = pa.table({"name": names(5000)})
+        reader = enrich(table, prompt="{name}", chunk_rows=50, window=200, **opts(server))
+        first = reader.read_next_batch()
+        assert first.num_rows == 50
+        del reader  # pyarrow closes the iterator it reads from once the reader is dropped
+        gc.collect()
+        sent = server.counters()["requests"]
+        assert sent < 5000
+        assert threading.active_count() == before + 1  # the simulator's thread, no portal
+    assert sent <= 200 + 50 + 64  # at most the window and the requests in flight
+
+
+def test_budget_stop_leaves_no_row_missing() -> None:
+    with ThreadSim() as server:
+        df = pd.DataFrame({"name": names(3000)})
+        price = {"sim-1": (1000.0, 1000.0)}  # about a cent a row
+        out = enrich(df, prompt="Hi {name}", prices=price, budget=0.5, window=300, **opts(server))
+        sent = server.counters()["requests"]
+    answered = out["response"].notna()
+    assert len(out) == 3000 and answered.sum() == sent < 3000
+    assert out.loc[~answered, "error"].str.startswith("not sent: the job stopped (budget").all()
+
+
+def test_embeddings_give_a_vector_column(sim: Simulator) -> None:
+    table = pa.table({"text": ["a", "b", "c"]})
+    out = enrich(table, model="sim-emb", endpoint="embeddings", base_url=sim.url, progress=False)
+    result = out.read_all()
+    assert result.schema.field("response").type == pa.list_(pa.float64())
+    vectors = result.column("response").to_pylist()
+    assert [len(v) for v in vectors] == [8, 8, 8]
+    assert vectors[0] == pytest.approx(embedding_for("a", 8))
 
 
 # -- Polars ----------------------------------------------------------------------------------

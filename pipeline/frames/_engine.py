@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -226,6 +227,7 @@ class FrameJob:
         self._results: Any = None
         self._dead_letter: Any = None
         self._exhausted = False
+        self._finished = False
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -241,6 +243,7 @@ class FrameJob:
             RowFailedError: A row failed with ``on_error="raise"``.
         """
         send, receive = anyio.create_memory_object_stream[Chunk](1)
+        left_early = False
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._main, send)
@@ -248,9 +251,13 @@ class FrameJob:
                     with receive:
                         yield receive
                 finally:
+                    left_early = not self._finished
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise unwrap_group(group) from None
+            error = unwrap_group(group)
+            if left_early and isinstance(error, anyio.BrokenResourceError):
+                return  # a stage that sent as the cancelled run closed: nothing went wrong
+            raise error from None
 
     async def _main(self, send: MemoryObjectSendStream[Chunk]) -> None:
         self._send = send
@@ -272,6 +279,7 @@ class FrameJob:
                         tg.cancel_scope.cancel()
                     if self.on_progress is not None:
                         self.on_progress(self.progress(final=True))
+                    self._finished = True
                 finally:
                     await release_caller(caller)
         finally:
@@ -390,6 +398,15 @@ class FrameJob:
             self._exhausted = True
             return None
         payload, rows = item
+        try:
+            # a cancellation that arrived during the shielded read lands here, before the rows
+            # are sent on to stages that may already have closed (the chunk is registered below)
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        finally:
+            self._register(payload, rows)
+        return self._pending[-1]
+
+    def _register(self, payload: Any, rows: list[dict[str, Any]]) -> None:
         size = len(rows)
         chunk = Chunk(
             start=self.read_rows,
@@ -404,7 +421,6 @@ class FrameJob:
         self._pending.append(chunk)
         self._starts.append(chunk.start)
         self._pending_rows += size
-        return chunk
 
     def _chunk_of(self, position: int) -> Chunk:
         return self._pending[bisect.bisect_right(self._starts, position) - 1]
