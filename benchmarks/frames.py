@@ -117,6 +117,8 @@ def child_lazy(url: str, rows: int, path: str) -> dict[str, Any]:
         concurrency=CONCURRENCY,
         progress=False,
     ):
+        if (seen + batch.height) // 100_000 > seen // 100_000:  # a snapshot every 100k rows
+            print(f"    {seen + batch.height:,} rows, peak RSS {_rss_mb():.0f} MB", file=sys.stderr)
         seen += batch.height
         names = batch["name"].to_list()
         answers = batch["response"].to_list()
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lazy-rows", default="100000,1000000")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the memory part")
     parser.add_argument("--out", type=Path, default=RESULTS / "frames.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -224,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulator on {server.url}; clients pinned to {client_cpus}", flush=True)
         results = {
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "throughput": throughput(server, client_cpus, args.rows, args.rounds),
+            "throughput": None
+            if args.skip_throughput
+            else throughput(server, client_cpus, args.rows, args.rounds),
             "memory": memory(server, client_cpus, sizes),
         }
     finally:
