@@ -182,7 +182,31 @@ class SourceStopped(BaseException):
     """
 
 
-class Inbox(Generic[T]):
+E = TypeVar("E", bound="_End")
+
+
+class _End:
+    """What both ends share: ``with inbox, outbox:`` closes them when the block is left."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """Close this end."""
+        raise NotImplementedError
+
+    def __enter__(self: E) -> E:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Inbox(_End, Generic[T]):
     """The receiving end of a stage: an async iterator of envelopes."""
 
     __slots__ = ("_stats", "_stream", "_tick")
@@ -233,19 +257,8 @@ class Inbox(Generic[T]):
         """Close this end; upstream sees :class:`anyio.BrokenResourceError` once all are closed."""
         self._stream.close()
 
-    def __enter__(self) -> Inbox[T]:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Outbox(Generic[T]):
+class Outbox(_End, Generic[T]):
     """The sending end of a stage, and its handle on the run (dead letter, spans, logging)."""
 
     __slots__ = ("_index", "_run", "_stats", "_stream", "blocked_s", "log", "stage")
@@ -281,17 +294,6 @@ class Outbox(Generic[T]):
         if self._stream is not None:
             self._stream.close()
 
-    def __enter__(self) -> Outbox[T]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     async def send(self, env: Envelope[T]) -> None:
         """Send an envelope downstream, waiting while the next stage's inbox is full."""
         stream = self._stream
@@ -311,20 +313,25 @@ class Outbox(Generic[T]):
         self, value: T, *, key: Hashable | None = None, origin: str | None = None
     ) -> Envelope[T]:
         """Create the envelope of a new input item (sources only) and send it."""
-        run = self._run
-        if run.stop_reason is not None:
-            raise SourceStopped(run.stop_reason)
-        if run.admit is not None:
-            await run.admit()
-        env = self.new(value, key=key, origin=origin)
+        env = await self._enter(value, key, origin)
         # Once entered, an item is delivered: a stop never cancels a source mid-send (a cancelled
         # send cannot tell whether the receiver already took the item).
+        run = self._run
         run.source_busy = True
         try:
             await self.send(env)
         finally:
             run.source_busy = False
         return env
+
+    async def _enter(self, value: T, key: Hashable | None, origin: str | None) -> Envelope[T]:
+        """Admit a new input item unless the run is stopping; return its envelope, unsent."""
+        run = self._run
+        if run.stop_reason is not None:
+            raise SourceStopped(run.stop_reason)
+        if run.admit is not None:
+            await run.admit()
+        return self.new(value, key=key, origin=origin)
 
     def new(
         self, value: T, *, key: Hashable | None = None, origin: str | None = None
@@ -349,12 +356,8 @@ class Outbox(Generic[T]):
         origin: str | None = None,
     ) -> None:
         """Register a new input item that is already bad (a source's unparsable line)."""
+        env = await self._enter(value, key, origin)
         run = self._run
-        if run.stop_reason is not None:
-            raise SourceStopped(run.stop_reason)
-        if run.admit is not None:
-            await run.admit()
-        env = self.new(value, key=key, origin=origin)
         run.source_busy = True
         try:
             await self.fail(env, error)
