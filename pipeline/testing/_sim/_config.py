@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import typing
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline._config import check_fields
 from pipeline._errors import ConfigError
 
 __all__ = ["FAULTS", "SimConfig", "field_hints"]
@@ -144,22 +144,12 @@ def field_hints() -> dict[str, Any]:
 
 
 def _check_types(config: SimConfig) -> None:
-    """Check each field's type; turn whole numbers given for floats into floats (>= 0)."""
-    hints = field_hints()
+    """Check each field against its type (whole numbers given for floats become floats).
+
+    Every number of the simulator's configuration is a count, a rate or a duration: >= 0.
+    """
+    check_fields(config)
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        hint = hints[field.name]
-        if value is None and type(None) in typing.get_args(hint):
-            continue
-        if float in (hint, *typing.get_args(hint)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"SimConfig.{field.name} must be a number, got {value!r}")
-            value = float(value)
-            setattr(config, field.name, value)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"SimConfig.{field.name} must be >= 0, got {value!r}")
-        elif int in (hint, *typing.get_args(hint)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"SimConfig.{field.name} must be an integer, got {value!r}")
-        elif not isinstance(value, str):
-            raise ConfigError(f"SimConfig.{field.name} must be a string, got {value!r}")
+        if isinstance(value, float) and value < 0:
+            raise ConfigError(f"SimConfig.{field.name} must be >= 0, got {value!r}")
