@@ -8,6 +8,8 @@ three seconds to finish.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -102,3 +104,86 @@ def test_a_thousand_rows_in_one_batch_each_with_its_own_answer(
     assert not [p for p in paths if p.endswith(("/chat/completions", "/messages"))]
     creates = [p for p in paths if p.endswith(("/batches", "/messages/batches"))]
     assert len(creates) == 1
+
+
+# -- the job engine against llmock ------------------------------------------------------------
+
+
+def job_command(base: str, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        str(tmp_path / "in.jsonl"),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--model",
+        "gpt-4o",
+        "--prompt",
+        "row {id}",
+        "--base-url",
+        base + "/v1",
+        "--batch-api",
+        "--batch-poll",
+        "0.25",
+        "--quiet",
+        *extra,
+    ]
+
+
+def job_env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def check_job_output(tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == list(range(1000))
+    for row in rows:
+        assert row["response"].endswith(f"row {row['id']}"), row
+
+
+def test_a_1000_row_job_in_one_batch_and_again_after_kill_9_and_resume(
+    llmock: str, tmp_path: Path
+) -> None:
+    rows = "".join(json.dumps({"id": i}) + "\n" for i in range(1000))
+    for name in ("plain", "killed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "in.jsonl").write_text(rows)
+
+    before = served(llmock)
+    done = subprocess.run(
+        job_command(llmock, tmp_path / "plain"), env=job_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_job_output(tmp_path / "plain")
+    paths = served(llmock)[len(before) :]
+    assert not [p for p in paths if p.endswith("/chat/completions")]
+    assert len([p for p in paths if p.endswith("/batches")]) == 1
+
+    folder = tmp_path / "killed"
+    before = served(llmock)
+    proc = subprocess.Popen(
+        job_command(llmock, folder),
+        env=job_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    log_path = folder / "out.jsonl.batches" / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while not (log_path.exists() and b'"created"' in log_path.read_bytes()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no batch was created"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    if proc.stderr is not None:
+        proc.stderr.close()
+    done = subprocess.run(
+        job_command(llmock, folder, "--resume"), env=job_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_job_output(folder)
+    paths = served(llmock)[len(before) :]
+    assert not [p for p in paths if p.endswith("/chat/completions")]
+    assert len([p for p in paths if p.endswith("/batches")]) == 1

@@ -83,6 +83,7 @@ def _run_parser(parser: argparse.ArgumentParser) -> None:
     _request_arguments(parser)
     _limit_arguments(parser)
     _file_arguments(parser)
+    _batch_arguments(parser)
     _running_arguments(parser)
 
 
@@ -169,6 +170,35 @@ def _file_arguments(parser: argparse.ArgumentParser) -> None:
     files.add_argument("--output-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
     files.add_argument("--summary-json", default=s, metavar="PATH", help="write the summary here")
     files.add_argument("--config", default=s, metavar="job.toml", help="settings from a job file")
+
+
+def _batch_arguments(parser: argparse.ArgumentParser) -> None:
+    batch = parser.add_argument_group("batch API (half price, within 24 hours; docs/batch.md)")
+    s = SUPPRESS
+    batch.add_argument(
+        "--batch-api",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="send the rows through batches",
+    )
+    batch.add_argument(
+        "--batch-max-rows", type=_int, default=s, metavar="N", help="rows per batch at most"
+    )
+    batch.add_argument(
+        "--batch-poll", type=_number, default=s, metavar="SECONDS", help="check every (15)"
+    )
+    batch.add_argument(
+        "--batch-fallback",
+        choices=["batch", "online"],
+        default=s,
+        help="where failed/expired batches' rows go (batch)",
+    )
+    batch.add_argument(
+        "--cancel-batches",
+        action="store_true",
+        default=s,
+        help="cancel the job's running batches on the provider, then stop",
+    )
 
 
 def _running_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from pipeline.jobs import JobProgress, JobSummary
@@ -70,6 +70,8 @@ def format_bar(progress: JobProgress, width: int = 100) -> str:
         f"errors {_count(progress.failed)}",
         _cost(progress.cost_usd),
     ]
+    if progress.batch:
+        figures.insert(0, "batches " + batch_text(progress.batch))
     if progress.stopping:
         figures.append("stopping")
     elif fraction is not None:
@@ -105,11 +107,22 @@ def format_line(progress: JobProgress) -> str:
         f" {_count(progress.failed)} errors, {_cost(progress.cost_usd)},"
         f" elapsed {format_duration(progress.elapsed_s)}"
     )
+    if progress.batch:
+        text += f", batches {batch_text(progress.batch)}"
     if progress.stopping:
         text += f", stopping ({progress.stopping})"
     elif fraction is not None:
         text += f", ETA {format_duration(progress.eta_s)}"
     return text
+
+
+def batch_text(batch: dict[str, Any]) -> str:
+    """Return the batch engine's figures: batches by state, and the time spent waiting."""
+    return (
+        f"{batch.get('submitted', 0)} submitted, {batch.get('in_progress', 0)} running,"
+        f" {batch.get('completed', 0)} done, {batch.get('failed', 0)} failed"
+        f" (waiting {format_duration(batch.get('waiting_s'))})"
+    )
 
 
 class ProgressDisplay:
@@ -182,6 +195,12 @@ def summary_table(summary: JobSummary) -> str:
         )
     )
     rows.append(("cost", _cost(summary.cost_usd)))
+    if summary.batch:
+        batch = summary.batch
+        rows.append(("batches", batch_text(batch)))
+        rows.append(("online cost", f"{_cost(batch.get('online_equivalent_usd', 0.0))} (same job)"))
+        if batch.get("unmatched"):
+            rows.append(("unmatched", f"{batch['unmatched']} result lines matched no row"))
     rows.append(("elapsed", f"{summary.elapsed_s:.2f} s"))
     rows.append(("rows/s", f"{summary.rows_per_s:,.1f}"))
     if summary.complete:
@@ -196,4 +215,11 @@ def summary_table(summary: JobSummary) -> str:
     return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
 
 
-__all__ = ["ProgressDisplay", "format_bar", "format_duration", "format_line", "summary_table"]
+__all__ = [
+    "ProgressDisplay",
+    "batch_text",
+    "format_bar",
+    "format_duration",
+    "format_line",
+    "summary_table",
+]

@@ -43,6 +43,8 @@ class JobProgress:
         eta_s: Seconds left at the current rate, when the total is known.
         stopping: Why the job is stopping early, when it is.
         final: Whether this is the last snapshot of the run.
+        batch: Batch engine only: batches submitted, in progress, completed and failed, rows
+            per batch, seconds waiting, batch cost and its online equivalent.
     """
 
     rows_total: int | None
@@ -61,6 +63,7 @@ class JobProgress:
     eta_s: float | None
     stopping: str | None = None
     final: bool = False
+    batch: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the snapshot as JSON-ready data."""
@@ -92,6 +95,8 @@ class JobSummary:
         output: The output file.
         dead_letter: The dead-letter file.
         engine: The engine that ran the job.
+        batch: Batch engine only: the batches (see :class:`JobProgress`), with the cost at
+            batch prices and what the same tokens would have cost online.
     """
 
     rows_in: int = 0
@@ -114,6 +119,7 @@ class JobSummary:
     output: str | None = None
     dead_letter: str | None = None
     engine: str = "local"
+    batch: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready data."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from pipeline.jobs._batch import run_batch
 from pipeline.jobs._local import run_local
 from pipeline.jobs._progress import JobSummary, ProgressHook, RunOptions, Waitable
 from pipeline.jobs._ray import run_on_ray
@@ -22,8 +23,8 @@ from stages.llm._limits import Limiter
 Engine = Callable[[JobSettings, RunOptions], Awaitable[JobSummary]]
 """Runs a job whose settings are checked and whose input and output are set."""
 
-ENGINES: dict[str, Engine] = {"local": run_local, "ray": run_on_ray}
-"""The engines by the name ``JobSettings.engine`` gives."""
+ENGINES: dict[str, Engine] = {"local": run_local, "ray": run_on_ray, "batch": run_batch}
+"""The engines by the name ``JobSettings.engine`` gives (``batch`` when ``batch_api`` is set)."""
 
 
 async def run_job(
@@ -38,7 +39,8 @@ async def run_job(
     """Run a file job to the end (or until stopped) and return its summary.
 
     The engine is ``settings.engine``: ``local`` (one pipeline in this process) or ``ray``
-    (Ray Data actors; extra ``[ray]``).
+    (Ray Data actors; extra ``[ray]``); with ``settings.batch_api`` it is the batch engine
+    (:mod:`pipeline.jobs._batch`: the provider's Batch API, half the price).
 
     Args:
         settings: The job; its input and output must be set.
@@ -64,7 +66,8 @@ async def run_job(
     """
     settings.require_paths()
     options = RunOptions(on_progress, stop_event, stop_reason, progress_interval, limiter)
-    return await ENGINES[settings.engine](settings, options)
+    engine = "batch" if settings.batch_api else settings.engine
+    return await ENGINES[engine](settings, options)
 
 
 __all__ = ["ENGINES", "Engine", "run_job"]

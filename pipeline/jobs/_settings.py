@@ -128,6 +128,15 @@ class JobSettings:
         output_format: Force the output format instead of guessing from the extension.
         batch_size: Rows per embeddings request.
         grace: Seconds rows in flight may take to finish after a stop (Ctrl-C), then cancelled.
+        batch_api: Send the requests through the provider's Batch API (half price, answered
+            within 24 hours) instead of online; see ``docs/batch.md``.
+        batch_max_rows: Most rows per batch (default: the provider's limit).
+        batch_poll: Seconds between checks on the batches (backing off while none changes).
+        batch_fallback: Where rows of failed, expired or cancelled batches go: ``batch`` (a
+            new batch) or ``online``.
+        cancel_batches: Cancel the job's batches still running on the provider, then stop.
+        batch_prices: USD per 1M prompt and completion tokens in batches, by model (default:
+            half the online price).
     """
 
     input: str | None = None
@@ -169,12 +178,22 @@ class JobSettings:
     output_format: FileFormat | None = None
     batch_size: int = 64
     grace: float = 30.0
+    batch_api: bool = False
+    batch_max_rows: int | None = None
+    batch_poll: float = 15.0
+    batch_fallback: Literal["batch", "online"] = "batch"
+    cancel_batches: bool = False
+    batch_prices: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(
             self,
             label=lambda name: f"setting {name!r}",
-            checkers={"headers": _check_headers, "prices": _check_prices},
+            checkers={
+                "headers": _check_headers,
+                "prices": _check_prices,
+                "batch_prices": _check_prices,
+            },
         )
         self._check_values()
 
@@ -187,7 +206,7 @@ class JobSettings:
 
         for name in ("concurrency", "max_concurrency", "rpm", "tpm", "timeout", "deadline"):
             positive(name)
-        for name in ("budget", "batch_size"):
+        for name in ("budget", "batch_size", "batch_max_rows", "batch_poll"):
             positive(name)
         positive("max_retries", allow_zero=True)
         positive("grace", allow_zero=True)
@@ -221,6 +240,12 @@ class JobSettings:
             )
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other: choose one")
+        if (self.cancel_batches or self.batch_max_rows is not None) and not self.batch_api:
+            raise ConfigError("cancel_batches and batch_max_rows apply to batch_api jobs")
+        if self.batch_api and self.stream:
+            raise ConfigError("batch_api answers whole responses: drop stream")
+        if self.batch_api and self.engine == "ray":
+            raise ConfigError("batch_api runs on its own engine: drop engine='ray'")
         if self.output == "-":
             raise ConfigError(
                 "output must be a file: a job journals rows next to it and publishes it"
@@ -312,6 +337,7 @@ class JobSettings:
             k: ("***" if k.lower() in SENSITIVE_HEADERS else v) for k, v in self.headers.items()
         }
         data["prices"] = {k: list(v) for k, v in self.prices.items()}
+        data["batch_prices"] = {k: list(v) for k, v in self.batch_prices.items()}
         return data
 
     def fingerprint(self) -> dict[str, Any]:
@@ -321,6 +347,10 @@ class JobSettings:
     def all_prices(self) -> dict[str, tuple[float, float]]:
         """Return the built-in price table updated with :attr:`prices`."""
         return {**BUILTIN_PRICES, **self.prices}
+
+    def batch_price(self) -> tuple[float, float] | None:
+        """Return the configured batch price of the model (``None``: half the online price)."""
+        return price_for(self.model, self.batch_prices) if self.model else None
 
     def price(self) -> tuple[float, float] | None:
         """Return the model's price (USD per 1M prompt, completion tokens), if known."""

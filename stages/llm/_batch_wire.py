@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pipeline._errors import ConfigError, FatalError
+from pipeline._json import dumps, loads
 from stages.llm._providers import (
     Answer,
     AnthropicProvider,
@@ -199,7 +200,7 @@ class BatchWire:
         else:
             item = {"custom_id": custom_id, "method": "POST", "url": self.endpoint_path}
             item["body"] = body
-        return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
+        return dumps(item)
 
     def framing(self) -> tuple[bytes, bytes, bytes]:
         """Return ``(prefix, separator, suffix)`` around the request lines of a batch."""
@@ -326,7 +327,7 @@ def json_line(line: bytes, batch_id: str) -> Any:
         BatchAPIError: The line is not JSON.
     """
     try:
-        return json.loads(line)
+        return loads(line)
     except ValueError:
         text = short(line.decode("utf-8", "replace"))
         raise BatchAPIError(f"batch {batch_id}: a results line is not JSON: {text}") from None

@@ -106,6 +106,7 @@ class BatchSimConfig:
             ``"upload"`` (before storing the file), ``"create"`` (after creating the batch,
             before answering: the answer is lost if the client dies), ``"poll"`` (a status
             request) or ``"download"`` (after half of the results): to kill a client there.
+        stall_after: How many requests of that kind to let through first.
         stall_next: How many requests to hold.
         stall_s: How long each is held.
     """
@@ -122,6 +123,7 @@ class BatchSimConfig:
     max_requests: int | None = None
     max_bytes: int | None = None
     stall: Literal["upload", "create", "poll", "download"] | None = None
+    stall_after: int = 0
     stall_next: int = 1
     stall_s: float = 30.0
 
@@ -175,6 +177,7 @@ class BatchSim:
         self._ids = itertools.count(1)
         self._created = 0
         self._stalls = self.config.stall_next
+        self._passed = 0
         self.on_stall: Callable[[str], None] | None = None
         """Called (in the server's thread) with the kind of each request held by ``stall``."""
         self.stats: dict[str, int] = {
@@ -195,10 +198,14 @@ class BatchSim:
         self.config = config
         self._created = 0
         self._stalls = config.stall_next
+        self._passed = 0
 
     async def _stall(self, kind: str) -> None:
         """Hold this request if the configuration says so (see :class:`BatchSimConfig`)."""
         if self.config.stall != kind or self._stalls <= 0:
+            return
+        if self._passed < self.config.stall_after:
+            self._passed += 1
             return
         self._stalls -= 1
         self.stats["stalled"] += 1
