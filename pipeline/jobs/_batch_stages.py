@@ -28,7 +28,7 @@ from stages.llm._batch_api import BatchClient, RequestSpool
 from stages.llm._batch_wire import BatchResult
 from stages.llm._cache import request_key
 from stages.llm._caller import LLMCaller, Price
-from stages.llm._prompt import embedding_text, messages
+from stages.llm._prompt import chat_messages, embedding_text
 from stages.llm._providers import Answer, HTTPFailure
 from stages.llm._sse import Usage
 
@@ -107,7 +107,7 @@ def request_body(caller: LLMCaller, record: Any) -> dict[str, Any]:
     if caller.endpoint == "embeddings":
         text = embedding_text(caller.template, record)
         return provider.embeddings_body(caller.model, [text], caller.params)
-    chat = messages(caller.template, record)
+    chat = chat_messages(caller.template, record)
     return provider.chat_body(caller.model, chat, caller.system, caller.params, False)
 
 
