@@ -43,16 +43,8 @@ from pipeline import Pipeline
 from pipeline._envelope import Envelope, Failed
 from pipeline._errors import ConfigError, ItemError, MissingFieldError, QuotaExhaustedError
 from pipeline._stage import Inbox, OnError, Outbox, Source
-from stages.llm._caller import (
-    HTTP,
-    AuthenticationError,
-    Limits,
-    LLMCaller,
-    LLMCallError,
-    Output,
-    Price,
-    Retry,
-)
+from stages.llm import HTTP, Limits, Output, Retry
+from stages.llm._caller import AuthenticationError, LLMCaller, LLMCallError, Price
 from stages.llm._limits import Limiter
 from stages.llm._providers import QUOTA_CODES, Answer
 from stages.llm._sse import Usage
