@@ -78,6 +78,7 @@ from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
 from pipeline._stage import Inbox, ItemStage, Outbox
 from stages._batch import split_batch
 from stages.llm._admission import CURRENT_SEAT, Admission, Limits, Seat
+from stages.llm._cache import ResponseCache
 from stages.llm._errors import (
     AuthenticationError,
     DeadlineExceededError,
@@ -233,7 +234,7 @@ class LLMCaller(ItemStage[Any, Any]):
         self._run: Exchange | None = None
 
     @property
-    def cache(self) -> Any:
+    def cache(self) -> ResponseCache | None:
         """The response cache (``http.cache``), or ``None``."""
         return self.http.cache
 
