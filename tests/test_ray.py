@@ -20,13 +20,13 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import pipeline  # noqa: E402
-from pipeline._errors import ConfigError, ItemError  # noqa: E402
+from pipeline._errors import ConfigError, FatalError, ItemError  # noqa: E402
 from pipeline.jobs import JobFailedError, JobSettings, run_job  # noqa: E402
 from pipeline.jobs._journal import Journal  # noqa: E402
 from pipeline.jobs._parts import JobColumns, PartsTally, fold_parts, parts_dir  # noqa: E402
 from pipeline.jobs._ray import run_job_on_ray  # noqa: E402
 from pipeline.testing._sim import SimConfig, Simulator, serve  # noqa: E402
-from stages._ray import ERROR, ERROR_RECORD, ray_transform  # noqa: E402
+from stages._ray import ERROR, ERROR_RECORD, ActorSpec, actor_class, ray_transform  # noqa: E402
 from stages.files import JsonlSink  # noqa: E402
 from stages.llm._caller import HTTP, Limits, LLMCaller, Retry  # noqa: E402
 from stages.llm._limits import RateLimiter  # noqa: E402
@@ -323,3 +323,78 @@ async def test_part_files_without_their_job_are_refused(
     assert sim.counters()["requests"] == 0
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl.ray-parts"]
     assert (directory / "old" / "a.parquet").exists()
+
+
+# -- the adapter's extension points (an actor called directly: no Ray cluster needed) --------
+
+
+class _Control:
+    """An ActorControl the test drives: a stop reason, and the fatal errors reported."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.fatal: list[BaseException] = []
+
+    def stop_reason(self) -> str | None:
+        return self.reason
+
+    def report_fatal(self, error: BaseException) -> None:
+        self.fatal.append(error)
+
+
+async def test_actor_hands_back_rows_its_control_stopped_as_not_processed() -> None:
+    pa = pytest.importorskip("pyarrow")
+    control = _Control()
+    spec = ActorSpec(
+        stages=lambda: [pipeline.map(lambda row: {**row, "seen": True})],
+        actors=1,
+        max_in_flight=2,
+        control=control,
+    )
+    actor = actor_class(spec)()
+    rows = [{"id": i} for i in range(5)]
+
+    answered = (await actor(pa.Table.from_pylist(rows))).to_pylist()
+    assert sorted(r["id"] for r in answered) == list(range(5))
+    assert all(r["seen"] and r[ERROR] is None for r in answered)
+
+    control.reason = "stop requested"
+    stopped = (await actor(pa.Table.from_pylist(rows))).to_pylist()
+    assert sorted(r["id"] for r in stopped) == list(range(5))  # every row comes back
+    assert {r[ERROR] for r in stopped} == {"not processed: stop requested"}
+    assert json.loads(stopped[0][ERROR_RECORD])["error"]["type"] == "NotProcessed"
+    assert control.fatal == []
+
+
+async def test_actor_applies_the_first_failure_rule_it_is_given(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    control = _Control()
+    judged: list[int | None] = []
+
+    def rule(failed: Any) -> BaseException | None:
+        judged.append(failed.status)
+        return FatalError("the setup is wrong") if failed.status == 404 else None
+
+    def stages() -> list[Any]:  # a wrong path: every request gets a 404
+        return [
+            LLMCaller(
+                model="m",
+                prompt="{text}",
+                base_url=sim.url + "/nowhere",
+                http=HTTP(api_key_env=KEY_ENV),
+                retry=Retry(max_retries=0),
+            )
+        ]
+
+    spec = ActorSpec(
+        stages=stages, actors=1, max_in_flight=1, control=control, first_failure_rule=rule
+    )
+    actor = actor_class(spec)()
+    await actor(pa.Table.from_pylist([{"text": "a"}, {"text": "b"}]))
+    assert judged == [404]  # the first failure stopped the actor
+    assert [str(e) for e in control.fatal] == ["the setup is wrong"]
+    after = (await actor(pa.Table.from_pylist([{"text": "c"}]))).to_pylist()
+    assert after[0][ERROR] == "not processed: fatal error: the setup is wrong"
