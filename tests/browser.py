@@ -82,12 +82,22 @@ def chromium(downloads: Path | None = None) -> Iterator[Any]:
 
 
 def wait_for(driver: Any, condition: Callable[[Any], Any], what: str, timeout: float = 60) -> Any:
-    """Wait until ``condition(driver)`` is truthy (the browser's own polling); return it."""
-    from selenium.common.exceptions import TimeoutException
+    """Wait until ``condition(driver)`` is truthy (the browser's own polling); return it.
+
+    The page re-renders as events arrive, so an element found a moment ago may be gone (stale)
+    or hold text that is not yet a number: those mean "not yet", and the wait polls again.
+    """
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
+    not_yet = (NoSuchElementException, StaleElementReferenceException, ValueError, IndexError)
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+        wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=not_yet)
+        return wait.until(condition)
     except TimeoutException:
         shot = artifacts_dir() / "timeout.png"
         driver.save_screenshot(str(shot))
