@@ -276,6 +276,11 @@ def test_metrics_agree_with_the_job_summary(tmp_path: Path) -> None:
     assert metric(text, "pipeline_job_rows_total", job_id, outcome="failed") == 1
     assert metric(text, "pipeline_job_requests_total", job_id, model="sim-1") == summary["requests"]
     assert metric(text, "pipeline_job_retries_total", job_id) == summary["retries"]
+    assert metric(text, "pipeline_job_responses_total", job_id) == summary["requests"]
+    assert metric(text, "pipeline_job_rate_limited_total", job_id) > 0
+    # the runtime's own instruments, labelled with the job too
+    assert metric(text, "pipeline_items_total", job_id, outcome="failed") == 1
+    assert "pipeline_queue_depth{" in text and f'job="{job_id}"' in text
     for kind in ("prompt", "completion"):
         assert (
             metric(text, "pipeline_job_tokens_total", job_id, kind=kind)

@@ -113,7 +113,12 @@ async def test_counters_agree_with_the_job_summary(tmp_path: Path) -> None:
             prices={"sim-1": (1.0, 2.0)},
         )
         summary = await run_job(settings, on_progress=on_progress, progress_interval=0.05)
+        counted = sim.counters()
     text = metrics.render().decode()
+    assert job_value(text, "pipeline_job_responses_total", "job-1") == summary.requests
+    assert job_value(text, "pipeline_job_responses_total", "job-1", status="200") == summary.ok
+    assert job_value(text, "pipeline_job_rate_limited_total", "job-1") >= counted["http_429"] > 0
+    assert job_value(text, "pipeline_job_in_flight", "job-1") == 0
     assert summary.complete and summary.failed == 1 and summary.retries > 0
     assert job_value(text, "pipeline_job_rows_total", "job-1", outcome="ok") == summary.ok
     assert job_value(text, "pipeline_job_rows_total", "job-1", outcome="failed") == 1

@@ -14,6 +14,7 @@ dead-letter record. :func:`run_local` runs it; ``docs/jobs.md`` describes the fi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
@@ -188,6 +189,7 @@ class LocalJob:
             dead_letter=_JobDeadLetterSink(journal, self._on_failed),
             name="job",
             tracing=self.tracer,
+            metrics=self.options.metrics,
         )
 
     async def _run(self, journal: Journal, caller: LLMCaller) -> JobSummary:
@@ -329,8 +331,18 @@ class LocalJob:
         stopping = self.stopped
         if stopping is None and self.results is not None:
             stopping = self.results.stop_reason
-        return make_progress(
+        progress = make_progress(
             self._tally(), started=self.started, total=self.total, stopping=stopping, final=final
+        )
+        if self.caller is None:
+            return progress
+        totals = self.caller.totals  # the caller's own figures: the dashboard's and /metrics'
+        return dataclasses.replace(
+            progress,
+            rate_limited=totals.rate_limited,
+            limiter_wait_s=totals.limiter_wait_s,
+            in_flight=totals.in_flight,
+            statuses={str(status): n for status, n in sorted(totals.statuses.items())},
         )
 
     def _summary(self, report: RunReport | None, *, complete: bool = False) -> JobSummary:

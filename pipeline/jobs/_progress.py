@@ -13,13 +13,16 @@ import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline._channels import StageStats
 from pipeline._envelope import Failed
 from pipeline._errors import FatalError
 from pipeline.jobs._settings import JobSettings
 from stages.llm._limits import Limiter
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,6 +48,10 @@ class JobProgress:
         final: Whether this is the last snapshot of the run.
         batch: Batch engine only: batches submitted, in progress, completed and failed, rows
             per batch, seconds waiting, batch cost and its online equivalent.
+        rate_limited: Answers that asked to slow down (429, 503, 529), this run.
+        limiter_wait_s: Seconds rows waited for the rate limiter, summed, this run.
+        in_flight: HTTP requests on the wire now.
+        statuses: Answers by HTTP status (``"200"``, ``"429"``...), this run.
     """
 
     rows_total: int | None
@@ -64,6 +71,10 @@ class JobProgress:
     stopping: str | None = None
     final: bool = False
     batch: dict[str, Any] | None = None
+    rate_limited: int = 0
+    limiter_wait_s: float = 0.0
+    in_flight: int = 0
+    statuses: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the snapshot as JSON-ready data."""
@@ -169,6 +180,8 @@ class RunOptions:
         progress_interval: Seconds between progress snapshots.
         limiter: A rate limiter shared with other jobs in this process (the HTTP server
             passes one per API key); engines whose callers live in other processes ignore it.
+        metrics: An OpenTelemetry meter provider for the run's pipeline instruments (items,
+            queue depths, waits, tokens per stage); ``None``: the runtime's default.
     """
 
     on_progress: ProgressHook | None = None
@@ -176,6 +189,7 @@ class RunOptions:
     stop_reason: str = "stop requested"
     progress_interval: float = 0.5
     limiter: Limiter | None = None
+    metrics: MeterProvider | None = None
 
 
 async def call_progress(hook: ProgressHook, progress: JobProgress) -> None:

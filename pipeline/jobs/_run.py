@@ -12,6 +12,7 @@ are the same.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from pipeline.jobs._batch import run_batch
 from pipeline.jobs._local import run_local
@@ -19,6 +20,9 @@ from pipeline.jobs._progress import JobSummary, ProgressHook, RunOptions, Waitab
 from pipeline.jobs._ray import run_on_ray
 from pipeline.jobs._settings import JobSettings
 from stages.llm._limits import Limiter
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
 
 Engine = Callable[[JobSettings, RunOptions], Awaitable[JobSummary]]
 """Runs a job whose settings are checked and whose input and output are set."""
@@ -35,6 +39,7 @@ async def run_job(
     stop_reason: str = "stop requested",
     progress_interval: float = 0.5,
     limiter: Limiter | None = None,
+    metrics: MeterProvider | None = None,
 ) -> JobSummary:
     """Run a file job to the end (or until stopped) and return its summary.
 
@@ -53,6 +58,8 @@ async def run_job(
         progress_interval: Seconds between progress snapshots.
         limiter: A rate limiter shared with other jobs on the same API key (the HTTP server
             passes one per key), instead of one built from the settings (local engine).
+        metrics: An OpenTelemetry meter provider for the pipeline's own instruments (the
+            HTTP server passes one labelled with the job; local engine).
 
     Returns:
         The summary; ``complete`` is true when the files were published.
@@ -65,7 +72,7 @@ async def run_job(
             unreachable server, a full disk); what was done stays resumable.
     """
     settings.require_paths()
-    options = RunOptions(on_progress, stop_event, stop_reason, progress_interval, limiter)
+    options = RunOptions(on_progress, stop_event, stop_reason, progress_interval, limiter, metrics)
     engine = "batch" if settings.batch_api else settings.engine
     return await ENGINES[engine](settings, options)
 

@@ -79,12 +79,6 @@ class Sample:
     @classmethod
     def from_progress(cls, progress: JobProgress) -> Sample:
         """Build a sample from a job's progress snapshot."""
-        # Fields a JobProgress may not carry (an engine that does not report them) read as 0.
-        extra = {
-            name: getattr(progress, name)
-            for name in ("rate_limited", "limiter_wait_s", "in_flight", "statuses")
-            if getattr(progress, name, None) is not None
-        }
         return cls(
             t=progress.elapsed_s,
             rows_total=progress.rows_total,
@@ -97,7 +91,10 @@ class Sample:
             prompt_tokens=progress.prompt_tokens,
             completion_tokens=progress.completion_tokens,
             cost_usd=progress.cost_usd,
-            **extra,
+            rate_limited=progress.rate_limited,
+            limiter_wait_s=progress.limiter_wait_s,
+            in_flight=progress.in_flight,
+            statuses=dict(progress.statuses),
         )
 
     @classmethod

@@ -320,6 +320,7 @@ class JobManager:
                 stop_reason=job.stop_why or "stop requested",
                 progress_interval=self.config.progress_interval,
                 limiter=self.limiter_for(settings),
+                metrics=self.observers.metrics.provider_for(job.id, settings.model),
             )
         except JobFailedError as error:
             watch.finish(error.summary, error=self.config.scrub(str(error)))
