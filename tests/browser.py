@@ -81,7 +81,7 @@ def chromium(downloads: Path | None = None) -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def wait_for(driver: Any, condition: Callable[[Any], Any], what: str, timeout: float = 60) -> Any:
+def wait_for(driver: Any, condition: Callable[[Any], Any], what: str, timeout: float = 90) -> Any:
     """Wait until ``condition(driver)`` is truthy (the browser's own polling); return it.
 
     The page re-renders as events arrive, so an element found a moment ago may be gone (stale)
