@@ -237,14 +237,17 @@ def _state(attempt: int, error: BaseException | None = None, sleep: float = 0.0)
     return state
 
 
-def test_backoff_is_full_jitter_exponential_with_a_cap() -> None:
+def test_backoff_is_jittered_exponential_with_a_cap_and_grows_per_row() -> None:
     policy = RowPolicy(Retry(backoff_base=0.5, backoff_cap=4.0), None)
     error = LLMCallError("x", retryable=True)
     for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (8, 4.0)]:
         waits = [policy.wait(_state(attempt, error)) for _ in range(200)]
-        assert all(0 <= w <= ceiling for w in waits)
-        assert max(waits) > ceiling * 0.7  # jitter spans the range
-        assert min(waits) < ceiling * 0.3
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)  # the upper half
+        assert max(waits) > ceiling * 0.9  # jitter spans it
+        assert min(waits) < ceiling * 0.6
+    for _ in range(200):  # every delay of a row longer than the one before, up to the cap
+        delays = [policy.wait(_state(attempt, error)) for attempt in (1, 2, 3, 4)]
+        assert delays == sorted(delays)
 
 
 def test_backoff_never_waits_less_than_retry_after() -> None:

@@ -186,8 +186,8 @@ class _RecordingLimiter(RateLimiter):
         self.granted: list[float] = []
         self.pauses: list[tuple[float, float]] = []
 
-    async def acquire(self, tokens: int = 0) -> float:
-        waited = await super().acquire(tokens)
+    async def acquire(self, tokens: int = 0, **costs: Any) -> float:
+        waited = await super().acquire(tokens, **costs)
         self.granted.append(time.monotonic())
         return waited
 
@@ -196,7 +196,8 @@ class _RecordingLimiter(RateLimiter):
         super().pause(seconds)
 
 
-async def test_429_retry_after_pauses_every_worker() -> None:
+async def test_an_isolated_429_backs_off_its_row_only() -> None:
+    # no rate-limit headers and a short Retry-After: one overloaded replica, not the quota
     limiter = _RecordingLimiter()
     async with serve(SimConfig(error_429=0.15, retry_after_s=0.25, seed=4)) as sim:
         caller = _caller(sim.url, limits=Limits(limiter=limiter, concurrency=4))
@@ -204,8 +205,21 @@ async def test_429_retry_after_pauses_every_worker() -> None:
         limited = sim.counters()["http_429"]
     assert limited >= 2 and report.stages[1].retries == limited
     assert [r["response"] for r in results] == _expected()
-    assert len(limiter.pauses) == limited
-    assert all(seconds == 0.25 for _, seconds in limiter.pauses)
+    assert limiter.pauses == []  # nobody else waited
+    assert caller.totals.isolated_429s == limited
+    assert limiter.statistics().isolated_429s == limited
+
+
+async def test_a_quota_429_pauses_every_worker_until_retry_after() -> None:
+    # a bucket of one request refilled at 10/s: the 429s say nothing remains
+    limiter = _RecordingLimiter()
+    async with serve(SimConfig(rpm=600, burst_s=0.1)) as sim:
+        caller = _caller(sim.url, limits=Limits(limiter=limiter, concurrency=4))
+        results, report = await _run(caller)
+        limited = sim.counters()["http_429"]
+    assert [r["response"] for r in results] == _expected()
+    assert limited >= 1 and report.stages[1].retries == limited
+    assert len(limiter.pauses) == limited == limiter.statistics().quota_429s
     # after each pause began, no worker was let through before it ended
     for began, seconds in limiter.pauses:
         assert not [t for t in limiter.granted if began < t < began + seconds - 0.01]

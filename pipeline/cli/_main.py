@@ -141,6 +141,19 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--rpm", type=_number, default=s, metavar="N", help="requests per minute")
     limits.add_argument("--tpm", type=_number, default=s, metavar="N", help="tokens per minute")
     limits.add_argument(
+        "--itpm", type=_number, default=s, metavar="N", help="input tokens per minute (Anthropic)"
+    )
+    limits.add_argument(
+        "--otpm", type=_number, default=s, metavar="N", help="output tokens per minute (Anthropic)"
+    )
+    limits.add_argument(
+        "--burst",
+        type=_number,
+        default=s,
+        metavar="SECONDS",
+        help="most of a minute's quota sent at once (default: what the server's headers say)",
+    )
+    limits.add_argument(
         "--limiter", default=s, metavar="redis://HOST:PORT/DB", help="share limits through Redis"
     )
     limits.add_argument("--max-retries", type=_int, default=s, metavar="N")

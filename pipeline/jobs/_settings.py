@@ -100,8 +100,12 @@ class JobSettings:
         provider: ``openai`` (any compatible server), ``azure`` or ``anthropic``.
         concurrency: Fixed requests in flight; ``None`` adapts it up to ``max_concurrency``.
         max_concurrency: Ceiling of the adaptive concurrency.
-        rpm: Requests per minute allowed.
+        rpm: Requests per minute allowed (a ceiling; the server's headers say what is there).
         tpm: Tokens per minute allowed.
+        itpm: Input tokens per minute allowed (Anthropic's separate limit).
+        otpm: Output tokens per minute allowed (Anthropic's; ``max_tokens`` is reserved).
+        burst: Seconds' worth of the limits that may go at once, at most (default: what the
+            server's headers say its bucket holds).
         max_retries: Retries per row after the first attempt.
         timeout: Seconds one attempt may take.
         deadline: Seconds a row may take, retries and waits included.
@@ -152,6 +156,9 @@ class JobSettings:
     max_concurrency: int = 64
     rpm: float | None = None
     tpm: float | None = None
+    itpm: float | None = None
+    otpm: float | None = None
+    burst: float | None = None
     max_retries: int = 4
     timeout: float = 600.0
     deadline: float | None = None
@@ -204,8 +211,10 @@ class JobSettings:
                 need = ">= 0" if allow_zero else "> 0"
                 raise ConfigError(f"setting {name!r} must be {need}, got {value!r}")
 
-        for name in ("concurrency", "max_concurrency", "rpm", "tpm", "timeout", "deadline"):
+        for name in ("concurrency", "max_concurrency", "rpm", "tpm", "itpm", "otpm", "timeout"):
             positive(name)
+        positive("deadline")
+        positive("burst", allow_zero=True)
         for name in ("budget", "batch_size", "batch_max_rows", "batch_poll"):
             positive(name)
         positive("max_retries", allow_zero=True)

@@ -15,8 +15,13 @@ Before either, a worker needs a *seat* (:class:`Seats`): there are as many seats
 concurrency limit, so the spare workers of the stage do not take rows they could not send.
 A worker gives its seat up while its row waits for a retry (:data:`CURRENT_SEAT`).
 
-A 429, 503 or 529 (:meth:`Admission.overloaded`) halves the concurrency and, when the server
-said how long or asked to slow down, pauses the limiter for every worker.
+A 429 (:meth:`Admission.throttled`) is judged by the limiter from its headers: a quota 429
+(the bucket empty, or a long Retry-After) pauses the limiter for every worker and halves the
+concurrency; an isolated one (plenty remaining: an overloaded replica) backs off its row only;
+429s while the headers show plenty remaining, coming faster than the rate, reveal a server
+enforcing in short windows and switch the limiter to a smooth rate. A 503 or 529
+(:meth:`Admission.overloaded`) halves the concurrency; its row backs off, honouring any
+Retry-After, and nobody else waits.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from opentelemetry import trace
 
 from pipeline._errors import ConfigError, FatalError
 from pipeline._stage import Outbox
-from stages.llm._limits import AdaptiveConcurrency, Limiter, RateLimiter
+from stages.llm._limits import AdaptiveConcurrency, Limiter, RateLimiter, Verdict
 from stages.llm._output import CallerTotals
 
 LEARN_AFTER = 16
@@ -50,8 +55,14 @@ class Limits:
     """How fast and how wide the caller may send.
 
     Args:
-        rpm: Requests per minute allowed (``None``: no limit, but 429s still pause).
+        rpm: Requests per minute allowed (``None``: no limit, but 429s still pause): a ceiling
+            and a first guess; the server's rate-limit headers say what is there.
         tpm: Tokens per minute allowed (estimated before, reconciled after each request).
+        itpm: Input tokens per minute (Anthropic's separate limit), or ``None``.
+        otpm: Output tokens per minute (Anthropic's): ``max_tokens`` is reserved for each
+            request and what the answer did not use is returned.
+        burst_s: Seconds' worth of each rate that may go at once, at most; ``None``: what the
+            server's headers say its bucket holds (a fresh key's whole minute).
         limiter: A shared limiter (e.g. Redis-backed) used instead of ``rpm``/``tpm``.
         concurrency: Fixed number of requests in flight, or ``None`` to adapt it (AIMD) up to
             ``max_concurrency``.
@@ -69,6 +80,9 @@ class Limits:
 
     rpm: float | None = None
     tpm: float | None = None
+    itpm: float | None = None
+    otpm: float | None = None
+    burst_s: float | None = None
     limiter: Limiter | None = None
     concurrency: int | None = None
     max_concurrency: int = 64
@@ -198,7 +212,13 @@ class Admission:
         completion_default: int | None,
     ) -> None:
         ceiling = limits.ceiling
-        self.limiter: Limiter = limiter or RateLimiter(rpm=limits.rpm, tpm=limits.tpm)
+        self.limiter: Limiter = limiter or RateLimiter(
+            rpm=limits.rpm,
+            tpm=limits.tpm,
+            itpm=limits.itpm,
+            otpm=limits.otpm,
+            burst_s=limits.burst_s,
+        )
         self.concurrency = AdaptiveConcurrency(
             limit=limits.concurrency or min(16, ceiling),
             minimum=1,
@@ -208,7 +228,9 @@ class Admission:
         # Whether the limiter can hold a request back. A run's own limiter with no rpm/tpm
         # lets everything through at once until a 429 pauses it or a response states a limit
         # to learn: until then asking it costs time and changes nothing, so it is skipped.
-        self.limited = limiter is not None or limits.rpm is not None or limits.tpm is not None
+        self.limited = limiter is not None or any(
+            value is not None for value in (limits.rpm, limits.tpm, limits.itpm, limits.otpm)
+        )
         self.seats = Seats(self.concurrency)
         self.fatal: FatalError | None = None  # the error stopping the run: send nothing more
         self.totals = totals
@@ -216,9 +238,17 @@ class Admission:
         self.completion_mean = 0.0  # moving average of completion tokens per answer
         self.completions_seen = 0
 
-    async def acquire(self, outbox: Outbox[Any], tokens: int) -> None:
-        """Wait for the limiter to allow a request of ``tokens``; count and trace the wait."""
-        waited = await self.limiter.acquire(tokens)
+    async def acquire(
+        self, outbox: Outbox[Any], tokens: int, *, input_tokens: int | None = None
+    ) -> None:
+        """Wait for the limiter to allow a request of ``tokens``; count and trace the wait.
+
+        ``input_tokens`` (the prompt's) go to the ``itpm`` bucket; the ``otpm`` bucket gets
+        ``max_tokens`` (:attr:`completion_default`), returned in part by :meth:`settle`.
+        """
+        waited = await self.limiter.acquire(
+            tokens, input_tokens=input_tokens, output_tokens=self.completion_default or 0
+        )
         if waited:
             self.totals.limiter_wait_s += waited
             outbox.stats.limiter_wait_s += waited
@@ -254,22 +284,28 @@ class Admission:
             self.limited = True
             self.limiter.observe(headers)
 
-    def overloaded(self, retry_after: float | None, *, rate_limited: bool, pause: float) -> None:
-        """The server rate-limits us (429) or is overloaded (503, 529): slow down.
+    def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
+        """A 429: let the limiter judge it (see the module docstring) and slow down as it says.
 
-        The concurrency always shrinks. Every worker pauses when the server said for how long
-        (Retry-After), and on a rate limit without one (for ``pause`` seconds); an overloaded
-        answer without Retry-After is one request's failure, and only its row backs off.
+        Returns:
+            ``quota``, ``short_window`` or ``isolated``.
         """
         self.totals.rate_limited += 1
-        self.concurrency.overload()
-        if retry_after is None and not rate_limited:
-            return
+        verdict = self.limiter.throttled(headers, retry_after)
+        if verdict == "isolated":
+            self.totals.isolated_429s += 1
+            return verdict
         self.limited = True
-        self.limiter.pause(retry_after if retry_after is not None else pause)
+        self.concurrency.overload()
         span = trace.get_current_span()
         if span.is_recording():
             span.add_event("llm.rate_limited", {"retry_after": retry_after or 0.0})
+        return verdict
+
+    def overloaded(self) -> None:
+        """The server is overloaded (503, 529): fewer requests at once; the row backs off."""
+        self.totals.rate_limited += 1
+        self.concurrency.overload()
 
     def estimate(self, size: int) -> int:
         """Return the tokens to reserve for a request of ``size`` characters or bytes.
@@ -294,8 +330,8 @@ class Admission:
             self.completion_mean = float(completion_tokens)
         else:
             self.completion_mean += (completion_tokens - self.completion_mean) * 0.05
-        if self.limited:  # else the estimate was never charged (see ``limited``)
-            self.limiter.reconcile(estimate, prompt_tokens + completion_tokens)
+        if self.limited:  # else nothing was charged (see ``limited``)
+            self.limiter.settle(prompt_tokens, completion_tokens)
 
 
 def states_limits(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:

@@ -200,7 +200,7 @@ class Exchange:
         assert transport is not None
         admission = self.admission
         if admission.limited:
-            await admission.acquire(outbox, estimate)
+            await admission.acquire(outbox, estimate, input_tokens=max(1, len(payload) // 4))
         # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
         totals = self.totals
         async with admission.slot(outbox):
@@ -246,12 +246,10 @@ class Exchange:
             scrub=self.scrub,
         )
         admission = self.admission
-        if failure.overload:
-            admission.overloaded(
-                getattr(error, "retry_after", None),
-                rate_limited=failure.status == 429,
-                pause=self.retry.backoff_base,
-            )
+        if failure.status == 429 and failure.overload:
+            admission.throttled(headers, getattr(error, "retry_after", None))
+        elif failure.overload:
+            admission.overloaded()
         if isinstance(error, FatalError) and admission.fatal is None:
             admission.fatal = error  # no worker sends another request from now on
         return error
@@ -264,10 +262,10 @@ class Exchange:
             admission.fatal = admission.fatal or error
             return error
         code = event_code(exc)
-        if code in OVERLOAD_CODES:
-            admission.overloaded(
-                None, rate_limited=code != "overloaded_error", pause=self.retry.backoff_base
-            )
+        if code == "overloaded_error":
+            admission.overloaded()
+        elif code in OVERLOAD_CODES:
+            admission.throttled({}, None)  # a rate limit mid-stream, no headers to judge by
         return error
 
     # -- a user call ---------------------------------------------------------------------------
@@ -308,10 +306,10 @@ class Exchange:
     def _foreign(self, exc: Exception) -> Exception:
         """Classify an exception of the user's ``call``; slow down on 429, 503 and 529."""
         error = classify_exception(exc, self.scrub)
-        if isinstance(error, LLMCallError) and error.status in (429, 503, 529):
-            self.admission.overloaded(
-                error.retry_after, rate_limited=error.status == 429, pause=self.retry.backoff_base
-            )
+        if isinstance(error, LLMCallError) and error.status == 429:
+            self.admission.throttled({}, error.retry_after)
+        elif isinstance(error, LLMCallError) and error.status in (503, 529):
+            self.admission.overloaded()
         return error
 
 

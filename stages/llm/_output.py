@@ -98,6 +98,8 @@ class CallerTotals:
         cache_hits: Answers served from the response cache.
         reasks: Follow-up requests made because an answer failed validation.
         rate_limited: Responses that asked us to slow down (429, 503, 529).
+        isolated_429s: Of those, 429s while the server reported plenty remaining: only their
+            row backed off.
         unknown_usage: Answers whose token usage the server did not report.
         in_flight: HTTP attempts on the wire now.
         statuses: Responses by HTTP status (an attempt that got no response is not counted).
@@ -108,6 +110,7 @@ class CallerTotals:
     cache_hits: int = 0
     reasks: int = 0
     rate_limited: int = 0
+    isolated_429s: int = 0
     unknown_usage: int = 0
     in_flight: int = 0
     statuses: dict[int, int] = dataclasses.field(default_factory=dict)

@@ -245,10 +245,15 @@ class RowPolicy:
         self.wanted = 0.0
 
     def wait(self, state: RetryCallState) -> float:
-        """Full-jitter exponential backoff, but never less than the server's Retry-After."""
+        """Jittered exponential backoff, capped, but never less than the server's Retry-After.
+
+        Attempt ``n`` waits a random time in the upper half of ``base * 2**(n-1)`` (capped):
+        the jitter spreads the rows' retries, and unlike a draw from the whole range (full
+        jitter) each of a row's delays is longer than the one before, until the cap.
+        """
         retry = self.retry
         ceiling = min(retry.backoff_cap, retry.backoff_base * 2 ** (state.attempt_number - 1))
-        delay = random.uniform(0, ceiling)
+        delay = random.uniform(ceiling / 2, ceiling)
         error = state.outcome.exception() if state.outcome is not None else None
         retry_after = getattr(error, "retry_after", None)
         if isinstance(retry_after, (int, float)) and retry_after > delay:

@@ -68,8 +68,19 @@ aborted connections aside) carries
 (``120ms``, ``1.5s``, ``6m0s``); Anthropic routes use ``anthropic-ratelimit-requests-limit``,
 ``-remaining`` and ``-reset`` (an RFC 3339 time). Without quotas these headers are omitted.
 
+Enforcement modes (``_enforcement``): ``burst_s=60`` is a fresh key's full-minute bucket;
+``window_s`` also enforces every quota over short windows the headers do not show (600 RPM as
+10 a second, as providers that quantize do); ``itpm``/``otpm`` are Anthropic's separate input
+and output token quotas (prompt tokens, completion tokens; headers
+``anthropic-ratelimit-input-tokens-*``/``-output-tokens-*`` on Anthropic routes); the
+``error_429`` fault is an isolated 429 whose headers show the capacity left, a refusal by a
+quota a 429 with the headers showing it empty and the real wait in ``retry-after-ms``; with
+``price_prompt``/``price_completion`` the counters add up ``spent_usd`` (and give
+``per_second``: requests arrived in each whole second since the start).
+
 Layout: ``_config`` (:class:`SimConfig`), ``_answers`` (the deterministic answer),
-``_quotas`` (token buckets and their headers), ``_faults`` (how a drawn fault spoils a
+``_quotas`` (the quotas and their headers), ``_enforcement`` (token buckets, short windows,
+what requests cost), ``_faults`` (how a drawn fault spoils a
 response), ``_core`` (state and plumbing shared by the endpoint families), one module per
 endpoint family (``_openai``, ``_embeddings``, ``_anthropic``: each a ``register(core,
 router)``), ``_server`` (:class:`Simulator`, :func:`serve`, the list of families) and ``_cli``.

@@ -69,7 +69,7 @@ async def _messages(core: SimCore, request: web.Request, n: int) -> web.StreamRe
         return anthropic_error(
             400, "invalid_request_error", str(error), core.limit_headers(anthropic=True)
         )
-    wait, _ = core.admit(answer.total_tokens)
+    wait, _ = core.admit(answer.total_tokens, answer.prompt_tokens)
     headers = core.limit_headers(anthropic=True)
     if wait:
         headers["retry-after"] = retry_after(wait)

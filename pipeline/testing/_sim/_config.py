@@ -39,7 +39,15 @@ class SimConfig:
             this many completion tokens per second; 0 sends everything at once.
         rpm: Requests-per-minute quota, or ``None`` for no limit.
         tpm: Tokens-per-minute quota, or ``None`` for no limit.
-        burst_s: Seconds of quota each token bucket holds.
+        burst_s: Seconds of quota each token bucket holds (60: a fresh key's whole minute,
+            as OpenAI and Anthropic start one). The headers report this bucket.
+        window_s: Also enforce every quota over windows of this many seconds (600 RPM with
+            ``window_s=1``: at most 10 a second), unreported by the headers, as providers
+            that quantize their limits do; ``None``: no short window.
+        itpm: Input (prompt) tokens-per-minute quota (Anthropic's), or ``None``.
+        otpm: Output (completion) tokens-per-minute quota (Anthropic's), or ``None``.
+        price_prompt: USD per million prompt tokens, for the counters' ``spent_usd``.
+        price_completion: USD per million completion tokens, for ``spent_usd``.
         error_5xx: Rate of 500/502/503 answers.
         error_429: Rate of 429 ``rate_limit_exceeded`` answers (with ``retry-after``).
         quota_429: Rate of 429 ``insufficient_quota`` answers.
@@ -65,6 +73,11 @@ class SimConfig:
     rpm: int | None = None
     tpm: int | None = None
     burst_s: float = 1.0
+    window_s: float | None = None
+    itpm: int | None = None
+    otpm: int | None = None
+    price_prompt: float = 0.0
+    price_completion: float = 0.0
     error_5xx: float = 0.0
     error_429: float = 0.0
     quota_429: float = 0.0
@@ -93,13 +106,15 @@ class SimConfig:
         total = sum(getattr(self, name) for name in FAULTS)
         if total > 1 + 1e-9:
             raise ConfigError(f"SimConfig fault rates add up to {total:g}, more than 1")
-        for name in ("rpm", "tpm"):
+        for name in ("rpm", "tpm", "itpm", "otpm"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(
                     f"SimConfig.{name} must be > 0 or None, got {getattr(self, name)}"
                 )
         if self.burst_s <= 0:
             raise ConfigError(f"SimConfig.burst_s must be > 0, got {self.burst_s}")
+        if self.window_s is not None and self.window_s <= 0:
+            raise ConfigError(f"SimConfig.window_s must be > 0 or None, got {self.window_s}")
         if self.embedding_dim < 1 or self.max_batch < 1:
             raise ConfigError("SimConfig.embedding_dim and max_batch must be >= 1")
 

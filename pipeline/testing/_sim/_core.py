@@ -21,6 +21,7 @@ from aiohttp import web
 
 from pipeline.testing._sim._answers import BadRequest
 from pipeline.testing._sim._config import FAULTS, SimConfig
+from pipeline.testing._sim._enforcement import cost_usd
 from pipeline.testing._sim._quotas import Quotas
 from pipeline.testing._sim._responses import Aborted
 
@@ -44,6 +45,7 @@ class Counters:
         "per_second",
         "prompt_tokens",
         "requests",
+        "spent_usd",
         "throttled",
     )
 
@@ -54,6 +56,7 @@ class Counters:
         self.throttled = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.spent_usd = 0.0
         self.concurrent = 0
         self.concurrent_max = 0
         self.first: float | None = None
@@ -107,6 +110,8 @@ class Counters:
             "http_429": sum(s.get("429", 0) for s in self.by_route.values()),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "spent_usd": self.spent_usd,
+            "per_second": [[second, n] for second, n in sorted(self.per_second.items())],
             "concurrent": self.concurrent,
             "concurrent_max": self.concurrent_max,
             "timestamps": {
@@ -224,9 +229,13 @@ class SimCore:
                 got = auth[7:].strip()
         return got is not None and hmac.compare_digest(got.encode(), want.encode())
 
-    def admit(self, cost: int) -> tuple[float, str]:
-        """Take one request and ``cost`` tokens from the quotas; return (wait, which) if refused."""
-        wait, which = self.quotas.admit(cost)
+    def admit(self, cost: int, prompt: int | None = None) -> tuple[float, str]:
+        """Take one request and ``cost`` tokens (``prompt`` of them input) from the quotas.
+
+        Returns:
+            ``(0, "")`` when admitted, else how long to wait and which quota refused.
+        """
+        wait, which = self.quotas.admit(cost, prompt)
         if wait:
             self.stats.throttled += 1
         return wait, which
@@ -239,6 +248,10 @@ class SimCore:
         """Count the tokens of an answered request."""
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
+        config = self.config
+        if config.price_prompt or config.price_completion:
+            prices = (config.price_prompt, config.price_completion)
+            self.stats.spent_usd += cost_usd(prompt_tokens, completion_tokens, prices)
 
     async def read_json(self, request: web.Request) -> Any:
         """Return the request's JSON body, or raise :class:`BadRequest` like OpenAI words it."""

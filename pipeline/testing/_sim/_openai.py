@@ -163,7 +163,7 @@ async def gate(
         parsed, cost = parse(req)
     except BadRequest as error:
         return openai_error(400, str(error), core.limit_headers())
-    wait, which = core.admit(cost)
+    wait, which = core.admit(cost, getattr(parsed, "prompt_tokens", None))
     headers = core.limit_headers()
     if wait:
         return throttled(wait, which, headers)

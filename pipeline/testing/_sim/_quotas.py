@@ -1,7 +1,10 @@
-"""The simulator's quotas: token buckets for requests and tokens per minute, and their headers.
+"""The simulator's quotas: requests, tokens, input and output tokens per minute, and headers.
 
-``rpm`` and ``tpm`` are token buckets holding ``burst_s`` seconds of quota, refilled
-continuously. A request is admitted when each bucket holds at least ``min(cost, capacity)``.
+Each quota is a :class:`~pipeline.testing._sim._enforcement.Meter`: a bucket of ``burst_s``
+seconds of it (what the headers report), refilled continuously, and with ``window_s`` a
+short-window bucket as well. A request is admitted when every meter holds at least
+``min(cost, capacity)``: one request; its prompt plus completion tokens; its prompt tokens
+(``itpm``); its completion tokens (``otpm``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ import math
 from collections.abc import Callable
 
 from pipeline.testing._sim._config import SimConfig
+from pipeline.testing._sim._enforcement import Bucket, Meter
 
 __all__ = ["Bucket", "Quotas", "format_duration"]
+
+KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
+_ANTHROPIC_ONLY = frozenset({"input-tokens", "output-tokens"})
 
 
 def format_duration(seconds: float) -> str:
@@ -31,92 +38,78 @@ def format_duration(seconds: float) -> str:
     return f"{out}{secs}s"
 
 
-class Bucket:
-    """A token bucket of ``per_minute / 60 * burst_s`` capacity, refilled continuously."""
-
-    __slots__ = ("capacity", "level", "limit", "rate", "stamp")
-
-    def __init__(self, per_minute: int, burst_s: float, now: float) -> None:
-        self.limit = per_minute
-        self.rate = per_minute / 60.0
-        self.capacity = self.rate * burst_s
-        self.level = self.capacity
-        self.stamp = now
-
-    def refill(self, now: float) -> None:
-        """Add what flowed in since the last refill, up to the capacity."""
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def wait(self, cost: float) -> float:
-        """Return how long until ``cost`` (at most the capacity) can be taken; 0 if now."""
-        need = min(cost, self.capacity)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
-
-    def remaining(self) -> int:
-        """Return the whole units the bucket holds now (never negative)."""
-        return max(0, int(self.level))
-
-    def reset_s(self) -> float:
-        """Return the seconds until the bucket is full again."""
-        return max(0.0, (self.capacity - self.level) / self.rate)
+def _limits(config: SimConfig) -> tuple[int | None, ...]:
+    return (config.rpm, config.tpm, config.itpm, config.otpm)
 
 
 class Quotas:
-    """The request and token buckets of one simulator, built from its configuration.
+    """The quotas of one simulator, built from its configuration.
 
     Args:
-        config: Where ``rpm``, ``tpm`` and ``burst_s`` come from.
+        config: Where ``rpm``, ``tpm``, ``itpm``, ``otpm``, ``burst_s`` and ``window_s``
+            come from.
         clock: Monotonic clock in seconds; the buckets start full now.
     """
 
     def __init__(self, config: SimConfig, clock: Callable[[], float]) -> None:
         self.clock = clock
         now = clock()
-        self.rpm = Bucket(config.rpm, config.burst_s, now) if config.rpm else None
-        self.tpm = Bucket(config.tpm, config.burst_s, now) if config.tpm else None
+        self.meters: dict[str, Meter | None] = {
+            kind: None if limit is None else Meter(limit, config.burst_s, config.window_s, now)
+            for kind, limit in zip(KINDS, _limits(config), strict=True)
+        }
+        self.any = any(meter is not None for meter in self.meters.values())
 
     def reconfigured(self, old: SimConfig, new: SimConfig) -> Quotas:
-        """Return the quotas for ``new``: a bucket whose quota did not change is kept as is."""
+        """Return the quotas for ``new``: a quota that did not change is kept as is."""
         fresh = Quotas(new, self.clock)
-        if (new.rpm, new.burst_s) == (old.rpm, old.burst_s):
-            fresh.rpm = self.rpm
-        if (new.tpm, new.burst_s) == (old.tpm, old.burst_s):
-            fresh.tpm = self.tpm
+        if (old.burst_s, old.window_s) == (new.burst_s, new.window_s):
+            for kind, before, after in zip(KINDS, _limits(old), _limits(new), strict=True):
+                if before == after:
+                    fresh.meters[kind] = self.meters[kind]
         return fresh
 
-    def admit(self, cost: int) -> tuple[float, str]:
-        """Take one request and ``cost`` tokens; if refused, return (wait, which bucket)."""
-        rpm, tpm = self.rpm, self.tpm
-        if rpm is None and tpm is None:
+    def admit(self, cost: int, prompt: int | None = None) -> tuple[float, str]:
+        """Take one request and ``cost`` tokens (``prompt`` of them input).
+
+        Returns:
+            ``(0, "")`` when admitted, else how long to wait and which quota refused.
+        """
+        if not self.any:
             return 0.0, ""
         now = self.clock()
+        costs = (
+            1,
+            cost,
+            cost if prompt is None else prompt,
+            0 if prompt is None else cost - prompt,
+        )
         wait, which = 0.0, ""
-        if rpm is not None:
-            rpm.refill(now)
-            wait, which = rpm.wait(1), "requests"
-        if tpm is not None:
-            tpm.refill(now)
-            token_wait = tpm.wait(cost)
-            if token_wait > wait:
-                wait, which = token_wait, "tokens"
+        taken = []
+        for kind, units in zip(KINDS, costs, strict=True):
+            meter = self.meters[kind]
+            if meter is None:
+                continue
+            need = meter.wait(units, now)
+            if need > wait:
+                wait, which = need, kind
+            taken.append((meter, units))
         if wait > 0:
             return wait, which
-        if rpm is not None:
-            rpm.level -= 1
-        if tpm is not None:
-            tpm.level -= cost
+        for meter, units in taken:
+            meter.take(units)
         return 0.0, ""
 
     def headers(self, *, anthropic: bool = False) -> dict[str, str]:
         """Return the rate-limit headers (OpenAI's or Anthropic's); none without quotas."""
         headers: dict[str, str] = {}
-        if self.rpm is None and self.tpm is None:
+        if not self.any:
             return headers
         now = self.clock()
-        for kind, bucket in (("requests", self.rpm), ("tokens", self.tpm)):
-            if bucket is None:
+        for kind, meter in self.meters.items():
+            if meter is None or (kind in _ANTHROPIC_ONLY and not anthropic):
                 continue
+            bucket = meter.bucket
             bucket.refill(now)
             if anthropic:
                 at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
