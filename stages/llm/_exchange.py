@@ -20,6 +20,7 @@ request through, in order:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -31,7 +32,7 @@ from pipeline._errors import FatalError, ItemError, QuotaExhaustedError
 from pipeline._stage import Outbox
 from stages.llm._admission import Admission
 from stages.llm._cache import ResponseCache, request_key
-from stages.llm._errors import LLMCallError
+from stages.llm._errors import BudgetExceededError, LLMCallError
 from stages.llm._output import CallerTotals, Ledger, Output, call_hook
 from stages.llm._providers import Answer, Endpoint, HTTPFailure, Provider
 from stages.llm._retry import (
@@ -184,7 +185,9 @@ class Exchange:
         usage = answer.usage
         if usage is not None:
             self.admission.settle(estimate, usage.prompt_tokens, usage.completion_tokens)
-        return self.ledger.account(outbox, answer)
+        reserved = RESERVED.get()
+        RESERVED.set(0.0)
+        return self.ledger.account(outbox, answer, reserved)
 
     async def send(
         self,
@@ -199,18 +202,31 @@ class Exchange:
         transport = self.transport
         assert transport is not None
         admission = self.admission
-        if admission.limited:
-            await admission.acquire(outbox, estimate, input_tokens=max(1, len(payload) // 4))
-        # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
+        prompt_tokens = max(1, len(payload) // 4)
+        try:
+            reserved = await self.ledger.reserve(
+                outbox, prompt_tokens, admission.completion_default or 0
+            )
+        except BudgetExceededError as error:
+            admission.fatal = admission.fatal or error  # no worker sends another request
+            raise
         totals = self.totals
-        async with admission.slot(outbox):
-            totals.in_flight += 1
-            try:
-                answer = await transport.post(url, payload, self._receive, env, count)
-            except StreamError as exc:
-                raise self._stream_failed(exc) from None
-            finally:
-                totals.in_flight -= 1
+        try:
+            if admission.limited:
+                await admission.acquire(outbox, estimate, input_tokens=prompt_tokens)
+            # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
+            async with admission.slot(outbox):
+                totals.in_flight += 1
+                try:
+                    answer = await transport.post(url, payload, self._receive, env, count)
+                except StreamError as exc:
+                    raise self._stream_failed(exc) from None
+                finally:
+                    totals.in_flight -= 1
+        except BaseException:
+            self.ledger.release(reserved)  # a failed attempt is not billed
+            raise
+        RESERVED.set(reserved)
         admission.concurrency.success()
         self.succeeded = True
         return answer
@@ -313,4 +329,7 @@ class Exchange:
         return error
 
 
-__all__ = ["Exchange"]
+RESERVED: contextvars.ContextVar[float] = contextvars.ContextVar("llm_reserved", default=0.0)
+"""The budget reservation of the calling task's last successful attempt, until accounted."""
+
+__all__ = ["RESERVED", "Exchange"]

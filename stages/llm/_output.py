@@ -27,12 +27,14 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
+import anyio
 from opentelemetry import trace
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError
 from pipeline._stage import Outbox
-from stages.llm._errors import InvalidOutputError
+from stages.llm._budget import Budget
+from stages.llm._errors import BudgetExceededError, InvalidOutputError
 from stages.llm._providers import Answer
 from stages.llm._sse import Usage
 
@@ -100,6 +102,7 @@ class CallerTotals:
         rate_limited: Responses that asked us to slow down (429, 503, 529).
         isolated_429s: Of those, 429s while the server reported plenty remaining: only their
             row backed off.
+        unsent: Rows not sent because their worst-case cost would have crossed the budget.
         unknown_usage: Answers whose token usage the server did not report.
         in_flight: HTTP attempts on the wire now.
         statuses: Responses by HTTP status (an attempt that got no response is not counted).
@@ -111,6 +114,7 @@ class CallerTotals:
     reasks: int = 0
     rate_limited: int = 0
     isolated_429s: int = 0
+    unsent: int = 0
     unknown_usage: int = 0
     in_flight: int = 0
     statuses: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -211,7 +215,12 @@ class Output:
             ``envelope.attempts`` tells which attempt a delta belongs to, since a retried
             stream starts again from the beginning.
         prices: USD per 1M prompt/completion tokens by model: ``{"gpt-4o": (2.5, 10.0)}``.
-        budget_usd: Stop reading input once the run has cost this much (needs ``prices``).
+        budget_usd: The most the run may spend (needs ``prices``): each request reserves its
+            worst-case cost (its prompt, ``max_tokens`` of answer, 256 when not set) before it
+            is sent and settles at the real cost. When the next request's worst case would
+            cross the budget (once the requests in flight have settled), the run stops with
+            :class:`~stages.llm._errors.BudgetExceededError`: nothing more is sent and the
+            rows left unsent can be resumed with a higher budget.
 
     Raises:
         ConfigError: An unknown form, a negative ``reask``, a bad schema, or a budget
@@ -335,7 +344,18 @@ class Ledger:
         totals: Where answers without usage are counted.
     """
 
-    __slots__ = ("budget_usd", "log", "model", "prices", "stage", "stopping", "totals", "warned")
+    __slots__ = (
+        "budget",
+        "budget_usd",
+        "freed",
+        "log",
+        "model",
+        "prices",
+        "stage",
+        "stopping",
+        "totals",
+        "warned",
+    )
 
     def __init__(
         self,
@@ -347,6 +367,8 @@ class Ledger:
     ) -> None:
         self.prices: Mapping[str, Price] = output.prices or {}  # type: ignore[assignment]
         self.budget_usd = output.budget_usd
+        self.budget = None if output.budget_usd is None else Budget(output.budget_usd)
+        self.freed = anyio.Event()  # set when a reservation is settled or released
         self.model = model
         self.stage = stage
         self.log = log
@@ -354,29 +376,77 @@ class Ledger:
         self.stopping = False
         self.warned: set[str] = set()
 
-    def account(self, outbox: Outbox[Any], answer: Answer) -> float:
-        """Count tokens and cost of an answer; ask the run to stop at the budget."""
+    async def reserve(self, outbox: Outbox[Any], prompt_tokens: int, answer_tokens: int) -> float:
+        """Reserve the worst-case cost of one request before it is sent; return it.
+
+        While other reservations are outstanding, a request that does not fit waits for them
+        to settle (answers usually cost less than their worst case). When none is left and it
+        still does not fit, the budget is spent.
+
+        Raises:
+            BudgetExceededError: The request's worst case would cross the budget (the run
+                stops; nothing more is sent).
+        """
+        budget = self.budget
+        price = self.price(None) if budget is not None else None
+        if budget is None or price is None:
+            return 0.0
+        worst = (prompt_tokens * price.prompt + answer_tokens * price.completion) / 1e6
+        while not budget.reserve(worst):
+            stats = budget.statistics()
+            if stats.reserved_usd <= 1e-12:
+                self.totals.unsent += 1
+                raise BudgetExceededError(
+                    f"budget of ${budget.limit_usd:g} reached by stage {self.stage!r}: "
+                    f"${stats.spent_usd:.4f} spent, and the next request's worst-case cost "
+                    f"(${worst:.6f}: {prompt_tokens} prompt and {answer_tokens} answer "
+                    "tokens) would cross it; nothing more is sent, the rows left unsent can "
+                    "be resumed with a higher budget"
+                )
+            if self.freed.is_set():
+                self.freed = anyio.Event()
+            await self.freed.wait()
+        return worst
+
+    def release(self, reserved: float) -> None:
+        """Give back the reservation of a request that was not billed (it failed)."""
+        if self.budget is not None and reserved:
+            self.budget.release(reserved)
+            self.freed.set()
+
+    def account(self, outbox: Outbox[Any], answer: Answer, reserved: float = 0.0) -> float:
+        """Count tokens and cost of an answer, settle its reservation; stop at the budget."""
         usage = answer.usage
         if usage is None:
             self.totals.unknown_usage += 1
+            if self.budget is not None and reserved:
+                self.budget.settle(reserved, reserved)  # unknown: count the worst case spent
+                self.freed.set()
             return 0.0
         stats = outbox.stats
         stats.prompt_tokens += usage.prompt_tokens
         stats.completion_tokens += usage.completion_tokens
         price = self.price(answer.model)
         if price is None:
+            self.release(reserved)
             return 0.0
         cost = price.cost(usage)
         stats.cost_usd += cost
+        if self.budget is not None:
+            self.budget.settle(reserved, cost)
+            self.freed.set()
         budget = self.budget_usd
-        if budget is not None and stats.cost_usd >= budget and not self.stopping:
-            self.stopping = True
-            reason = (
-                f"budget of ${budget:g} reached by stage {self.stage!r} (${stats.cost_usd:.4f})"
-            )
-            self.log.warning("%s; no new rows are read, rows in flight finish", reason)
-            outbox.request_stop(reason)
+        if budget is not None and stats.cost_usd >= budget:
+            self._stop(outbox, f"${stats.cost_usd:.4f}")
         return cost
+
+    def _stop(self, outbox: Outbox[Any], spent: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        reason = f"budget of ${self.budget_usd:g} reached by stage {self.stage!r} ({spent})"
+        self.log.warning("%s; no new rows are read, rows in flight finish", reason)
+        outbox.request_stop(reason)
 
     def price(self, answered: str | None) -> Price | None:
         """Return the price of the model that answered (exact name, else longest prefix)."""
