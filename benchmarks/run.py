@@ -688,6 +688,11 @@ def write_docs(data: dict[str, Any], json_path: Path, png_path: Path, docs: Path
     caller = json_path.parent / "caller.json"
     if caller.exists():
         parts += _caller_section(json.loads(caller.read_text()), caller)
+    limits = json_path.parent / "limits.json"
+    if limits.exists():
+        from benchmarks.limits import limits_section
+
+        parts += limits_section(json.loads(limits.read_text()), limits)
     for scenario, headers, rows in tables(data):
         parts += [f"## {scenario.number}. {scenario.title}", "", scenario.method, ""]
         parts += [_md_table(headers, rows), ""]
