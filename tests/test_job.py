@@ -453,14 +453,14 @@ async def test_budget_stops_reading_and_resume_finishes(tmp_path: Path) -> None:
     async with serve(SimConfig(latency_ms=1)) as sim:
         settings = JobSettings(
             input=str(src), output=str(tmp_path / "o.jsonl"), model="priced", prompt="{name}",
-            base_url=sim.url, concurrency=1, prices={"priced": [1000.0, 1000.0]}, budget=0.3,
+            base_url=sim.url, concurrency=1, prices={"priced": [1000.0, 1000.0]}, budget=0.1,
             params={"max_tokens": 4},
         )  # fmt: skip
-        with pytest.raises(JobFailedError, match=r"budget of \$0.3 reached") as caught:
-            await run_job(settings)
-        stopped = caught.value.summary
+        stopped = await run_job(settings)
+        assert stopped.stopped is not None and "budget of $0.1 reached" in stopped.stopped
         assert not stopped.complete and 0 < stopped.ok < 100
-        assert 0.25 < stopped.cost_usd <= 0.3  # reserved before sending: never past it
+        # stopped before crossing: only the rows already read (a few) went after the stop
+        assert 0.07 < stopped.cost_usd <= 0.1 + 0.03 * 4
         done = await run_job(settings.replace(resume=True, budget=None))
         assert sim.counters()["requests"] == 100
     assert done.complete and done.total_ok == 100

@@ -2,11 +2,10 @@
 
 A :class:`Budget` holds reservations. Before a request goes out, its worst-case cost (its
 prompt tokens counted, ``max_tokens`` for the answer) is reserved; a reservation that would
-take spent plus reserved past the limit is refused, and the request is not sent. When the
-answer arrives the reservation is settled at the real cost (usually less); a request that
-failed without being billed releases it. Spending can therefore pass the limit only by what a
-reservation under-estimated, which the worst case rules out when the prompt count is right:
-at most the settled cost of the requests in flight.
+take spent plus reserved past the limit is refused. When the answer arrives the reservation
+is settled at the real cost (usually less); a request that failed without being billed
+releases it. What a caller does with a refusal is its own policy (the LLM caller stops
+reading input: see :class:`~stages.llm._output.Output`).
 """
 
 from __future__ import annotations
@@ -77,6 +76,10 @@ class Budget:
             return False
         self._reserved += usd
         return True
+
+    def force(self, usd: float) -> None:
+        """Reserve ``usd`` whatever the limit (a request that goes anyway)."""
+        self._reserved += usd
 
     def settle(self, reserved_usd: float, actual_usd: float) -> None:
         """Replace a reservation of ``reserved_usd`` by the request's real cost."""

@@ -51,14 +51,6 @@ class DeadlineExceededError(LLMCallError):
     """The row's overall deadline (``deadline_s``) passed before it got an answer."""
 
 
-class BudgetExceededError(FatalError):
-    """The budget is spent: the next request's worst-case cost would take spending past it.
-
-    Nothing more is sent; the rows not answered are left unsent (resumable with a higher
-    budget), like :class:`~pipeline._errors.QuotaExhaustedError` when the credit runs out.
-    """
-
-
 class InvalidOutputError(ItemError):
     """The answer is not valid JSON for the schema, even after the re-asks."""
 

@@ -32,7 +32,7 @@ from pipeline._errors import FatalError, ItemError, QuotaExhaustedError
 from pipeline._stage import Outbox
 from stages.llm._admission import Admission
 from stages.llm._cache import ResponseCache, request_key
-from stages.llm._errors import BudgetExceededError, LLMCallError
+from stages.llm._errors import LLMCallError
 from stages.llm._output import CallerTotals, Ledger, Output, call_hook
 from stages.llm._providers import Answer, Endpoint, HTTPFailure, Provider
 from stages.llm._retry import (
@@ -203,13 +203,9 @@ class Exchange:
         assert transport is not None
         admission = self.admission
         prompt_tokens = max(1, len(payload) // 4)
-        try:
-            reserved = await self.ledger.reserve(
-                outbox, prompt_tokens, admission.completion_default or 0
-            )
-        except BudgetExceededError as error:
-            admission.fatal = admission.fatal or error  # no worker sends another request
-            raise
+        reserved = await self.ledger.reserve(
+            outbox, prompt_tokens, admission.completion_default or 0
+        )
         totals = self.totals
         try:
             if admission.limited:

@@ -34,7 +34,7 @@ from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError
 from pipeline._stage import Outbox
 from stages.llm._budget import Budget
-from stages.llm._errors import BudgetExceededError, InvalidOutputError
+from stages.llm._errors import InvalidOutputError
 from stages.llm._providers import Answer
 from stages.llm._sse import Usage
 
@@ -102,7 +102,8 @@ class CallerTotals:
         rate_limited: Responses that asked us to slow down (429, 503, 529).
         isolated_429s: Of those, 429s while the server reported plenty remaining: only their
             row backed off.
-        unsent: Rows not sent because their worst-case cost would have crossed the budget.
+        over_budget: Requests sent after the budget stopped the input (rows already read):
+            the only spending that can pass the budget.
         unknown_usage: Answers whose token usage the server did not report.
         in_flight: HTTP attempts on the wire now.
         statuses: Responses by HTTP status (an attempt that got no response is not counted).
@@ -114,7 +115,7 @@ class CallerTotals:
     reasks: int = 0
     rate_limited: int = 0
     isolated_429s: int = 0
-    unsent: int = 0
+    over_budget: int = 0
     unknown_usage: int = 0
     in_flight: int = 0
     statuses: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -218,9 +219,9 @@ class Output:
         budget_usd: The most the run may spend (needs ``prices``): each request reserves its
             worst-case cost (its prompt, ``max_tokens`` of answer, 256 when not set) before it
             is sent and settles at the real cost. When the next request's worst case would
-            cross the budget (once the requests in flight have settled), the run stops with
-            :class:`~stages.llm._errors.BudgetExceededError`: nothing more is sent and the
-            rows left unsent can be resumed with a higher budget.
+            cross the budget (once the requests in flight have settled), the run stops
+            reading input; the rows already read finish, the rest are left unsent (resume
+            with a higher budget).
 
     Raises:
         ConfigError: An unknown form, a negative ``reask``, a bad schema, or a budget
@@ -381,11 +382,8 @@ class Ledger:
 
         While other reservations are outstanding, a request that does not fit waits for them
         to settle (answers usually cost less than their worst case). When none is left and it
-        still does not fit, the budget is spent.
-
-        Raises:
-            BudgetExceededError: The request's worst case would cross the budget (the run
-                stops; nothing more is sent).
+        still does not fit, the run stops reading input (a graceful stop: the rows already
+        read still go, and are all the overshoot there can be); so does every later request.
         """
         budget = self.budget
         price = self.price(None) if budget is not None else None
@@ -394,15 +392,12 @@ class Ledger:
         worst = (prompt_tokens * price.prompt + answer_tokens * price.completion) / 1e6
         while not budget.reserve(worst):
             stats = budget.statistics()
-            if stats.reserved_usd <= 1e-12:
-                self.totals.unsent += 1
-                raise BudgetExceededError(
-                    f"budget of ${budget.limit_usd:g} reached by stage {self.stage!r}: "
-                    f"${stats.spent_usd:.4f} spent, and the next request's worst-case cost "
-                    f"(${worst:.6f}: {prompt_tokens} prompt and {answer_tokens} answer "
-                    "tokens) would cross it; nothing more is sent, the rows left unsent can "
-                    "be resumed with a higher budget"
-                )
+            if self.stopping or stats.reserved_usd <= 1e-12:
+                self._stop(outbox, f"${stats.spent_usd:.4f} spent, the next request's worst case "
+                           f"${worst:.6f}")  # fmt: skip
+                self.totals.over_budget += 1
+                budget.force(worst)
+                return worst
             if self.freed.is_set():
                 self.freed = anyio.Event()
             await self.freed.wait()
