@@ -7,6 +7,7 @@ Errors take Anthropic's shapes: 529 ``overloaded_error``, 400 "credit balance is
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -29,7 +30,7 @@ from pipeline.testing._sim._responses import (
     dumps,
 )
 
-__all__ = ["register"]
+__all__ = ["message", "register"]
 
 _FAULTS = frozenset(FAULTS)
 _JSON_FAULTS = _FAULTS - STREAM_ONLY
@@ -85,22 +86,25 @@ async def _messages(core: SimCore, request: web.Request, n: int) -> web.StreamRe
     stop = "max_tokens" if answer.cut else "end_turn"
     if stream:
         return await send_stream(core, request, _stream(n, answer, stop), fault, headers)
-    body = dumps(
-        {
-            "id": f"msg_sim{n}",
-            "type": "message",
-            "role": "assistant",
-            "model": answer.model,
-            "content": [{"type": "text", "text": answer.text}],
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": {
-                "input_tokens": answer.prompt_tokens,
-                "output_tokens": answer.completion_tokens,
-            },
-        }
-    )
+    body = dumps(message(answer, f"msg_sim{n}"))
     return await json_answer(core, request, body, fault, headers, answer.completion_tokens)
+
+
+def message(answer: Answer, message_id: str) -> dict[str, Any]:
+    """Return the Messages API ``message`` object answering with ``answer``."""
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": answer.model,
+        "content": [{"type": "text", "text": answer.text}],
+        "stop_reason": "max_tokens" if answer.cut else "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": answer.prompt_tokens,
+            "output_tokens": answer.completion_tokens,
+        },
+    }
 
 
 def _event(kind: str, payload: str) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-_JSON = "application/json"
+from pipeline.testing._sim._responses import anthropic_error, dumps, openai_error
 
 
 @dataclasses.dataclass
@@ -205,20 +205,3 @@ def not_found(request: web.Request) -> web.Response:
     if "/messages/" in request.path:
         return anthropic_error(404, "not_found_error", "batch not found")
     return openai_error(404, "No such Batch object", code="not_found")
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def openai_error(
-    status: int, message: str, *, code: str | None = None, param: str | None = None
-) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.Response(status=status, body=dumps(body), content_type=_JSON)
-
-
-def anthropic_error(status: int, kind: str, message: str) -> web.Response:
-    body = {"type": "error", "error": {"type": kind, "message": message}}
-    return web.Response(status=status, body=dumps(body), content_type=_JSON)

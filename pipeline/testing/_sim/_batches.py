@@ -41,44 +41,33 @@ import random
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from aiohttp import BodyPartReader, web
 
 from pipeline._errors import ConfigError
+from pipeline.testing._sim._answers import Answer
+from pipeline.testing._sim._anthropic import message
 from pipeline.testing._sim._batch_objects import (
     InvalidRequest,
     SimBatch,
     SimFile,
-    anthropic_error,
     anthropic_errored,
     anthropic_public,
-    dumps,
     not_found,
-    openai_error,
     openai_line,
     openai_lines,
     openai_public,
     origin_of,
     row_error,
 )
+from pipeline.testing._sim._openai import chat_completion
+from pipeline.testing._sim._responses import anthropic_error, dumps, openai_error
 
 __all__ = ["BatchSim", "BatchSimConfig"]
 
-_JSON = "application/json"
 
-
-class SimAnswer(Protocol):
-    """What the simulator's answer function returns (see ``pipeline.testing``)."""
-
-    model: str
-    text: str
-    cut: bool
-    prompt_tokens: int
-    completion_tokens: int
-
-
-AnswerFn = Callable[..., SimAnswer]
+AnswerFn = Callable[..., Answer]
 """``answer(request_body, default_model, anthropic=bool)``; raises on an invalid request."""
 Handler = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 Route = Callable[[str, str, Handler], object]
@@ -607,38 +596,8 @@ class BatchSim:
             return row_error(400, anthropic, str(error))
         self.stats["answered"] += 1
         if anthropic:
-            return 200, {
-                "id": f"msg_{custom_id}",
-                "type": "message",
-                "role": "assistant",
-                "model": answer.model,
-                "content": [{"type": "text", "text": answer.text}],
-                "stop_reason": "max_tokens" if answer.cut else "end_turn",
-                "stop_sequence": None,
-                "usage": {
-                    "input_tokens": answer.prompt_tokens,
-                    "output_tokens": answer.completion_tokens,
-                },
-            }
-        return 200, {
-            "id": f"chatcmpl-{custom_id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": answer.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "length" if answer.cut else "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-            },
-        }
+            return 200, message(answer, f"msg_{custom_id}")
+        return 200, chat_completion(answer, f"chatcmpl-{custom_id}")
 
     # ---- objects ---------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from pipeline.testing._sim._responses import (
 __all__ = [
     "AZURE",
     "Admitted",
+    "chat_completion",
     "OPENAI_PREFIXES",
     "DeploymentHandler",
     "gate",
@@ -201,29 +202,32 @@ async def _chat(
     return await json_answer(core, request, body, fault, headers, answer.completion_tokens)
 
 
+def chat_completion(answer: Answer, completion_id: str) -> dict[str, Any]:
+    """Return the ``chat.completion`` object answering with ``answer``."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": answer.model,
+        "system_fingerprint": "fp_sim",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "length" if answer.cut else "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.total_tokens,
+        },
+    }
+
+
 def _chat_body(n: int, answer: Answer) -> bytes:
-    return dumps(
-        {
-            "id": f"chatcmpl-sim{n}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": answer.model,
-            "system_fingerprint": "fp_sim",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "length" if answer.cut else "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "total_tokens": answer.total_tokens,
-            },
-        }
-    )
+    return dumps(chat_completion(answer, f"chatcmpl-sim{n}"))
 
 
 def _chat_stream(n: int, answer: Answer, include_usage: bool) -> StreamBody:

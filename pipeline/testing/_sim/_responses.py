@@ -86,11 +86,17 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def openai_error(status: int, message: str, headers: Any = None) -> web.Response:
-    """Return an OpenAI-style ``invalid_request_error`` response with ``message``."""
-    body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}
-    }
+def openai_error(
+    status: int,
+    message: str,
+    headers: Any = None,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+) -> web.Response:
+    """Return an OpenAI-style error response (``invalid_request_error``; 5xx ``server_error``)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.Response(status=status, body=dumps(body), content_type=JSON, headers=headers)
 
 
