@@ -62,7 +62,7 @@ from pipeline.testing._sim._batch_objects import (
     row_error,
 )
 from pipeline.testing._sim._openai import chat_completion
-from pipeline.testing._sim._responses import anthropic_error, dumps, openai_error
+from pipeline.testing._sim._responses import anthropic_error, dumps, openai_error, read_config
 
 __all__ = ["BatchSim", "BatchSimConfig"]
 
@@ -610,13 +610,9 @@ class BatchSim:
         return web.json_response(dataclasses.asdict(self.config))
 
     async def _post_config(self, request: web.Request, n: int) -> web.StreamResponse:
-        try:
-            data = json.loads(await request.read())
-            if not isinstance(data, dict):
-                raise ConfigError("the body must be a JSON object of BatchSimConfig fields")
-            config = BatchSimConfig.from_dict(data)
-        except (ValueError, TypeError) as error:
-            return openai_error(400, f"invalid batch simulator config: {error}")
+        config = await read_config(request, BatchSimConfig.from_dict, "batch simulator config")
+        if isinstance(config, web.Response):
+            return config
         self.configure(config)
         return web.json_response(dataclasses.asdict(config))
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
+
+from pipeline._errors import ConfigError
 
 __all__ = [
     "ANTHROPIC_ERRORS",
@@ -23,7 +26,10 @@ __all__ = [
     "anthropic_error",
     "dumps",
     "openai_error",
+    "read_config",
 ]
+
+C = TypeVar("C")
 
 
 class Aborted(web.Response):
@@ -104,3 +110,22 @@ def anthropic_error(status: int, kind: str, message: str, headers: Any = None) -
     """Return an Anthropic-style error response of type ``kind`` with ``message``."""
     body = {"type": "error", "error": {"type": kind, "message": message}}
     return web.Response(status=status, body=dumps(body), content_type=JSON, headers=headers)
+
+
+async def read_config(
+    request: web.Request, build: Callable[[dict[str, Any]], C], what: str
+) -> C | web.Response:
+    """Build a configuration from a request's JSON object, or return the 400 saying why not.
+
+    Args:
+        request: A ``POST`` of configuration fields.
+        build: Makes the configuration from the fields (``SimConfig.from_dict``).
+        what: How the error names the configuration (``"simulator config"``).
+    """
+    try:
+        data = json.loads(await request.read())
+        if not isinstance(data, dict):
+            raise ConfigError(f"the body must be a JSON object of {what} fields")
+        return build(data)
+    except (ValueError, TypeError) as error:
+        return openai_error(400, f"invalid {what}: {error}")

@@ -6,7 +6,6 @@ To add an endpoint family, write a module with ``register(core, router)`` (see
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,7 +13,6 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline._errors import ConfigError
 from pipeline.testing._sim._answers import answer_to
 from pipeline.testing._sim._anthropic import register as register_anthropic
 from pipeline.testing._sim._batches import BatchSim
@@ -22,7 +20,7 @@ from pipeline.testing._sim._config import SimConfig
 from pipeline.testing._sim._core import SimCore
 from pipeline.testing._sim._embeddings import register as register_embeddings
 from pipeline.testing._sim._openai import register as register_openai
-from pipeline.testing._sim._responses import openai_error
+from pipeline.testing._sim._responses import read_config
 
 __all__ = ["ENDPOINT_FAMILIES", "Simulator", "serve"]
 
@@ -118,13 +116,9 @@ class Simulator:
         return web.json_response(self.config.to_dict())
 
     async def _post_config(self, request: web.Request) -> web.Response:
-        try:
-            data = json.loads(await request.read())
-            if not isinstance(data, dict):
-                raise ConfigError("the body must be a JSON object of SimConfig fields")
-            config = SimConfig.from_dict(data)
-        except (ValueError, TypeError) as error:
-            return openai_error(400, f"invalid simulator config: {error}")
+        config = await read_config(request, SimConfig.from_dict, "simulator config")
+        if isinstance(config, web.Response):
+            return config
         self.configure(config)
         return web.json_response(config.to_dict())
 
