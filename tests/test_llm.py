@@ -824,7 +824,9 @@ async def test_spans_show_attempts_tokens_retries_and_waits_without_the_key() ->
             prompt="{name}",
             base_url=sim.url,
             rpm=3000,
-            limits=Limits(concurrency=1),
+            # one request's worth of burst, then one every 20 ms: every row after the first
+            # waits for the limiter however fast the machine is
+            limits=Limits(concurrency=1, burst_s=0.02),
             retry=Retry(backoff_base=0.001),
         )
         with anyio.fail_after(20):
