@@ -156,6 +156,24 @@ class LimiterStatistics(NamedTuple):
 Costs = tuple[float, float, float, float]
 
 
+def request_costs(tokens: float, input_tokens: float | None, output_tokens: float) -> Costs:
+    """Return what one request costs in each bucket: (requests, tokens, input, output).
+
+    Raises:
+        ValueError: A token count is negative.
+    """
+    if tokens < 0 or output_tokens < 0 or (input_tokens is not None and input_tokens < 0):
+        raise ValueError(
+            f"tokens must be >= 0, got {tokens}, input {input_tokens}, output {output_tokens}"
+        )
+    return (
+        1.0,
+        float(tokens),
+        float(tokens if input_tokens is None else input_tokens),
+        float(output_tokens),
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Ticket:
     """What one acquire took: the units of each bucket, and each bucket's count after it."""
@@ -429,16 +447,7 @@ class RateLimiter:
         Returns:
             The seconds spent waiting.
         """
-        if tokens < 0 or output_tokens < 0 or (input_tokens is not None and input_tokens < 0):
-            raise ValueError(
-                f"tokens must be >= 0, got {tokens}, input {input_tokens}, output {output_tokens}"
-            )
-        costs: Costs = (
-            1.0,
-            float(tokens),
-            float(tokens if input_tokens is None else input_tokens),
-            float(output_tokens),
-        )
+        costs = request_costs(tokens, input_tokens, output_tokens)
         clock = self._clock
         arrived = clock()
         if not self._queue and self._start(costs, arrived) <= arrived + _EPS:

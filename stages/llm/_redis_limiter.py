@@ -60,6 +60,7 @@ from stages.llm._limits import (
     Ticket,
     Verdict,
     parse_rate_limit_headers,
+    request_costs,
     short_window_message,
 )
 from stages.llm._redis_script import SCRIPT, Reply
@@ -262,16 +263,7 @@ class RedisRateLimiter:
         Raises:
             RedisUnavailableError: Redis cannot be reached and ``fallback="error"``.
         """
-        if tokens < 0 or output_tokens < 0 or (input_tokens is not None and input_tokens < 0):
-            raise ValueError(
-                f"tokens must be >= 0, got {tokens}, input {input_tokens}, output {output_tokens}"
-            )
-        costs: Costs = (
-            1.0,
-            float(tokens),
-            float(tokens if input_tokens is None else input_tokens),
-            float(output_tokens),
-        )
+        costs = request_costs(tokens, input_tokens, output_tokens)
         if self._local is not None:
             return await self._local.acquire(
                 tokens, input_tokens=input_tokens, output_tokens=output_tokens
