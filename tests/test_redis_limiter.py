@@ -174,7 +174,9 @@ async def test_reconcile_refund_reaches_the_shared_bucket(make) -> None:
 async def test_oversized_request_goes_alone(make) -> None:
     limiter = make(tpm=60)
     with anyio.fail_after(1):
-        assert await limiter.acquire(1_000_000) < 0.1
+        # waiting for the bucket would take days (1M tokens at 60/min); what it reports is the
+        # Redis round trip, which a loaded machine stretches past 0.1 s
+        assert await limiter.acquire(1_000_000) < 1.0
     with anyio.move_on_after(0.2) as scope:
         await limiter.acquire(1)  # everyone waits while it is paid off
     assert scope.cancelled_caught
