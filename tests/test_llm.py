@@ -624,7 +624,7 @@ async def test_spare_workers_take_no_row_while_no_row_is_retried() -> None:
     results, report = await _run(caller, rows)
     assert [r["response"] for r in results] == rows and most == 2
     assert report.stages[1].requests == 12
-    assert caller.totals.slot_wait_s < 0.005  # 10 ms per row of waiting without seats
+    assert caller.totals.slot_waits == 0  # no row ever queued for a slot while holding a seat
 
 
 @pytest.mark.anyio
@@ -647,7 +647,7 @@ async def test_seats_follow_the_adaptive_limit() -> None:
     results, report = await _run(caller, rows)
     assert [r["response"] for r in results] == rows and report.stages[1].requests == 120
     assert 16 < most <= 20
-    assert caller.totals.slot_wait_s < 0.005
+    assert caller.totals.slot_waits == 0
 
 
 @pytest.mark.anyio

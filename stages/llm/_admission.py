@@ -264,11 +264,12 @@ class Admission:
         gets its slot is not sent: it waits to be cancelled with the rest of the run.
         """
         asked = _perf()
-        async with self.concurrency.slot():
+        async with self.concurrency.slot() as queued:
             if self.fatal is not None:
                 await anyio.sleep_forever()
             waited = _perf() - asked
             self.totals.slot_wait_s += waited
+            self.totals.slot_waits += queued
             stats = outbox.stats
             stats.limiter_wait_s += waited
             if waited > 0.001:

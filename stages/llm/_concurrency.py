@@ -60,9 +60,14 @@ class AdaptiveConcurrency:
         return self._in_use
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one concurrency slot for the body of the ``async with``."""
-        if self._in_use < self._limit and not self._waiters:
+    async def slot(self) -> AsyncIterator[bool]:
+        """Hold one concurrency slot for the body of the ``async with``.
+
+        Yields:
+            Whether the slot had to be waited for (``False``: one was free at once).
+        """
+        queued = not (self._in_use < self._limit and not self._waiters)
+        if not queued:
             self._in_use += 1
         else:
             granted = anyio.Event()
@@ -76,7 +81,7 @@ class AdaptiveConcurrency:
                     self._waiters.remove(granted)
                 raise
         try:
-            yield
+            yield queued
         finally:
             self._release()
 

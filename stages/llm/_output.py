@@ -97,6 +97,7 @@ class CallerTotals:
     Attributes:
         limiter_wait_s: Seconds rows spent waiting for the rate limiter, summed.
         slot_wait_s: Seconds rows spent waiting for a concurrency slot, summed.
+        slot_waits: Requests that found no free concurrency slot and queued for one.
         cache_hits: Answers served from the response cache.
         reasks: Follow-up requests made because an answer failed validation.
         rate_limited: Responses that asked us to slow down (429, 503, 529).
@@ -111,6 +112,7 @@ class CallerTotals:
 
     limiter_wait_s: float = 0.0
     slot_wait_s: float = 0.0
+    slot_waits: int = 0
     cache_hits: int = 0
     reasks: int = 0
     rate_limited: int = 0
