@@ -125,8 +125,8 @@ async def test_real_time_rate_and_arrival_order() -> None:
                 tg.start_soon(worker, i)
     elapsed = time.monotonic() - started
     minimum = (n - 5) / (rpm / 60)
-    assert elapsed >= minimum - 0.002  # the sleep clock's resolution
-    assert elapsed < minimum + 1.0
+    assert elapsed >= minimum - 0.002  # the sleep clock's resolution (no upper bound: a
+    # loaded machine only makes it later; the schedule itself is checked on a fake clock)
     assert finished == arrived
 
 

@@ -134,14 +134,14 @@ async def test_stalled_stream_is_aborted_by_the_idle_timeout_and_retried() -> No
         caller = _caller(
             sim.url, output=Output(form="completion", stream=True), http=HTTP(idle_timeout=0.2)
         )
-        started = time.perf_counter()
-        results, report = await _run(caller, ROWS[:12])
-        elapsed = time.perf_counter() - started
+        # a hang guard, not a speed check: without the idle timeout the first stall alone
+        # would hold its row for the 30 s the server keeps the stream open
+        with anyio.fail_after(25):
+            results, report = await _run(caller, ROWS[:12])
         stalls = sim.counters()["faults"].get("stall", 0)
     assert stalls >= 2
     assert [r.text for r in results] == _expected(ROWS[:12])
     assert report.stages[1].retries == stalls
-    assert elapsed < 10  # nowhere near the 30 s the server would have held each stall
 
 
 async def test_stalled_plain_body_is_aborted_by_the_idle_timeout() -> None:
@@ -276,10 +276,8 @@ async def test_retry_after_beyond_the_deadline_fails_the_row_at_once() -> None:
             retry=dataclasses.replace(FAST_RETRY, deadline_s=2.0),
             limits=Limits(concurrency=1),
         )
-        started = time.perf_counter()
         results, report = await _run(caller, ROWS[:1])
-        elapsed = time.perf_counter() - started
-    assert results == [] and elapsed < 1.5
+    assert results == []
     (failed,) = report.failures
     assert failed.status == 429 and failed.attempts == 1
     assert failed.message.startswith(
@@ -290,10 +288,8 @@ async def test_retry_after_beyond_the_deadline_fails_the_row_at_once() -> None:
 async def test_row_deadline_bounds_a_slow_attempt() -> None:
     async with serve(SimConfig(latency_ms=3000)) as sim:
         caller = _caller(sim.url, retry=dataclasses.replace(FAST_RETRY, deadline_s=0.3))
-        started = time.perf_counter()
         results, report = await _run(caller, ROWS[:2])
-        elapsed = time.perf_counter() - started
-    assert results == [] and elapsed < 2
+    assert results == []
     assert [f.error_type for f in report.failures] == ["DeadlineExceededError"] * 2
     assert report.failures[0].message == "row deadline of 0.3s reached during attempt 1"
 
