@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +56,38 @@ def test_ratio_is_above_one_when_better_whichever_way_better_points() -> None:
     assert ratio(smaller, None, 100.0, "peak_rss_mb") is None
 
 
+def _run_group(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in its own process group; on a hang, kill the whole group.
+
+    The suite starts a simulator and contender processes of its own: killing only the direct
+    child would leave them running after the test.
+    """
+    child = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        pytest.fail(f"the quick suite hung for {timeout:.0f} s:\n{out[-3000:]}{err[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # anything it left behind
+    return subprocess.CompletedProcess(argv, child.returncode, out, err)
+
+
+@pytest.mark.timeout(600)  # a hang guard: the suite takes 1-2 minutes, longer under load
 def test_quick_suite_runs_every_contender_and_writes_its_page(tmp_path: Path) -> None:
     docs = tmp_path / "benchmarks.md"
     argv = [sys.executable, "-m", "benchmarks", "--quick", "--scale", "0.05"]
     argv += ["--only", ",".join(SMOKE), "--out", str(tmp_path), "--write-docs", "--docs", str(docs)]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    done = _run_group(argv, timeout=560)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     data = json.loads((tmp_path / "quick.json").read_text())
