@@ -1,6 +1,6 @@
 """The DataFrame API against a hand-written loop, and its memory on lazily scanned Parquet.
 
-Run: ``python -m benchmarks.frames [--rows N] [--rounds K] [--lazy-rows A,B]``.
+Run: ``python -m benchmarks.frames [--rows N] [--rounds K] [--lazy-rows A,B] [--row-group G]``.
 
 The simulated server runs in its own process pinned to one core; every measurement runs in a
 fresh client process pinned to the other, so peak RSS is that measurement's own.
@@ -13,7 +13,11 @@ fresh client process pinned to the other, so peak RSS is that measurement's own.
    of ``--rounds`` alternating runs of each; goal: ratio >= 1.0.
 2. Memory: a Polars LazyFrame scanning a Parquet file of A rows, then of B rows (default
    100,000 and 1,000,000), enriched batch by batch with ``enrich(lazy_frame, ...)`` and counted,
-   never collected. Peak RSS of each process (VmHWM) and its growth over the process's RSS
+   never collected. Both files are written with the same row-group size (``--row-group``,
+   default 100,000 rows): a Parquet reader decodes a row group at a time, so the row group,
+   not the file, sets the floor of any reader's memory, and comparing files written with
+   different row groups would measure the writer's setting instead of the row count. Peak RSS
+   of each process (VmHWM) and its growth over the process's RSS
    before the job; goal: flat (the B-row job's growth within a few MB of the A-row job's).
 
 Results are written to ``benchmarks/results/frames.json``.
@@ -172,7 +176,9 @@ def throughput(server: Server, cpus: set[int] | None, rows: int, rounds: int) ->
     return {"rows": rows, "rows_per_s": best, "ratio": ratio, "pass": ratio >= 1.0}
 
 
-def memory(server: Server, cpus: set[int] | None, sizes: list[int]) -> dict[str, Any]:
+def memory(
+    server: Server, cpus: set[int] | None, sizes: list[int], row_group: int
+) -> dict[str, Any]:
     import polars as pl
 
     found: dict[str, Any] = {}
@@ -180,7 +186,9 @@ def memory(server: Server, cpus: set[int] | None, sizes: list[int]) -> dict[str,
         for size in sizes:
             path = str(Path(folder) / f"rows{size}.parquet")
             names = pl.int_range(0, size, eager=True).cast(pl.String)
-            pl.DataFrame({"id": range(size), "name": "person " + names}).write_parquet(path)
+            frame = pl.DataFrame({"id": range(size), "name": "person " + names})
+            frame.write_parquet(path, row_group_size=row_group)
+            del frame, names
             server.configure({})
             result = _run_child(["lazy", server.url, str(size), path], cpus)
             if result["rows_seen"] != size or result["correct"] != size:
@@ -203,7 +211,7 @@ def memory(server: Server, cpus: set[int] | None, sizes: list[int]) -> dict[str,
         f" {small['growth_mb']:.0f} MB: {extra:+.0f} MB for {sizes[-1] // sizes[0]}x the rows"
         f" (goal flat, within 16 MB: {'PASS' if flat else 'FAIL'})"
     )
-    return {"runs": found, "extra_mb": extra, "pass": flat}
+    return {"runs": found, "row_group": row_group, "extra_mb": extra, "pass": flat}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lazy-rows", default="100000,1000000")
+    parser.add_argument(
+        "--row-group", type=int, default=100_000, help="rows per Parquet row group of both files"
+    )
     parser.add_argument("--skip-throughput", action="store_true", help="only the memory part")
     parser.add_argument("--out", type=Path, default=RESULTS / "frames.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "throughput": None
             if args.skip_throughput
             else throughput(server, client_cpus, args.rows, args.rounds),
-            "memory": memory(server, client_cpus, sizes),
+            "memory": memory(server, client_cpus, sizes, args.row_group),
         }
     finally:
         server.close()
