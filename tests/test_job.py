@@ -14,6 +14,8 @@ import pytest
 from pipeline._errors import ConfigError
 from pipeline.jobs import (
     JobFailedError,
+    JobLock,
+    JobLockedError,
     JobProgress,
     JobSettings,
     JobSummary,
@@ -528,7 +530,7 @@ async def test_console_trace_exports_spans(
 
 
 async def test_run_job_hands_the_job_to_the_engine_its_settings_name(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from pipeline.jobs._run import ENGINES
 
@@ -536,10 +538,16 @@ async def test_run_job_hands_the_job_to_the_engine_its_settings_name(
 
     async def engine(settings: JobSettings, options: Any) -> JobSummary:
         seen.append((settings, options))
+        assert settings.output is not None
+        with pytest.raises(JobLockedError):  # the engine runs with the job's lock held
+            JobLock(settings.output).acquire()
         return JobSummary(ok=7, complete=True, engine="ray")
 
     monkeypatch.setitem(ENGINES, "ray", engine)
-    settings = JobSettings(input="in.jsonl", output="o.jsonl", model="m", engine="ray")
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    settings = JobSettings(
+        input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"), model="m", engine="ray"
+    )
     stop = anyio.Event()
     summary = await run_job(settings, on_progress=print, stop_event=stop, stop_reason="bye")
     assert summary.engine == "ray" and summary.ok == 7

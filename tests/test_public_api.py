@@ -143,6 +143,8 @@ PINNED: dict[str, list[str]] = {
     ],
     "pipeline.jobs": [
         "JobFailedError",
+        "JobLock",
+        "JobLockedError",
         "JobProgress",
         "JobSettings",
         "JobSummary",

@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 
 import pipeline  # noqa: E402
 from pipeline._errors import ConfigError, FatalError, ItemError  # noqa: E402
-from pipeline.jobs import JobFailedError, JobSettings, run_job  # noqa: E402
+from pipeline.jobs import JobFailedError, JobLockedError, JobSettings, run_job  # noqa: E402
 from pipeline.jobs._journal import Journal  # noqa: E402
 from pipeline.jobs._parts import JobColumns, PartsTally, fold_parts, parts_dir  # noqa: E402
 from pipeline.jobs._ray import run_job_on_ray  # noqa: E402
@@ -266,6 +266,31 @@ async def test_stop_leaves_a_job_the_local_engine_resumes(
     assert resumed.complete and resumed.resumed_skipped == summary.ok
     assert sim.counters()["requests"] == n - summary.ok
     assert sorted(r["text"] for r in read_jsonl(out)) == sorted(f"row {i}" for i in range(n))
+
+
+async def test_a_second_run_is_refused_while_a_ray_job_runs_it(
+    local_ray: Any, sim: Simulator, tmp_path: Path
+) -> None:
+    n = 100
+    src = write_rows(tmp_path / "in.jsonl", [{"id": i, "text": f"row {i}"} for i in range(n)])
+    out = tmp_path / "out.jsonl"
+    settings = JobSettings(
+        input=str(src), output=str(out), model="m", prompt="{text}", base_url=sim.url,
+        api_key_env=KEY_ENV, engine="ray", concurrency=2,
+    )  # fmt: skip
+    refusals: list[str] = []
+
+    async def on_progress(progress: Any) -> None:
+        if not refusals and not progress.final:  # the Ray job runs: a second one tries
+            with pytest.raises(JobLockedError) as refused:
+                await run_job(settings.replace(resume=True, engine="local"))
+            refusals.append(str(refused.value))
+
+    summary = await run_job(settings, on_progress=on_progress, progress_interval=0.05)
+    assert refusals and f"pid {os.getpid()}" in refusals[0]
+    assert summary.complete and summary.ok == n
+    assert sim.counters()["requests"] == n  # the refused run sent nothing
+    assert sorted(r["id"] for r in read_jsonl(out)) == list(range(n))  # each row exactly once
 
 
 # -- folding part files (no Ray needed) ------------------------------------------------------

@@ -9,9 +9,10 @@ with every row exactly once::
     summary = await run_job(JobSettings(input="in.jsonl", output="out.jsonl", prompt="{text}"))
 
 The modules: ``_settings`` (:class:`JobSettings`, job files), ``_caller`` (the caller settings
-describe), ``_journal`` (resume and atomic publish), ``_progress`` (progress and summary, one
-implementation for every engine), ``_local`` and ``_ray`` (the engines; ``_parts`` holds the
-Ray engine's files) and ``_run`` (:func:`run_job`, which picks the engine).
+describe), ``_journal`` (resume and atomic publish), ``_lock`` (:class:`JobLock`: one process
+per job), ``_progress`` (progress and summary, one implementation for every engine), ``_local``
+and ``_ray`` (the engines; ``_parts`` holds the Ray engine's files) and ``_run``
+(:func:`run_job`, which takes the lock and picks the engine).
 """
 
 from pipeline.jobs._caller import build_caller as build_caller
@@ -20,6 +21,8 @@ from pipeline.jobs._caller import release_caller as release_caller
 from pipeline.jobs._caller import setup_failure as setup_failure
 from pipeline.jobs._journal import Journal as Journal
 from pipeline.jobs._journal import ResumeError as ResumeError
+from pipeline.jobs._lock import JobLock as JobLock
+from pipeline.jobs._lock import JobLockedError as JobLockedError
 from pipeline.jobs._progress import JobFailedError as JobFailedError
 from pipeline.jobs._progress import JobProgress as JobProgress
 from pipeline.jobs._progress import JobSummary as JobSummary
@@ -30,6 +33,8 @@ from pipeline.jobs._settings import read_job_file as read_job_file
 
 __all__ = [
     "JobFailedError",
+    "JobLock",
+    "JobLockedError",
     "JobProgress",
     "JobSettings",
     "JobSummary",

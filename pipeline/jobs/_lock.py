@@ -4,7 +4,8 @@ Two processes writing one job (a second terminal with ``--resume``, a cron retry
 service worker) would share one journal and publish rows twice. :class:`JobLock` takes an
 exclusive ``flock`` on ``OUTPUT.lock`` before the journal is touched and holds it through the
 whole run, publish included. The kernel releases an ``flock`` when its holder exits however it
-exits, ``kill -9`` included, so no lock is ever guessed stale: the next run simply gets it.
+exits, ``kill -9`` included, so no lock is ever guessed stale: the next run simply gets it. A
+clean release removes the file; a killed holder leaves it, and the next run takes it over.
 
 The lock file also says who holds it (pid, host, start time, command) so the refusal can name
 the holder. Network file systems may not honour ``flock`` between machines (NFS without a lock
@@ -52,7 +53,15 @@ NETWORK_FILESYSTEMS = frozenset(
 
 
 class JobLockedError(ConfigError):
-    """Another process holds the job's lock: it is running this job now."""
+    """Another process holds the job's lock: it is running this job now.
+
+    Attributes:
+        holder: Who holds it: pid, host, start time and command, as its lock file says.
+    """
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def lock_path(output: str) -> str:
@@ -77,6 +86,24 @@ def filesystem_of(path: str) -> str | None:
         if inside and len(point) >= len(best):
             best, kind = point, fields[2]
     return kind
+
+
+def shown_command(argv: list[str]) -> str:
+    """Return a command line as a lock file records it: ``--header`` values hidden.
+
+    A header may carry a credential; the lock file and the refusal show only its name.
+    """
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            arg, hide_next = arg.split(":", 1)[0] + ": ***", False
+        elif arg == "--header":
+            hide_next = True
+        elif arg.startswith("--header="):
+            arg = arg.split(":", 1)[0] + ": ***"
+        shown.append(arg)
+    return " ".join(shown)
 
 
 def _holder_text(path: str) -> str:
@@ -106,7 +133,8 @@ class JobLock:
 
     Args:
         output: The job's output path; the lock file is ``output + ".lock"``.
-        command: What to record as the holder's command (default: this process's argv).
+        command: What to record as the holder's command (default: this process's argv,
+            ``--header`` values hidden).
 
     Raises:
         JobLockedError: On enter, when another process holds the lock, naming the holder and
@@ -115,7 +143,7 @@ class JobLock:
 
     def __init__(self, output: str, *, command: str | None = None) -> None:
         self.path = lock_path(output)
-        self.command = command if command is not None else " ".join(sys.argv)
+        self.command = command if command is not None else shown_command(sys.argv)
         self._fd: int | None = None
 
     @property
@@ -125,11 +153,29 @@ class JobLock:
 
     def acquire(self) -> None:
         """Take the lock without waiting, or raise :class:`JobLockedError`."""
-        import fcntl  # POSIX only; imported here so the module imports everywhere
-
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this object")
-        directory = os.path.dirname(os.path.abspath(self.path))
+        while self._fd is None:
+            self._fd = self._try_lock()
+        self._write_holder(self._fd)
+        kind = filesystem_of(os.path.dirname(os.path.abspath(self.path)))
+        if kind in NETWORK_FILESYSTEMS:
+            log.warning(
+                "the job lock %s is on a %s file system, where locks may not exclude processes "
+                "on other machines; run one job per output path across machines yourself",
+                self.path,
+                kind,
+            )
+
+    def _try_lock(self) -> int | None:
+        """Lock the file the path names now; ``None`` when it was replaced meanwhile.
+
+        A holder removes the file on release (no lock file stays next to a finished output),
+        so the file opened here may be unlinked before the lock is granted: then the lock is on
+        a file nobody else sees, and the caller tries again with the path's new file.
+        """
+        import fcntl  # POSIX only; imported here so the module imports everywhere
+
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
@@ -138,24 +184,25 @@ class JobLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            holder = _holder_text(self.path)
             raise JobLockedError(
-                f"this job is already running: {self.path} is held by {_holder_text(self.path)}. "
-                "Wait for it to finish (or stop it), then run again with --resume; to run a "
-                "second job at the same time, give it another output path"
+                f"this job is already running: {self.path} is held by {holder}. Wait for it to "
+                "finish (or stop it), then run again with --resume; to run a second job at the "
+                "same time, give it another output path",
+                holder,
             ) from None
         except OSError as error:
             os.close(fd)
             raise ConfigError(f"cannot lock {self.path}: {error.strerror}") from None
-        self._fd = fd
-        self._write_holder(fd)
-        kind = filesystem_of(directory)
-        if kind in NETWORK_FILESYSTEMS:
-            log.warning(
-                "the job lock %s is on a %s file system, where locks may not exclude processes "
-                "on other machines; run one job per output path across machines yourself",
-                self.path,
-                kind,
-            )
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            named = None
+        mine = os.fstat(fd)
+        if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+            os.close(fd)
+            return None
+        return fd
 
     def _write_holder(self, fd: int) -> None:
         holder = {
@@ -169,12 +216,12 @@ class JobLock:
         os.pwrite(fd, data, 0)
 
     def release(self) -> None:
-        """Release the lock (the lock file stays: removing it would race a waiting process)."""
+        """Release the lock and remove the lock file (a process that opened it retries)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        with contextlib.suppress(OSError):  # the holder details are only informative
-            os.ftruncate(fd, 0)
+        with contextlib.suppress(OSError):  # removed while still held: see _try_lock
+            os.unlink(self.path)
         os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> JobLock:

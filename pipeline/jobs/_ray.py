@@ -48,6 +48,7 @@ from pipeline._errors import ConfigError, ItemError
 from pipeline._stage import ItemStage, Stage
 from pipeline.jobs._caller import answer_stages, build_caller, preflight, setup_failure
 from pipeline.jobs._journal import Journal, journal_for, published_counts
+from pipeline.jobs._lock import JobLock
 from pipeline.jobs._parts import (
     ControlDir,
     FileRows,
@@ -422,17 +423,35 @@ async def run_job_on_ray(
             does not match.
         JobFailedError: A fatal error stopped the job (a rejected key, no credit, Redis
             lost); what was done stays resumable.
+        JobLockedError: Another process runs this job (holds the lock on its output).
     """
-    ray = import_ray()
     settings.require_paths()
+    assert settings.output is not None
+    options = RunOptions(on_progress, stop_event, stop_reason, progress_interval)
+    await anyio.to_thread.run_sync(check_files, settings)
+    lock = JobLock(settings.output)
+    await anyio.to_thread.run_sync(lock.acquire)
+    try:
+        return await _run_locked(settings, options, actors, batch_size, max_in_flight)
+    finally:
+        lock.release()
+
+
+async def _run_locked(
+    settings: JobSettings,
+    options: RunOptions,
+    actors: int | None,
+    batch_size: int,
+    max_in_flight: int | None,
+) -> JobSummary:
+    """Run a job on Ray, its lock held by the caller (see :func:`run_job_on_ray`)."""
+    ray = import_ray()
     if settings.input == "-":
         raise ConfigError("the Ray engine reads a file, not standard input ('-')")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if settings.trace is not None:
         log.warning("trace=%r is ignored on the Ray engine: actors export no spans", settings.trace)
-    await anyio.to_thread.run_sync(check_files, settings)
-    options = RunOptions(on_progress, stop_event, stop_reason, progress_interval)
     started = time.perf_counter()
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -456,14 +475,8 @@ async def run_job_on_ray(
 
 
 async def run_on_ray(settings: JobSettings, options: RunOptions) -> JobSummary:
-    """The Ray engine as :func:`~pipeline.jobs.run_job` calls it (default actors and batches)."""
-    return await run_job_on_ray(
-        settings,
-        on_progress=options.on_progress,
-        stop_event=options.stop_event,
-        stop_reason=options.stop_reason,
-        progress_interval=options.progress_interval,
-    )
+    """The Ray engine as :func:`~pipeline.jobs.run_job` calls it, holding the job's lock."""
+    return await _run_locked(settings, options, None, 64, None)
 
 
 __all__ = ["EncodeRows", "JobStages", "default_actors", "run_job_on_ray", "run_on_ray"]

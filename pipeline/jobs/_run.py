@@ -1,5 +1,9 @@
 """Running a job: :func:`run_job` hands it to the engine its settings name.
 
+One process runs a job at a time: :func:`run_job` holds the job's
+:class:`~pipeline.jobs._lock.JobLock` (an ``flock`` on ``OUTPUT.lock``) from before the journal
+is opened until after the files are published, and refuses a second process at once.
+
 An engine is a coroutine function ``(settings, options) -> JobSummary`` (:data:`ENGINES`): the
 local engine (:mod:`pipeline.jobs._local`) and the Ray engine (:mod:`pipeline.jobs._ray`). An
 engine builds its caller with :func:`~pipeline.jobs._caller.build_caller`, keeps its state in a
@@ -14,11 +18,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import anyio.to_thread
+
 from pipeline.jobs._batch import run_batch
 from pipeline.jobs._local import run_local
+from pipeline.jobs._lock import JobLock, lock_path
 from pipeline.jobs._progress import JobSummary, ProgressHook, RunOptions, Waitable
 from pipeline.jobs._ray import run_on_ray
-from pipeline.jobs._settings import JobSettings
+from pipeline.jobs._settings import JobSettings, check_files
 from stages.llm._limits import Limiter
 
 if TYPE_CHECKING:
@@ -40,6 +47,7 @@ async def run_job(
     progress_interval: float = 0.5,
     limiter: Limiter | None = None,
     metrics: MeterProvider | None = None,
+    lock: JobLock | None = None,
 ) -> JobSummary:
     """Run a file job to the end (or until stopped) and return its summary.
 
@@ -60,6 +68,9 @@ async def run_job(
             passes one per key), instead of one built from the settings (local engine).
         metrics: An OpenTelemetry meter provider for the pipeline's own instruments (the
             HTTP server passes one labelled with the job; local engine).
+        lock: The job's :class:`~pipeline.jobs.JobLock`, when the caller holds it already
+            (the HTTP server takes it before it marks the job running). By default the run
+            takes it itself, before it touches the journal, and releases it after publishing.
 
     Returns:
         The summary; ``complete`` is true when the files were published.
@@ -68,13 +79,26 @@ async def run_job(
         ConfigError: Invalid or contradictory settings, an unreadable input, a checkpoint
             that does not match the settings (:class:`~pipeline.jobs._journal.ResumeError`),
             the Ray engine without Ray installed.
+        JobLockedError: Another process runs this job (holds the lock on its output); the
+            message names it (a :class:`ConfigError`: the CLI exits 2).
         JobFailedError: A fatal error stopped the job (a rejected key, no credit, an
             unreachable server, a full disk); what was done stays resumable.
     """
     settings.require_paths()
+    assert settings.output is not None
     options = RunOptions(on_progress, stop_event, stop_reason, progress_interval, limiter, metrics)
     engine = "batch" if settings.batch_api else settings.engine
-    return await ENGINES[engine](settings, options)
+    if lock is not None:
+        if not lock.held or lock.path != lock_path(settings.output):
+            raise ValueError(f"lock must be held on {lock_path(settings.output)!r}")
+        return await ENGINES[engine](settings, options)
+    await anyio.to_thread.run_sync(check_files, settings)  # plain words before the lock's
+    own = JobLock(settings.output)
+    await anyio.to_thread.run_sync(own.acquire)
+    try:
+        return await ENGINES[engine](settings, options)
+    finally:
+        own.release()
 
 
 __all__ = ["ENGINES", "Engine", "run_job"]

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,8 +25,17 @@ import anyio
 from anyio.abc import TaskGroup
 
 from pipeline._errors import ConfigError
-from pipeline.jobs import JobFailedError, JobProgress, JobSettings, JobSummary, run_job
+from pipeline.jobs import (
+    JobFailedError,
+    JobLock,
+    JobLockedError,
+    JobProgress,
+    JobSettings,
+    JobSummary,
+    run_job,
+)
 from pipeline.jobs._journal import MANIFEST_SUFFIX
+from pipeline.jobs._lock import shown_command
 from pipeline.server._config import RequestError, ServerConfig
 from pipeline.server._job import JOB_ID, RESUMABLE, Job, now, public_summary
 from pipeline.server._observe import Observers
@@ -274,6 +284,22 @@ class JobManager:
             job.notify()
 
     async def _execute(self, job: Job, resume: bool) -> None:
+        command = f"{shown_command(sys.argv)} (job {job.id})"
+        lock = JobLock(str(job.dir / OUTPUT), command=command)
+        try:
+            await anyio.to_thread.run_sync(lock.acquire)
+        except JobLockedError as error:  # another server process on this data dir runs it
+            text = self.config.scrub(f"another server process runs this job: {error.holder}")
+            job.record.update(status="interrupted", stopped=None, error=text)
+            job.notify()  # its record on disk is the other process's to write
+            log.warning("job %s not started: %s", job.id, text)
+            return
+        try:
+            await self._execute_locked(job, resume, lock)
+        finally:
+            lock.release()
+
+    async def _execute_locked(self, job: Job, resume: bool, lock: JobLock) -> None:
         assert job.stop_event is not None
         job.update(
             status="running",
@@ -284,7 +310,7 @@ class JobManager:
         if job.stop_why is not None:  # cancelled between the queue and here
             job.stop_event.set()
         try:
-            summary = await self._run_job(job, resume)
+            summary = await self._run_job(job, resume, lock)
         except anyio.get_cancelled_exc_class():
             job.update(
                 status="interrupted", finished_at=now(), stopped=_INTERRUPTED, resume_on_start=True
@@ -305,7 +331,7 @@ class JobManager:
         else:
             self._finish_stopped(job, summary)
 
-    async def _run_job(self, job: Job, resume: bool) -> JobSummary:
+    async def _run_job(self, job: Job, resume: bool, lock: JobLock) -> JobSummary:
         def on_progress(progress: JobProgress) -> None:
             job.progress = progress
             job.notify()
@@ -321,6 +347,7 @@ class JobManager:
                 progress_interval=self.config.progress_interval,
                 limiter=self.limiter_for(settings),
                 metrics=self.observers.metrics.provider_for(job.id, settings.model),
+                lock=lock,
             )
         except JobFailedError as error:
             watch.finish(error.summary, error=self.config.scrub(str(error)))
