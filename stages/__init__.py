@@ -32,11 +32,13 @@ from .llm import CallerTotals as CallerTotals
 from .llm import ChatStreamAssembler as ChatStreamAssembler
 from .llm import Completion as Completion
 from .llm import DeadlineExceededError as DeadlineExceededError
+from .llm import Deployment as Deployment
 from .llm import InvalidOutputError as InvalidOutputError
 from .llm import Limits as Limits
 from .llm import LLMCaller as LLMCaller
 from .llm import LLMCallError as LLMCallError
 from .llm import MalformedChunkError as MalformedChunkError
+from .llm import NoEndpointLeftError as NoEndpointLeftError
 from .llm import Output as Output
 from .llm import Price as Price
 from .llm import Provider as Provider
@@ -44,6 +46,7 @@ from .llm import RedisRateLimiter as RedisRateLimiter
 from .llm import RedisUnavailableError as RedisUnavailableError
 from .llm import ResponseCache as ResponseCache
 from .llm import Retry as Retry
+from .llm import Routing as Routing
 from .llm import ServerSentEvent as ServerSentEvent
 from .llm import SSEDecoder as SSEDecoder
 from .llm import SSEParse as SSEParse
@@ -88,6 +91,7 @@ __all__ = [
     "CsvSource",
     "DeadLetterSink",
     "DeadlineExceededError",
+    "Deployment",
     "FileSink",
     "FileSource",
     "HTTP",
@@ -99,6 +103,7 @@ __all__ = [
     "LLMCaller",
     "Limits",
     "MalformedChunkError",
+    "NoEndpointLeftError",
     "Output",
     "ParquetSink",
     "ParquetSource",
@@ -110,6 +115,7 @@ __all__ = [
     "RedisUnavailableError",
     "ResponseCache",
     "Retry",
+    "Routing",
     "RunnableStage",
     "SSEDecoder",
     "SSEParse",

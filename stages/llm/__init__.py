@@ -19,6 +19,9 @@ from ._redis_limiter import RedisRateLimiter as RedisRateLimiter
 from ._redis_limiter import RedisUnavailableError as RedisUnavailableError
 from ._redis_limiter import key_fingerprint as key_fingerprint
 from ._retry import Retry as Retry
+from ._router import NoEndpointLeftError as NoEndpointLeftError
+from ._routing import Deployment as Deployment
+from ._routing import Routing as Routing
 from ._sse import AnthropicStreamAssembler as AnthropicStreamAssembler
 from ._sse import ChatStreamAssembler as ChatStreamAssembler
 from ._sse import MalformedChunkError as MalformedChunkError
@@ -39,12 +42,14 @@ __all__ = [
     "ChatStreamAssembler",
     "Completion",
     "DeadlineExceededError",
+    "Deployment",
     "HTTP",
     "InvalidOutputError",
     "LLMCallError",
     "LLMCaller",
     "Limits",
     "MalformedChunkError",
+    "NoEndpointLeftError",
     "Output",
     "Price",
     "Provider",
@@ -52,6 +57,7 @@ __all__ = [
     "RedisUnavailableError",
     "ResponseCache",
     "Retry",
+    "Routing",
     "SSEDecoder",
     "SSEParse",
     "ServerSentEvent",

@@ -117,6 +117,8 @@ from stages.llm._providers import (
 from stages.llm._retry import (
     Retry,
 )
+from stages.llm._router import ANSWERED_BY, Router, stamp_route
+from stages.llm._routing import Routing
 from stages.llm._transport import HTTP, HTTPTransport
 
 CallHook: TypeAlias = Callable[[Any], Awaitable[Any]]
@@ -169,6 +171,10 @@ class LLMCaller(ItemStage[Any, Any]):
         call: Escape hatch: ``async def call(record) -> result`` replaces the HTTP request and
             gets the same limiter, concurrency, retries, deadline and accounting. A returned
             string is the answer text; an object with ``usage`` is counted.
+        routing: Several endpoints (keys, deployments, models) to spread the rows over, with
+            failover and fallback models (:class:`~stages.llm._routing.Routing`; see
+            :mod:`stages.llm._router`). ``model`` then names the endpoints' model (default:
+            the first endpoint's), and ``provider``/``base_url``/``rpm`` are the endpoints'.
         name: Stage name (default ``"llm"``).
 
     Raises:
@@ -191,8 +197,14 @@ class LLMCaller(ItemStage[Any, Any]):
         output: OutputForm | Output = "merge",
         http: HTTP | None = None,
         call: CallHook | None = None,
+        routing: Routing | None = None,
         name: str | None = None,
     ) -> None:
+        if routing is not None:
+            if call is not None:
+                raise ConfigError("routing= sends HTTP requests: it does not combine with call=")
+            model = model or routing.endpoints[0].group
+            routing.chain(model)
         if call is None and not model:
             raise ConfigError("LLMCaller needs model= (or call= for a custom caller)")
         if endpoint not in ("chat", "embeddings"):
@@ -230,6 +242,8 @@ class LLMCaller(ItemStage[Any, Any]):
         self.retry = retry
         self.http = http or HTTP()
         self.call = call
+        self.routing = routing
+        self.router: Router | None = None
         self.totals = CallerTotals()
         self._run: Exchange | None = None
 
@@ -277,6 +291,8 @@ class LLMCaller(ItemStage[Any, Any]):
         found: list[str] = []
         if self._run is not None and self._run.key:
             found.append(self._run.key)
+        if self.router is not None:
+            found += self.router.keys
         env = self.key_env()
         if env and os.environ.get(env):
             found.append(os.environ[env])
@@ -301,7 +317,7 @@ class LLMCaller(ItemStage[Any, Any]):
             raise ConfigError(f"stage {self.name!r} is already running in another pipeline")
         key: str | None = None
         env = self.key_env()
-        if self.call is None and env:
+        if self.call is None and env and self.routing is None:
             key = os.environ.get(env) or None
             if key is None and self.http.api_key_env is not None:
                 raise ConfigError(f"stage {self.name!r}: environment variable ${env} is not set")
@@ -337,6 +353,7 @@ class LLMCaller(ItemStage[Any, Any]):
         if provider is not None:
             run.chat_url = provider.url("chat", self.model)
             run.chat_parts = self._chat_parts()
+        router = self._open_router(run) if self.routing is not None else None
         self._run = run
         try:
             yield
@@ -344,6 +361,19 @@ class LLMCaller(ItemStage[Any, Any]):
             self._run = None
             if transport is not None:
                 await transport.aclose()
+            if router is not None:
+                await router.aclose()
+
+    def _open_router(self, run: Exchange) -> Router:
+        """Make the run's router: one exchange per endpoint, sharing the ledger and totals."""
+        assert self.routing is not None
+        self.router = Router(
+            self.routing, model=self.model, endpoint=self.endpoint, limits=self.limits,
+            http=self.http, output=self.output, retry=self.retry, run=run,
+            log=self.log, scrub=self._scrub, environ=os.environ,
+        )  # fmt: skip
+        run.chat_parts = None  # each endpoint gets its own body (its model, its provider)
+        return self.router
 
     def _completion_default(self) -> int | None:
         """Tokens a chat answer is expected to use before any is seen (``None``: embeddings)."""
@@ -488,8 +518,9 @@ class LLMCaller(ItemStage[Any, Any]):
         """Return what is sent on for a row (see :meth:`~stages.llm._output.Output.emit`).
 
         Subclasses reshape it here (a LangChain stage can emit the runnable's result alone).
+        With routing, the endpoint and the model that answered are recorded in it.
         """
-        return self.output.emit(
+        value = self.output.emit(
             env,
             answer,
             result,
@@ -500,6 +531,9 @@ class LLMCaller(ItemStage[Any, Any]):
             vector=vector,
             parsed=parsed,
         )
+        if self.routing is None:
+            return value
+        return stamp_route(value, self.output, answer, ANSWERED_BY.get())
 
     # -- chat ----------------------------------------------------------------------------------
 
@@ -520,7 +554,12 @@ class LLMCaller(ItemStage[Any, Any]):
         total_cost = 0.0
         any_cached = False
         for round_ in range(reask + 1):
-            if messages is None:
+            if self.router is not None:
+                assert messages is not None
+                answer, cost, cached = await self.router.chat(
+                    env, outbox, messages, self.system, self.params, deadline
+                )
+            elif messages is None:
                 assert text is not None and parts is not None
                 payload = one_message_payload(parts, text)
                 answer, cost, cached = await run.request(
@@ -557,6 +596,8 @@ class LLMCaller(ItemStage[Any, Any]):
     async def _embed(
         self, env: Envelope[Any], outbox: Outbox[Any], texts: list[str], deadline: float | None
     ) -> tuple[Answer, float, bool]:
+        if self.router is not None:
+            return await self.router.embed(env, outbox, texts, self.params, deadline)
         assert self.provider is not None
         url = self.provider.url("embeddings", self.model)
         body = self.provider.embeddings_body(self.model, texts, self.params)

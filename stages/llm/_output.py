@@ -76,6 +76,7 @@ class Completion:
         embedding: The vector (embeddings).
         cost_usd: What the row cost per the price table (0.0 when unknown or cached).
         cached: Whether the answer came from the response cache.
+        endpoint: With routing: the endpoint that answered (``"cache"`` for a cached answer).
     """
 
     text: str | None
@@ -88,6 +89,7 @@ class Completion:
     embedding: list[float] | None = None
     cost_usd: float = 0.0
     cached: bool = False
+    endpoint: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -411,8 +413,18 @@ class Ledger:
             self.budget.release(reserved)
             self.freed.set()
 
-    def account(self, outbox: Outbox[Any], answer: Answer, reserved: float = 0.0) -> float:
-        """Count tokens and cost of an answer, settle its reservation; stop at the budget."""
+    def account(
+        self,
+        outbox: Outbox[Any],
+        answer: Answer,
+        reserved: float = 0.0,
+        *,
+        price: Price | None = None,
+    ) -> float:
+        """Count tokens and cost of an answer, settle its reservation; stop at the budget.
+
+        ``price`` overrides the price table (an endpoint's own price, with routing).
+        """
         usage = answer.usage
         if usage is None:
             self.totals.unknown_usage += 1
@@ -423,7 +435,7 @@ class Ledger:
         stats = outbox.stats
         stats.prompt_tokens += usage.prompt_tokens
         stats.completion_tokens += usage.completion_tokens
-        price = self.price(answer.model)
+        price = price or self.price(answer.model)
         if price is None:
             self.release(reserved)
             return 0.0
