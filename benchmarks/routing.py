@@ -11,7 +11,8 @@ configured limits: each endpoint's limiter learns its quota from its own headers
   rows go at once and the rest at ``2R`` per minute: ``max(0, N - 2R) / (2R / 60)`` seconds
   plus one round trip. Ratio = ideal / measured (target >= 0.90); 429s over requests (<= 1%).
 * ``killed``: the same, and the second endpoint is shut down (its server closed: connections
-  refused) halfway through the ideal schedule. Every row must be answered exactly once, and
+  refused) halfway through the ideal schedule; the ideal is then both quotas until the kill
+  and the survivor's alone after it. Every row must be answered exactly once, and
   every row after the kill by the survivor: the dying endpoint's answers to the client are at
   most the answers its server had given when it closed (requests in flight at the kill are
   cut and answered again by the survivor, never twice).
@@ -105,6 +106,10 @@ async def run(n: int, rpm: int, *, kill_at: float | None) -> dict[str, Any]:
     throttled = sum(c["http_429"] for c in counters)
     capacity = 2 * rpm  # two fresh buckets of a minute's worth each
     ideal = ideal_s(n, 2 * rpm, capacity, LATENCY_MS / 1000)
+    if killed_at is not None:  # both quotas until the kill, the survivor's alone after it
+        by_kill = capacity + 2 * rpm / 60 * killed_at
+        if n > by_kill:
+            ideal = killed_at + (n - by_kill) / (rpm / 60) + LATENCY_MS / 1000
     return {
         "rows": n,
         "answered": len(seen),

@@ -16,7 +16,8 @@ names the field, instead of failing later somewhere else::
             check_fields(self)
 
 Supported annotations: ``bool``, ``int``, ``float`` (finite), ``str``, ``Literal[...]``,
-``dict[...]`` (any mapping, copied to a dict with string keys), each optionally ``| None``.
+``dict[...]`` (any mapping, copied to a dict with string keys), ``list[...]`` (any sequence
+but a string, copied to a list), each optionally ``| None``.
 A field with another annotation needs a checker of its own (``checkers=``).
 """
 
@@ -90,7 +91,8 @@ def check_value(what: str, value: Any, hint: Any) -> Any:
     Raises:
         ConfigError: The value does not match.
     """
-    args = typing.get_args(hint)
+    container = typing.get_origin(hint) in (list, dict, Literal)
+    args = () if container else typing.get_args(hint)
     optional = type(None) in args
     if value is None:
         if optional:
@@ -110,6 +112,10 @@ def check_value(what: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{what} must be a table, got {type_name(value)}")
         return {str(k): v for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{what} must be a list, got {type_name(value)}")
+        return list(value)
     checker = _SCALARS.get(kind)
     if checker is None:
         raise TypeError(f"check_value: no check for {what} annotated {hint!r}")

@@ -38,6 +38,7 @@ from pipeline.cli._common import (
 from pipeline.cli._observe import RunObserver
 from pipeline.cli._progress import ProgressDisplay, summary_table
 from pipeline.jobs import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
+from stages.llm._routing import parse_route
 
 
 def _int(text: str) -> int:
@@ -64,6 +65,13 @@ def _param(text: str) -> tuple[str, Any]:
     except ValueError:
         value = raw  # a bare word is a string: --param user=alice
     return name.strip(), value
+
+
+def _route(text: str) -> dict[str, Any]:
+    try:
+        return parse_route(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -127,6 +135,25 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     )
     job.add_argument("--id-field", default=s, metavar="FIELD", help="row key (default: line no.)")
     job.add_argument("--batch-size", type=_int, default=s, help="rows per embeddings request")
+    job.add_argument(
+        "--route",
+        dest="endpoints",
+        action="append",
+        type=_route,
+        default=s,
+        metavar="KEY=VALUE,...",
+        help="an endpoint to spread rows over (repeatable; docs/routing.md):"
+        " --route name=east,url=URL,key-env=VAR,model=M,rpm=300",
+    )
+    job.add_argument(
+        "--fallback-model",
+        dest="fallbacks",
+        action="append",
+        default=s,
+        metavar="MODEL",
+        help="retry a failed row on this model's endpoints (repeatable)",
+    )
+    job.add_argument("--route-policy", choices=["headroom", "cheapest"], default=s)
 
 
 def _limit_arguments(parser: argparse.ArgumentParser) -> None:

@@ -201,6 +201,8 @@ def summary_table(summary: JobSummary) -> str:
         rows.append(("online cost", f"{_cost(batch.get('online_equivalent_usd', 0.0))} (same job)"))
         if batch.get("unmatched"):
             rows.append(("unmatched", f"{batch['unmatched']} result lines matched no row"))
+    for endpoint in summary.endpoints or ():
+        rows.append((f"endpoint {endpoint['name']}", endpoint_text(endpoint)))
     rows.append(("elapsed", f"{summary.elapsed_s:.2f} s"))
     rows.append(("rows/s", f"{summary.rows_per_s:,.1f}"))
     if summary.complete:
@@ -215,9 +217,22 @@ def summary_table(summary: JobSummary) -> str:
     return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
 
 
+def endpoint_text(figures: dict[str, Any]) -> str:
+    """Return one endpoint's figures on a line (requests, 429s, errors, latency, cost, state)."""
+    text = (
+        f"{_count(figures['answered'])}/{_count(figures['requests'])} answered,"
+        f" {_count(figures['rate_limited'])} 429s, {_count(figures['errors'])} errors,"
+        f" {figures['latency_s'] * 1000:,.0f} ms, {_cost(figures['cost_usd'])}, {figures['state']}"
+    )
+    if figures.get("reason") and figures["state"] != "up":
+        text += f" ({figures['reason'][:80]})"
+    return text
+
+
 __all__ = [
     "ProgressDisplay",
     "batch_text",
+    "endpoint_text",
     "format_bar",
     "format_duration",
     "format_line",

@@ -25,6 +25,7 @@ from stages.llm._cache import ResponseCache
 from stages.llm._caller import HTTP, Limits, LLMCaller, Output, Retry
 from stages.llm._limits import Limiter
 from stages.llm._redis_limiter import RedisRateLimiter
+from stages.llm._routing import Routing
 
 
 def create_limiter(settings: JobSettings, caller: LLMCaller | None = None) -> Limiter | None:
@@ -122,10 +123,38 @@ def build_caller(
             timeout=settings.timeout,
             cache=cache,
         ),
+        routing=_routing(settings, open_resources and limiter is None),
     )
     if limiter is None and open_resources and settings.limiter:
         caller.limiter = create_limiter(settings, caller)
     return caller
+
+
+def _routing(settings: JobSettings, open_resources: bool) -> Routing | None:
+    """The routing of a job with ``[[endpoints]]``; each endpoint's own Redis limiter if shared.
+
+    An endpoint's shared limiter is keyed by its provider, its key's fingerprint and its model,
+    so every process of the job (and every job on that key) shares that endpoint's quota.
+    """
+    if not settings.endpoints:
+        return None
+    if not (open_resources and settings.limiter):
+        return settings.routing()
+    limiters = [
+        RedisRateLimiter.from_url(
+            settings.limiter,
+            rpm=d.rpm,
+            tpm=d.tpm,
+            itpm=d.itpm,
+            otpm=d.otpm,
+            burst_s=settings.burst,
+            provider=d.provider,
+            api_key=os.environ.get(d.key_env()),
+            model=d.model,
+        )
+        for d in settings.deployments()
+    ]
+    return settings.routing(limiters)
 
 
 def answer_stages(settings: JobSettings, caller: LLMCaller) -> list[Stage[Any, Any]]:
@@ -141,10 +170,14 @@ async def release_caller(caller: LLMCaller) -> None:
     """Close the response cache and shared limiter of a caller made by :func:`build_caller`."""
     if caller.cache is not None:
         await caller.cache.aclose()
-    aclose = getattr(caller.limiter, "aclose", None)
-    if aclose is not None:
-        with anyio.CancelScope(shield=True):
-            await aclose()
+    limiters = [caller.limiter]
+    if caller.routing is not None:
+        limiters += [d.limiter for d in caller.routing.endpoints]
+    for limiter in limiters:
+        aclose = getattr(limiter, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
 
 
 async def preflight(caller: LLMCaller, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
@@ -155,13 +188,38 @@ async def preflight(caller: LLMCaller, *, timeout: float = 10.0) -> None:  # noq
     Raises:
         FatalError: ``cannot reach http://host:port: connection refused`` (or the reason).
     """
+    if caller.routing is not None:
+        await _preflight_routes(caller.routing, timeout)
+        return
     provider = caller.provider
     if provider is None:
         return
-    parts = urlsplit(provider.base_url)
+    await _reach(provider.base_url, timeout)
+
+
+async def _preflight_routes(routing: Routing, timeout: float) -> None:  # noqa: ASYNC109
+    """Check that at least one endpoint is reachable (the others fail over at run time)."""
+    reasons = []
+    for deployment in routing.endpoints:
+        try:
+            await _reach(deployment.make_provider().base_url, timeout)
+        except FatalError as error:
+            reasons.append(f"{deployment.label()}: {error}")
+        else:
+            return
+    raise FatalError("no endpoint can be reached (" + "; ".join(reasons) + ")")
+
+
+async def _reach(base_url: str, timeout: float) -> None:  # noqa: ASYNC109
+    """Connect to ``base_url``'s host and port once.
+
+    Raises:
+        FatalError: The host cannot be reached.
+    """
+    parts = urlsplit(base_url)
     host = parts.hostname
     if not host or parts.scheme not in ("http", "https"):
-        raise ConfigError(f"base URL {safe_url(provider.base_url)!r} is not an http(s) URL")
+        raise ConfigError(f"base URL {safe_url(base_url)!r} is not an http(s) URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     shown = f"{parts.scheme}://{host}:{port}"
     reason: str | None = None

@@ -343,6 +343,7 @@ class LocalJob:
             limiter_wait_s=totals.limiter_wait_s,
             in_flight=totals.in_flight,
             statuses={str(status): n for status, n in sorted(totals.statuses.items())},
+            endpoints=None if self.caller.router is None else self.caller.router.figures(),
         )
 
     def _summary(self, report: RunReport | None, *, complete: bool = False) -> JobSummary:
@@ -351,7 +352,7 @@ class LocalJob:
             tally.failed = report.failed
         journal = self.journal
         previous = (0, 0) if journal is None else (journal.previous_ok, journal.previous_failed)
-        return make_summary(
+        summary = make_summary(
             tally,
             self.settings,
             started=self.started,
@@ -361,6 +362,10 @@ class LocalJob:
             stopped=self.stopped,
             complete=complete,
         )
+        router = None if self.caller is None else self.caller.router
+        if router is not None:
+            summary.endpoints = router.figures()
+        return summary
 
 
 async def run_local(settings: JobSettings, options: RunOptions) -> JobSummary:

@@ -52,6 +52,8 @@ class JobProgress:
         limiter_wait_s: Seconds rows waited for the rate limiter, summed, this run.
         in_flight: HTTP requests on the wire now.
         statuses: Answers by HTTP status (``"200"``, ``"429"``...), this run.
+        endpoints: With several endpoints (routing): each one's figures (name, model, state,
+            requests, answered, rate_limited, errors, latency_s, cost_usd...), this run.
     """
 
     rows_total: int | None
@@ -75,6 +77,7 @@ class JobProgress:
     limiter_wait_s: float = 0.0
     in_flight: int = 0
     statuses: dict[str, int] = dataclasses.field(default_factory=dict)
+    endpoints: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the snapshot as JSON-ready data."""
@@ -108,6 +111,7 @@ class JobSummary:
         engine: The engine that ran the job.
         batch: Batch engine only: the batches (see :class:`JobProgress`), with the cost at
             batch prices and what the same tokens would have cost online.
+        endpoints: With several endpoints: each one's figures (see :class:`JobProgress`).
     """
 
     rows_in: int = 0
@@ -131,6 +135,7 @@ class JobSummary:
     dead_letter: str | None = None
     engine: str = "local"
     batch: dict[str, Any] | None = None
+    endpoints: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready data."""

@@ -22,6 +22,7 @@ from pipeline._compat import tomllib
 from pipeline._config import check_fields, type_name
 from pipeline._errors import ConfigError
 from stages.llm._providers import SENSITIVE_HEADERS
+from stages.llm._routing import Deployment, Routing, deployment_from_mapping
 
 Endpoint = Literal["chat", "embeddings"]
 ProviderName = Literal["openai", "azure", "anthropic"]
@@ -141,6 +142,13 @@ class JobSettings:
         cancel_batches: Cancel the job's batches still running on the provider, then stop.
         batch_prices: USD per 1M prompt and completion tokens in batches, by model (default:
             half the online price).
+        endpoints: Several endpoints to spread the rows over (a job file's ``[[endpoints]]``
+            tables, ``--route`` flags): each a table of ``name``, ``base_url``,
+            ``api_key_env``, ``model``, ``serves``, ``provider``, ``rpm``/``tpm``/``itpm``/
+            ``otpm``, ``max_concurrency``, ``weight``, ``price``, ``headers`` (see
+            ``docs/routing.md``). ``model`` then names the endpoints' model.
+        fallbacks: Models to retry a row on when it fails on its model (``--fallback-model``).
+        route_policy: ``headroom`` (where a request waits least) or ``cheapest``.
     """
 
     input: str | None = None
@@ -191,6 +199,9 @@ class JobSettings:
     batch_fallback: Literal["batch", "online"] = "batch"
     cancel_batches: bool = False
     batch_prices: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    endpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+    route_policy: Literal["headroom", "cheapest"] = "headroom"
 
     def __post_init__(self) -> None:
         check_fields(
@@ -200,9 +211,50 @@ class JobSettings:
                 "headers": _check_headers,
                 "prices": _check_prices,
                 "batch_prices": _check_prices,
+                "endpoints": _check_endpoints,
+                "fallbacks": _check_names,
             },
         )
+        if self.endpoints and not self.model:
+            self.model = self.deployments()[0].group
         self._check_values()
+        self._check_routing()
+
+    def _check_routing(self) -> None:
+        if not self.endpoints:
+            if self.fallbacks:
+                raise ConfigError("fallbacks name models of [[endpoints]]: give the endpoints")
+            return
+        for name in ("rpm", "tpm", "itpm", "otpm", "base_url", "api_key_env"):
+            if getattr(self, name) is not None:
+                raise ConfigError(
+                    f"setting {name!r} applies to a single endpoint: with [[endpoints]], set"
+                    " it in each endpoint's table"
+                )
+        if self.batch_api:
+            raise ConfigError("batch_api sends to one provider: drop [[endpoints]]")
+        self.routing().chain(self.model)
+
+    def deployments(self) -> list[Deployment]:
+        """Return the endpoints as :class:`~stages.llm._routing.Deployment` objects."""
+        return [
+            deployment_from_mapping(table, where=f"endpoints[{index}]")
+            for index, table in enumerate(self.endpoints)
+        ]
+
+    def routing(self, limiters: list[Any] | None = None) -> Routing:
+        """Return the routing the settings describe (each endpoint given its limiter, if any).
+
+        Raises:
+            ConfigError: The endpoints or fallbacks are not valid.
+        """
+        deployments = self.deployments()
+        if limiters is not None:
+            deployments = [
+                dataclasses.replace(d, limiter=limiter)
+                for d, limiter in zip(deployments, limiters, strict=True)
+            ]
+        return Routing(endpoints=deployments, fallbacks=self.fallbacks, policy=self.route_policy)
 
     def _check_values(self) -> None:
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -347,6 +399,16 @@ class JobSettings:
         }
         data["prices"] = {k: list(v) for k, v in self.prices.items()}
         data["batch_prices"] = {k: list(v) for k, v in self.batch_prices.items()}
+        data["endpoints"] = [
+            {
+                **table,
+                "headers": {
+                    k: ("***" if k.lower() in SENSITIVE_HEADERS else v)
+                    for k, v in (table.get("headers") or {}).items()
+                },
+            }
+            for table in self.endpoints
+        ]
         return data
 
     def fingerprint(self) -> dict[str, Any]:
@@ -398,6 +460,22 @@ def _check_headers(value: dict[str, Any]) -> dict[str, str]:
     for k, v in value.items():
         if not isinstance(v, str):
             raise ConfigError(f"header {k!r} must be a string, got {type_name(v)}")
+    return value
+
+
+def _check_endpoints(value: list[Any]) -> list[dict[str, Any]]:
+    tables = []
+    for index, table in enumerate(value):
+        where = f"endpoints[{index}]"
+        deployment_from_mapping(table, where=where)  # refuses a bad table, naming it
+        tables.append({str(k).replace("-", "_"): v for k, v in table.items()})
+    return tables
+
+
+def _check_names(value: list[Any]) -> list[str]:
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise ConfigError(f"fallbacks must be model names, got {item!r}")
     return value
 
 

@@ -52,6 +52,7 @@ _SUMMARY_COUNTERS = (
     ("cost_usd", "cost_usd", 0.0),
     ("elapsed_s", "elapsed_s", 0.0),
     ("rows_per_s", "rows_per_s", 0.0),
+    ("endpoints", "endpoints", None),
 )
 """The counters a finished job shows: (counter, summary field, default)."""
 

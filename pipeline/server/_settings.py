@@ -41,17 +41,30 @@ def _check_names(config: ServerConfig, given: Mapping[str, Any]) -> None:
     for name in sorted(given):
         if name in SERVER_ONLY:
             raise RequestError(422, f"setting {name!r} is decided by the server")
+    _check_target(config, given, "")
+    endpoints = given.get("endpoints")
+    if isinstance(endpoints, list):
+        for index, table in enumerate(endpoints):
+            if isinstance(table, Mapping):
+                table = {str(k).replace("-", "_"): v for k, v in table.items()}
+                table.setdefault("api_key_env", table.get("key_env"))
+                table.setdefault("base_url", table.get("url"))
+                _check_target(config, table, f"endpoints[{index}]: ")
+
+
+def _check_target(config: ServerConfig, given: Mapping[str, Any], where: str) -> None:
+    """Refuse a key variable, an API root or a credential header the server does not allow."""
     env = given.get("api_key_env")
     if env is not None and env not in config.allowed_key_envs:
         allowed = ", ".join(config.allowed_key_envs) or "none"
         raise RequestError(
-            422, f"api_key_env {env!r} is not allowed on this server (allowed: {allowed})"
+            422, f"{where}api_key_env {env!r} is not allowed on this server (allowed: {allowed})"
         )
     url = given.get("base_url")
     if url is not None and url != config.base_url and url not in config.allowed_base_urls:
         raise RequestError(
             422,
-            "base_url is not allowed on this server: its key is sent only to the API "
+            f"{where}base_url is not allowed on this server: its key is sent only to the API "
             "roots the server was started with (--base-url, --allow-base-url)",
         )
     headers = given.get("headers")
@@ -59,7 +72,8 @@ def _check_names(config: ServerConfig, given: Mapping[str, Any]) -> None:
         for name in headers:
             if str(name).lower() in SENSITIVE_HEADERS:
                 raise RequestError(
-                    422, f"header {name!r} carries a credential; the server uses its own key"
+                    422,
+                    f"{where}header {name!r} carries a credential; the server uses its own key",
                 )
 
 
@@ -95,7 +109,14 @@ def job_settings(
         resume: Whether the run resumes the job's journal.
     """
     settings = JobSettings.from_mapping(given, allow_paths=False)
-    settings = settings.replace(base_url=settings.base_url or config.base_url)
+    if settings.endpoints:  # each endpoint without a URL goes to the server's API root
+        tables = [
+            t if t.get("base_url") or t.get("url") else {**t, "base_url": config.base_url}
+            for t in settings.endpoints
+        ]
+        settings = settings.replace(endpoints=tables)
+    else:
+        settings = settings.replace(base_url=settings.base_url or config.base_url)
     if job_dir is None:
         return settings
     return settings.replace(
