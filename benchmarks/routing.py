@@ -61,7 +61,7 @@ def make_caller(urls: list[str]) -> LLMCaller:
     return LLMCaller(
         prompt=PROMPT,
         params={"max_tokens": 32},
-        routing=Routing(endpoints=endpoints),
+        provider=Routing(endpoints=endpoints),
         limits=Limits(max_concurrency=CONCURRENCY),
         retry=Retry(max_retries=8),
         output="completion",

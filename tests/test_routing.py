@@ -63,7 +63,7 @@ def _caller(endpoints: Sequence[Deployment], **kwargs: Any) -> LLMCaller:
     settings: dict[str, Any] = {
         "prompt": "Say hello to {name}",
         "retry": FAST,
-        "routing": Routing(endpoints=endpoints, cooldown_s=0.02, **routing),
+        "provider": Routing(endpoints=endpoints, cooldown_s=0.02, **routing),
     }
     settings.update(kwargs)
     return LLMCaller(**settings)
@@ -347,7 +347,7 @@ def test_routing_refuses_twin_names_and_a_fallback_nobody_serves() -> None:
     with pytest.raises(ConfigError, match="fallback model 'z' is served by no endpoint"):
         Routing(endpoints=[one], fallbacks=["z"])
     with pytest.raises(ConfigError, match="no endpoint serves model 'q'"):
-        LLMCaller(model="q", routing=Routing(endpoints=[one]))
+        LLMCaller(model="q", provider=Routing(endpoints=[one]))
 
 
 def test_an_endpoint_table_and_a_route_flag_make_the_same_deployment() -> None:

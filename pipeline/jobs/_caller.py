@@ -96,7 +96,7 @@ def build_caller(
         system=settings.system,
         params=params,
         endpoint=settings.endpoint,
-        provider=settings.provider,
+        provider=_routing(settings, open_resources and limiter is None) or settings.provider,
         base_url=settings.base_url,
         limits=Limits(
             rpm=settings.rpm,
@@ -123,7 +123,6 @@ def build_caller(
             timeout=settings.timeout,
             cache=cache,
         ),
-        routing=_routing(settings, open_resources and limiter is None),
     )
     if limiter is None and open_resources and settings.limiter:
         caller.limiter = create_limiter(settings, caller)

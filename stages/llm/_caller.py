@@ -117,7 +117,7 @@ from stages.llm._providers import (
 from stages.llm._retry import (
     Retry,
 )
-from stages.llm._router import ANSWERED_BY, Router, stamp_route
+from stages.llm._router import ANSWERED_BY, Router, routed_model, stamp_route
 from stages.llm._routing import Routing
 from stages.llm._transport import HTTP, HTTPTransport
 
@@ -156,7 +156,11 @@ class LLMCaller(ItemStage[Any, Any]):
         endpoint: ``"chat"`` or ``"embeddings"`` (embeddings take batches from a Batcher).
         provider: ``"openai"`` (any OpenAI-compatible server), ``"azure"`` or ``"anthropic"``,
             or a :class:`~stages.llm._providers.Provider` object (e.g. an
-            ``AzureProvider(url, deployment=..., api_version=...)``).
+            ``AzureProvider(url, deployment=..., api_version=...)``), or a
+            :class:`~stages.llm._routing.Routing` over several endpoints (keys, deployments,
+            models), each with its own provider, URL, key and limits, with failover and
+            fallback models (see :mod:`stages.llm._router`); ``model`` then names the
+            endpoints' model (default: the first endpoint's).
         base_url: API root for a provider given by name; default ``$OPENAI_BASE_URL``
             (``$ANTHROPIC_BASE_URL``, ``$AZURE_OPENAI_ENDPOINT``) else the provider's public
             URL. LightOn Paradigm: ``https://paradigm.lighton.ai/api/v2``.
@@ -171,10 +175,6 @@ class LLMCaller(ItemStage[Any, Any]):
         call: Escape hatch: ``async def call(record) -> result`` replaces the HTTP request and
             gets the same limiter, concurrency, retries, deadline and accounting. A returned
             string is the answer text; an object with ``usage`` is counted.
-        routing: Several endpoints (keys, deployments, models) to spread the rows over, with
-            failover and fallback models (:class:`~stages.llm._routing.Routing`; see
-            :mod:`stages.llm._router`). ``model`` then names the endpoints' model (default:
-            the first endpoint's), and ``provider``/``base_url``/``rpm`` are the endpoints'.
         name: Stage name (default ``"llm"``).
 
     Raises:
@@ -189,7 +189,7 @@ class LLMCaller(ItemStage[Any, Any]):
         system: str | None = None,
         params: Mapping[str, Any] | None = None,
         endpoint: Endpoint = "chat",
-        provider: ProviderName | Provider = "openai",
+        provider: ProviderName | Provider | Routing = "openai",
         base_url: str | None = None,
         rpm: float | None = None,
         limits: Limits | None = None,
@@ -197,14 +197,12 @@ class LLMCaller(ItemStage[Any, Any]):
         output: OutputForm | Output = "merge",
         http: HTTP | None = None,
         call: CallHook | None = None,
-        routing: Routing | None = None,
         name: str | None = None,
     ) -> None:
-        if routing is not None:
-            if call is not None:
-                raise ConfigError("routing= sends HTTP requests: it does not combine with call=")
-            model = model or routing.endpoints[0].group
-            routing.chain(model)
+        routing: Routing | None = None
+        if isinstance(provider, Routing):
+            routing, provider = provider, "openai"  # each endpoint has its own provider
+            model = routed_model(routing, model, base_url, rpm, call)
         if call is None and not model:
             raise ConfigError("LLMCaller needs model= (or call= for a custom caller)")
         if endpoint not in ("chat", "embeddings"):

@@ -1,7 +1,7 @@
 """Routing one caller's requests over several endpoints: choose, fail over, fall back.
 
 The caller (:mod:`stages.llm._caller`) makes a :class:`Router` when a run starts if it was
-given ``routing=Routing(...)`` (:mod:`stages.llm._routing`). The router holds one
+given ``provider=Routing(...)`` (:mod:`stages.llm._routing`). The router holds one
 :class:`Lane` per endpoint: an :class:`~stages.llm._exchange.Exchange` of its own (its key,
 HTTP session, provider, and an :class:`~stages.llm._admission.Admission` with its own limiter,
 configured and learned from its own headers, or the shared limiter it was given), its health
@@ -57,7 +57,7 @@ from typing import Any
 import anyio
 
 from pipeline._envelope import Envelope
-from pipeline._errors import FatalError
+from pipeline._errors import ConfigError, FatalError
 from pipeline._stage import Outbox
 from stages.llm._admission import Admission, Limits
 from stages.llm._cache import ResponseCache, request_key
@@ -504,6 +504,24 @@ def stamp_route(value: Any, output: Output, answer: Answer, endpoint: str | None
     return value
 
 
+def routed_model(
+    routing: Routing, model: str, base_url: str | None, rpm: float | None, call: Any
+) -> str:
+    """Return the model a routed caller's rows go to first; refuse what a Routing replaces.
+
+    Raises:
+        ConfigError: ``base_url``, ``rpm`` or ``call`` given with a Routing, or a model no
+            endpoint serves.
+    """
+    if base_url is not None or rpm is not None:
+        raise ConfigError("with a Routing, base_url and rpm are each endpoint's own")
+    if call is not None:
+        raise ConfigError("a Routing sends HTTP requests: it does not combine with call=")
+    model = model or routing.endpoints[0].group
+    routing.chain(model)
+    return model
+
+
 def _price_key(lane: Lane) -> float:
     price = lane.price
     return math.inf if price is None else price.prompt + price.completion
@@ -519,4 +537,4 @@ ANSWERED_BY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 """The endpoint that answered the calling task's last routed request (``"cache"``: a hit)."""
 
-__all__ = ["ANSWERED_BY", "NoEndpointLeftError", "Router", "stamp_route"]
+__all__ = ["ANSWERED_BY", "NoEndpointLeftError", "Router", "routed_model", "stamp_route"]

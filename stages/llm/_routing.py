@@ -1,6 +1,6 @@
 """Routing options: the endpoints a caller may send to, and how it chooses among them.
 
-A caller given ``routing=Routing(...)`` spreads its rows over several endpoints (several keys,
+A caller given ``provider=Routing(...)`` spreads its rows over several endpoints (several keys,
 deployments, regions or servers), each a :class:`Deployment` with its own URL, key, model
 name, provider and limits::
 
