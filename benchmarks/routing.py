@@ -127,7 +127,10 @@ async def run(n: int, rpm: int, *, kill_at: float | None) -> dict[str, Any]:
         "killed_at_s": None if killed_at is None else round(killed_at, 2),
         "after_kill": len(after_kill),
         "after_kill_by_survivor": sum(1 for e in after_kill if e == "ep0"),
-        "dying_answers_server": counters_second.get("by_route", {}),
+        "second_answers_seen_by_client": sum(1 for e in seen.values() if e == "ep1"),
+        "second_answers_sent_by_server": sum(
+            route.get("200", 0) for route in counters_second.get("by_route", {}).values()
+        ),
         "cache_hits": figures.cache_hits,
         "endpoints": None if caller.router is None else caller.router.figures(),
     }

@@ -357,3 +357,53 @@ def test_an_endpoint_table_and_a_route_flag_make_the_same_deployment() -> None:
     with pytest.raises(ConfigError, match=r"endpoints\[1\]: unknown key 'rmp' \(did you mean"):
         deployment_from_mapping({"model": "m", "rmp": 3}, where="endpoints[1]")
     assert json.loads(json.dumps(parse_route("model=m,price=0.1/0.4")))["price"] == [0.1, 0.4]
+
+
+async def test_one_model_on_openai_azure_and_anthropic_endpoints_each_in_its_own_dialect() -> None:
+    # three providers' deployments of one model: each endpoint gets its own URL, auth header
+    # and body; the rows are answered by all three
+    async with serve() as openai, serve() as azure, serve() as anthropic:
+        key = "ROUTE_GOOD"
+        endpoints = [
+            Deployment(name="o", base_url=openai.url, api_key_env=key, model="m"),
+            Deployment(
+                name="z",
+                provider="azure",
+                base_url=azure.base_url,
+                api_key_env=key,
+                model="m-eu",
+                serves="m",
+            ),
+            Deployment(
+                name="c", provider="anthropic", base_url=anthropic.url, api_key_env=key, model="m"
+            ),
+        ]
+        caller = _caller(endpoints, model="m", params={"max_tokens": 16})
+        out, report = await _run(caller, ROWS[:30])
+        routes = [sim.counters()["by_route"] for sim in (openai, azure, anthropic)]
+    _answered_once(out, ROWS[:30])
+    assert {r["response_endpoint"] for r in out} == {"o", "z", "c"}
+    assert list(routes[0]) == ["/v1/chat/completions"]
+    assert list(routes[1]) == ["/openai/deployments/{deployment}/chat/completions"]
+    assert list(routes[2]) == ["/v1/messages"]
+    assert report.failures == []
+
+
+@pytest.mark.parametrize(("cheap_slots", "spills"), [(8, False), (1, True)])
+async def test_cheapest_policy_uses_the_cheap_endpoint_and_spills_only_when_it_is_busy(
+    cheap_slots: int, spills: bool
+) -> None:
+    from stages.llm import Limits
+
+    async with serve(SimConfig(latency_ms=5)) as a, serve(SimConfig(latency_ms=5)) as b:
+        cheap = _deployment("cheap", a.url, price=(0.1, 0.1), max_concurrency=cheap_slots)
+        dear = _deployment("dear", b.url, price=(5.0, 15.0))
+        caller = _caller(
+            [dear, cheap], limits=Limits(concurrency=4), routing_options={"policy": "cheapest"}
+        )
+        out, _ = await _run(caller)
+    _answered_once(out)
+    used = {r["response_endpoint"] for r in out}
+    assert used == ({"cheap", "dear"} if spills else {"cheap"})
+    figures = _figures(caller)
+    assert figures["cheap"]["cost_usd"] > 0
