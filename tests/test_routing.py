@@ -407,3 +407,24 @@ async def test_cheapest_policy_uses_the_cheap_endpoint_and_spills_only_when_it_i
     assert used == ({"cheap", "dear"} if spills else {"cheap"})
     figures = _figures(caller)
     assert figures["cheap"]["cost_usd"] > 0
+
+
+async def test_streamed_answers_and_embeddings_are_routed_too() -> None:
+    from stages import Batcher
+    from stages.llm import Output
+
+    async with serve() as a, serve() as b:
+        endpoints = [_deployment("a", a.url), _deployment("b", b.url)]
+        streamed = _caller(endpoints, output=Output(form="completion", stream=True))
+        out, _ = await _run(streamed, ROWS[:12])
+        assert sorted(c.text for c in out) == sorted(
+            f"echo: Say hello to {r['name']}" for r in ROWS[:12]
+        )
+        assert {c.endpoint for c in out} == {"a", "b"}
+        embed = _caller(endpoints, prompt="{name}", endpoint="embeddings", output="completion")
+        texts = [{"name": f"t{i}"} for i in range(40)]
+        with anyio.fail_after(30):
+            async with Pipeline(texts, Batcher(max_items=4, max_wait=0.01), embed).open() as res:
+                vectors = [c async for c in res]
+    assert len(vectors) == 40 and all(len(c.embedding) == 8 for c in vectors)
+    assert {c.endpoint for c in vectors} == {"a", "b"}

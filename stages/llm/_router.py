@@ -469,6 +469,8 @@ class Router:
             finally:
                 lane.scopes.discard(scope)
                 lane.pending -= 1
+                if answer is None:  # no answer (failed, cut at the deadline): not probing now
+                    lane.probing = False
             if answer is None:  # cancelled because the endpoint was retired: go elsewhere
                 continue
             cost = self._account(outbox, lane, answer, estimate)
