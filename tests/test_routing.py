@@ -428,3 +428,14 @@ async def test_streamed_answers_and_embeddings_are_routed_too() -> None:
                 vectors = [c async for c in res]
     assert len(vectors) == 40 and all(len(c.embedding) == 8 for c in vectors)
     assert {c.endpoint for c in vectors} == {"a", "b"}
+
+
+async def test_an_endpoint_without_the_model_or_path_is_out_and_rows_go_elsewhere() -> None:
+    async with serve() as a, serve() as b:
+        wrong = _deployment("wrong", a.base_url + "/no-such-root")
+        caller = _caller([wrong, _deployment("b", b.url)])
+        out, report = await _run(caller)
+    _answered_once(out)
+    figures = _figures(caller)
+    assert figures["wrong"]["state"] == "out" and "404" in figures["wrong"]["reason"]
+    assert report.failures == []

@@ -35,8 +35,8 @@ timeout                             (``cooldown_s``, doubling up to ``max_cooldo
                                     request probes it: an answer brings it back, a failure cools
                                     it down again for twice as long
 401, 403, ``insufficient_quota``    the endpoint is out for the rest of the run, said once in
-and the other money codes           the log; its rows in flight go to the others
-                                    (:meth:`Router.retire`)
+and the other money codes; 404,     the log; its rows in flight go to the others
+405 (no such model or path there)   (:meth:`Router.retire`)
 every endpoint out                  :class:`NoEndpointLeftError` stops the run, naming why
                                     each went
 ==================================  ===========================================================
@@ -76,6 +76,10 @@ _perf = time.perf_counter
 
 BuildBody = Callable[[Exchange, str], dict[str, Any]]
 """Makes the request body for one endpoint: ``build(exchange, model) -> body``."""
+
+
+OUT_STATUSES = frozenset({401, 403, 404, 405})
+"""Statuses that take an endpoint out for the run: its key rejected, its URL or model wrong."""
 
 
 class NoEndpointLeftError(FatalError):
@@ -456,7 +460,7 @@ class Router:
                 self.retire(lane, error)
                 continue
             except LLMCallError as error:
-                if error.status in (401, 403):  # a key rejected after it once worked
+                if error.status in OUT_STATUSES:  # a key rejected, or no such model or path here
                     lane.figures.errors += 1
                     self.retire(lane, error)
                     continue
@@ -539,4 +543,11 @@ ANSWERED_BY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 """The endpoint that answered the calling task's last routed request (``"cache"``: a hit)."""
 
-__all__ = ["ANSWERED_BY", "NoEndpointLeftError", "Router", "routed_model", "stamp_route"]
+__all__ = [
+    "ANSWERED_BY",
+    "OUT_STATUSES",
+    "NoEndpointLeftError",
+    "Router",
+    "routed_model",
+    "stamp_route",
+]
