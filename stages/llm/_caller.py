@@ -255,9 +255,11 @@ class LLMCaller(ItemStage[Any, Any]):
         if self.call is not None:
             parts.append(f"call={getattr(self.call, '__qualname__', self.call)!s}")
         else:
-            parts += [f"model={self.model!r}", f"provider={self.provider_name!r}"]
+            routes = self.routing
+            names = f"Routing({[d.label() for d in routes.endpoints]})" if routes else None
+            parts += [f"model={self.model!r}", f"provider={names or repr(self.provider_name)}"]
             parts.append(f"endpoint={self.endpoint!r}")
-            if self.provider is not None:
+            if self.provider is not None and routes is None:
                 parts.append(f"base_url={self.provider.base_url!r}")
         if self.template is not None:
             parts.append(f"prompt={short(self.template.text, 60)!r}")
