@@ -236,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(f"{tmp}/serve.log", "wb"),  # noqa: SIM115 - closed with the process
-            preexec_fn=lambda: limit_nofile(args.nofile),
+            # soft and hard: the server raises its soft limit to the hard one at start
+            preexec_fn=lambda: resource.setrlimit(
+                resource.RLIMIT_NOFILE, (args.nofile, args.nofile)
+            ),
         )
         try:
             wait_ready(f"http://{HOST}:{sim_port}/v1/models", {}, sim)

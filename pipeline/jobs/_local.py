@@ -182,6 +182,8 @@ class LocalJob:
             id_field=settings.id_field,
             skip_keys=journal.done,
         )
+        if self.options.input_label is not None:
+            self.source.label = self.options.input_label
         return Pipeline(
             self.source,
             *answer_stages(settings, caller),

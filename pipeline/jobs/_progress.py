@@ -187,6 +187,8 @@ class RunOptions:
             passes one per API key); engines whose callers live in other processes ignore it.
         metrics: An OpenTelemetry meter provider for the run's pipeline instruments (items,
             queue depths, waits, tokens per stage); ``None``: the runtime's default.
+        input_label: How dead letters name the input in their ``origin`` (``LABEL:LINE``)
+            instead of its path: the HTTP server keeps its data directory to itself.
     """
 
     on_progress: ProgressHook | None = None
@@ -195,6 +197,7 @@ class RunOptions:
     progress_interval: float = 0.5
     limiter: Limiter | None = None
     metrics: MeterProvider | None = None
+    input_label: str | None = None
 
 
 async def call_progress(hook: ProgressHook, progress: JobProgress) -> None:

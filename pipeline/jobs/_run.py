@@ -48,6 +48,7 @@ async def run_job(
     limiter: Limiter | None = None,
     metrics: MeterProvider | None = None,
     lock: JobLock | None = None,
+    input_label: str | None = None,
 ) -> JobSummary:
     """Run a file job to the end (or until stopped) and return its summary.
 
@@ -71,6 +72,8 @@ async def run_job(
         lock: The job's :class:`~pipeline.jobs.JobLock`, when the caller holds it already
             (the HTTP server takes it before it marks the job running). By default the run
             takes it itself, before it touches the journal, and releases it after publishing.
+        input_label: How dead letters name the input (``origin``) instead of its path
+            (local engine).
 
     Returns:
         The summary; ``complete`` is true when the files were published.
@@ -86,7 +89,9 @@ async def run_job(
     """
     settings.require_paths()
     assert settings.output is not None
-    options = RunOptions(on_progress, stop_event, stop_reason, progress_interval, limiter, metrics)
+    options = RunOptions(
+        on_progress, stop_event, stop_reason, progress_interval, limiter, metrics, input_label
+    )
     engine = "batch" if settings.batch_api else settings.engine
     if lock is not None:
         if not lock.held or lock.path != lock_path(settings.output):

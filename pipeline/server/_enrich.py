@@ -8,6 +8,7 @@ order; a fatal error (a bad key, an unreachable provider) ends the stream with
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +33,14 @@ async def prepared_caller(settings: JobSettings, manager: JobManager) -> Any:
         caller = build_caller(settings, limiter=manager.limiter_for(settings))
     except ConfigError as error:
         raise RequestError(422, str(error)) from None
+    env = caller.key_env()
+    if settings.api_key_env is not None and env and not os.environ.get(env):
+        await release_caller(caller)
+        raise RequestError(
+            422,
+            f"api_key_env names ${env}, which is not set on this server: no key to send "
+            "(a job with these settings fails the same way); ask the operator to set it",
+        )
     try:
         await preflight(caller, timeout=min(10.0, settings.timeout))
     except FatalError as error:

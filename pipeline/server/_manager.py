@@ -36,11 +36,13 @@ from pipeline.jobs import (
 )
 from pipeline.jobs._journal import MANIFEST_SUFFIX
 from pipeline.jobs._lock import shown_command
+from pipeline.server._bodies import Submission
 from pipeline.server._config import RequestError, ServerConfig
 from pipeline.server._job import JOB_ID, RESUMABLE, Job, now, public_summary
+from pipeline.server._limits import job_limiter
 from pipeline.server._observe import Observers
 from pipeline.server._settings import OUTPUT, job_settings
-from stages.llm._limits import RateLimiter
+from stages.llm._limits import Limiter, RateLimiter
 
 __all__ = ["JobManager"]
 
@@ -69,21 +71,24 @@ class JobManager:
         self.observers = Observers()
         self._limiters: dict[tuple[Any, ...], RateLimiter] = {}
 
-    def limiter_for(self, settings: JobSettings) -> RateLimiter:
-        """Return the rate limiter shared by every job and enrich call on the same API key.
+    def limiter_for(self, settings: JobSettings) -> Limiter:
+        """Return the rate limiter a job or enrich call with ``settings`` uses.
 
         Jobs on one key share its quota: one job's 429 pauses the others, and what the server
-        teaches through its rate-limit headers serves them all. Keyed by provider, base URL, the
-        key's environment variable and model; the first job's ``rpm``/``tpm`` set the limits
-        (later jobs may lower them, never raise them).
+        teaches through its rate-limit headers serves them all. That shared limiter is keyed by
+        provider, base URL, the key's environment variable and model, and configured only by
+        the operator (``max_rpm``, ``max_tpm``) and the provider's headers. A job's own
+        ``rpm``/``tpm`` put a private limiter in front of it (:func:`job_limiter`): the job
+        may go slower, the others do not notice.
         """
         key = (settings.provider, settings.base_url, settings.api_key_env, settings.model)
-        limiter = self._limiters.get(key)
-        if limiter is None:
-            limiter = self._limiters[key] = RateLimiter(rpm=settings.rpm, tpm=settings.tpm)
-        else:
-            limiter.lower(rpm=settings.rpm, tpm=settings.tpm)
-        return limiter
+        shared = self._limiters.get(key)
+        if shared is None:
+            shared = self._limiters[key] = RateLimiter(
+                rpm=self.config.max_rpm, tpm=self.config.max_tpm
+            )
+        own = {n: getattr(settings, n) for n in ("rpm", "tpm", "itpm", "otpm")}
+        return job_limiter(shared, own)
 
     @property
     def jobs_dir(self) -> Path:
@@ -165,41 +170,57 @@ class JobManager:
                 job.record.update(status="interrupted", stopped=_INTERRUPTED)
                 job.record.update(resume_on_start=True)
                 job.save()
+            if job.status in RESUMABLE:
+                job.count_journal()
             self.jobs[job.id] = job
         if self.jobs:
             log.info("loaded %d job(s) from %s", len(self.jobs), self.jobs_dir)
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def submit(self, rows: bytes, count: int, given: dict[str, Any]) -> Job:
+    async def submit(
+        self, submission: Submission, given: dict[str, Any], owner: str = "anonymous"
+    ) -> Job:
         """Store a new job's input and record, and start it (it may wait as ``queued``).
 
+        Args:
+            submission: The job's checked input (its bytes, format and row count).
+            given: Its checked settings.
+            owner: The fingerprint of the token that submitted it (jobs per token).
+
         Raises:
-            RequestError: 429 when too many jobs wait, 503 when the server is stopping.
+            RequestError: 429 when too many jobs wait (in all, or for this token), 503 when
+                the server is stopping.
         """
-        self._check_capacity()
-        job = await anyio.to_thread.run_sync(self._store, rows, count, given)
+        self._check_capacity(owner)
+        job = await anyio.to_thread.run_sync(self._store, submission, given, owner)
         self.jobs[job.id] = job
         self._start(job, resume=False)
-        log.info("job %s submitted: %d rows, model %s", job.id, count, given.get("model"))
+        log.info(
+            "job %s submitted: %d %s rows, model %s",
+            job.id, submission.count, submission.fmt, given.get("model"),
+        )  # fmt: skip
         return job
 
-    def _store(self, rows: bytes, count: int, given: dict[str, Any]) -> Job:
+    def _store(self, submission: Submission, given: dict[str, Any], owner: str) -> Job:
         job_id = secrets.token_hex(16)
         directory = self.jobs_dir / job_id
         directory.mkdir(parents=True)
+        name = f"input.{submission.fmt}"
         try:
-            with open(directory / "input.jsonl", "wb") as f:
-                f.write(rows)
+            with open(directory / name, "wb") as f:
+                f.write(submission.data)
                 f.flush()
                 os.fsync(f.fileno())
             record = {
                 "id": job_id,
                 "status": "queued",
                 "created_at": now(),
-                "rows": count,
+                "rows": submission.count,
+                "input_format": submission.fmt,
                 "settings": given,
                 "runs": 0,
+                "owner": owner,
             }
             job = Job(job_id, directory, record)
             job.save()
@@ -216,7 +237,7 @@ class JobManager:
         """
         if job.status not in RESUMABLE:
             raise RequestError(409, f"job {job.id} is {job.status}; only a stopped job resumes")
-        self._check_capacity()
+        self._check_capacity(str(job.record.get("owner", "anonymous")))
         job.update(status="queued", error=None, stopped=None)
         self._start(job, resume=True)
 
@@ -243,15 +264,22 @@ class JobManager:
             raise RequestError(404, f"no job {job_id!r}")
         return job
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, owner: str) -> None:
         if self._closing or self._tg is None:
             raise RequestError(503, "the server is stopping")
-        active = sum(1 for j in self.jobs.values() if not j.terminal)
-        if active >= self.config.max_jobs + self.config.max_queued:
+        active = [j for j in self.jobs.values() if not j.terminal]
+        if len(active) >= self.config.max_jobs + self.config.max_queued:
             raise RequestError(
                 429,
-                f"{active} jobs are running or waiting (limit {self.config.max_jobs} running, "
-                f"{self.config.max_queued} waiting); try again later",
+                f"{len(active)} jobs are running or waiting (limit {self.config.max_jobs} "
+                f"running, {self.config.max_queued} waiting); try again later",
+            )
+        mine = sum(1 for j in active if j.record.get("owner", "anonymous") == owner)
+        if mine >= self.config.max_jobs_per_token:
+            raise RequestError(
+                429,
+                f"this token has {mine} jobs running or waiting (limit "
+                f"{self.config.max_jobs_per_token} per token); wait for one to end",
             )
 
     def _start(self, job: Job, *, resume: bool) -> None:
@@ -336,7 +364,13 @@ class JobManager:
             job.progress = progress
             job.notify()
 
-        settings = job_settings(self.config, job.record["settings"], job.dir, resume=resume)
+        settings = job_settings(
+            self.config,
+            job.record["settings"],
+            job.dir,
+            resume=resume,
+            input_format=str(job.record.get("input_format", "jsonl")),
+        )
         watch = self.observers.watch(job.id, settings, on_progress)  # timeline and metrics
         try:
             summary = await run_job(
@@ -348,6 +382,7 @@ class JobManager:
                 limiter=self.limiter_for(settings),
                 metrics=self.observers.metrics.provider_for(job.id, settings.model),
                 lock=lock,
+                input_label=Path(settings.input or "input").name,  # not the server's path
             )
         except JobFailedError as error:
             watch.finish(error.summary, error=self.config.scrub(str(error)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,8 +11,9 @@ from fastapi.responses import StreamingResponse
 from pipeline.server._bodies import read_enrich, read_submission
 from pipeline.server._config import RequestError
 from pipeline.server._enrich import enrich_stream, prepared_caller
+from pipeline.server._limits import TokenQuota, owner
 from pipeline.server._manager import JobManager
-from pipeline.server._settings import check_settings, job_settings
+from pipeline.server._settings import check_settings, check_template, job_settings
 from pipeline.server._streams import job_events, tail_rows
 
 __all__ = ["add_routes"]
@@ -36,10 +38,11 @@ def _add_job_routes(app: FastAPI, manager: JobManager) -> None:
 
     @app.post("/v1/jobs", status_code=202, summary="Submit a job")
     async def submit(request: Request) -> dict[str, Any]:
-        """Submit rows (a JSON list, or a JSONL multipart upload) and the job's settings."""
-        rows, count, raw_settings = await read_submission(request, config)
-        given = check_settings(config, raw_settings)
-        job = await manager.submit(rows, count, given)
+        """Submit rows (a JSON list, or an uploaded JSONL, CSV, TSV or Parquet file)."""
+        submission = await read_submission(request, config)
+        given = check_settings(config, submission.settings)
+        check_template(given, submission.first)
+        job = await manager.submit(submission, given, owner(request.headers.get("authorization")))
         return job.public()
 
     @app.get("/v1/jobs", summary="List jobs")
@@ -64,22 +67,45 @@ def _add_job_routes(app: FastAPI, manager: JobManager) -> None:
         return job.public()
 
 
+class _HeldStream(StreamingResponse):
+    """A streamed response holding one of its token's stream slots until it ends."""
+
+    def __init__(self, body: AsyncIterator[bytes], quota: TokenQuota, key: str, **kw: Any):
+        quota.take(key)
+        super().__init__(body, **kw)
+        self.quota = quota
+        self.key = key
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Stream the body; give the slot back however the stream ends."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.quota.give_back(self.key)
+
+
 def _add_stream_routes(app: FastAPI, manager: JobManager) -> None:
+    quota = TokenQuota(manager.config.max_streams_per_token, "streams")
+
+    def held(request: Request, body: AsyncIterator[bytes], **kw: Any) -> StreamingResponse:
+        key = owner(request.headers.get("authorization"))
+        return _HeldStream(body, quota, key, **kw)
+
     @app.get("/v1/jobs/{job_id}/results", summary="Output rows as NDJSON, streamed")
-    async def results(job_id: str) -> StreamingResponse:
+    async def results(job_id: str, request: Request) -> StreamingResponse:
         job = manager.get(job_id)
-        return StreamingResponse(tail_rows(job, "results"), media_type=_NDJSON)
+        return held(request, tail_rows(job, "results"), media_type=_NDJSON)
 
     @app.get("/v1/jobs/{job_id}/failed", summary="Dead-letter records as NDJSON, streamed")
-    async def failed(job_id: str) -> StreamingResponse:
+    async def failed(job_id: str, request: Request) -> StreamingResponse:
         job = manager.get(job_id)
-        return StreamingResponse(tail_rows(job, "failed"), media_type=_NDJSON)
+        return held(request, tail_rows(job, "failed"), media_type=_NDJSON)
 
     @app.get("/v1/jobs/{job_id}/events", summary="Progress as Server-Sent Events")
-    async def events(job_id: str) -> StreamingResponse:
+    async def events(job_id: str, request: Request) -> StreamingResponse:
         job = manager.get(job_id)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(job_events(job), media_type="text/event-stream", headers=headers)
+        return held(request, job_events(job), media_type="text/event-stream", headers=headers)
 
 
 def _add_enrich_route(app: FastAPI, manager: JobManager) -> None:
@@ -90,6 +116,7 @@ def _add_enrich_route(app: FastAPI, manager: JobManager) -> None:
         """Answer up to ``max_enrich_rows`` rows: NDJSON lines ``{"index", "row" or "error"}``."""
         rows, raw_settings = await read_enrich(request, config)
         given = check_settings(config, raw_settings)
+        check_template(given, rows[0] if isinstance(rows[0], dict) else None)
         settings = job_settings(config, given, resume=False)
         if manager.enriching >= config.max_jobs:
             raise RequestError(429, "the server is answering other batches; retry soon")

@@ -6,16 +6,18 @@ request cannot make the server send its key elsewhere; credential headers are re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline._errors import ConfigError
 from pipeline.jobs import JobSettings
 from pipeline.server._config import RequestError, ServerConfig
+from pipeline.server._limits import check_ceilings
 from stages.llm._providers import SENSITIVE_HEADERS
+from stages.llm._template import PromptTemplate
 
-__all__ = ["OUTPUT", "SERVER_ONLY", "check_settings", "job_settings"]
+__all__ = ["OUTPUT", "SERVER_ONLY", "check_settings", "check_template", "job_settings"]
 
 SERVER_ONLY = frozenset(
     {
@@ -70,7 +72,7 @@ def _check_target(config: ServerConfig, given: Mapping[str, Any], where: str) ->
     headers = given.get("headers")
     if isinstance(headers, Mapping):
         for name in headers:
-            if str(name).lower() in SENSITIVE_HEADERS:
+            if str(name).strip().lower() in SENSITIVE_HEADERS:
                 raise RequestError(
                     422,
                     f"{where}header {name!r} carries a credential; the server uses its own key",
@@ -89,15 +91,43 @@ def check_settings(config: ServerConfig, raw: Any) -> dict[str, Any]:
     _check_names(config, given)
     try:
         settings = JobSettings.from_mapping(given, allow_paths=False)
+        if settings.prompt is not None:
+            PromptTemplate(settings.prompt)  # the whole template, now rather than per row
     except ConfigError as error:
         raise RequestError(422, str(error)) from None
     if not settings.model:
         raise RequestError(422, "setting 'model' is required")
+    check_ceilings(config, given)
     return given
 
 
+def check_template(
+    given: Mapping[str, Any], first: Mapping[str, Any] | Sequence[str] | None
+) -> None:
+    """Check the prompt template against a job's first row (or its column names) now.
+
+    A field the input does not have, or a value that cannot take its format spec, would fail
+    every row: it is refused before anything is stored or sent.
+
+    Raises:
+        RequestError: 422 naming the field, with a did-you-mean and the available fields.
+    """
+    prompt = given.get("prompt")
+    if not isinstance(prompt, str) or first is None:
+        return
+    try:
+        PromptTemplate(prompt).check(first)
+    except ConfigError as error:
+        raise RequestError(422, str(error)) from None
+
+
 def job_settings(
-    config: ServerConfig, given: Mapping[str, Any], job_dir: Path | None = None, *, resume: bool
+    config: ServerConfig,
+    given: Mapping[str, Any],
+    job_dir: Path | None = None,
+    *,
+    resume: bool,
+    input_format: str = "jsonl",
 ) -> JobSettings:
     """Build the settings of one run from checked request settings.
 
@@ -107,6 +137,7 @@ def job_settings(
         job_dir: The job's directory (its input and output files), or ``None`` for an enrich
             batch, which has no files.
         resume: Whether the run resumes the job's journal.
+        input_format: The format of the job's input file (``input.FORMAT`` in its directory).
     """
     settings = JobSettings.from_mapping(given, allow_paths=False)
     if settings.endpoints:  # each endpoint without a URL goes to the server's API root
@@ -117,12 +148,15 @@ def job_settings(
         settings = settings.replace(endpoints=tables)
     else:
         settings = settings.replace(base_url=settings.base_url or config.base_url)
+    settings = settings.replace(
+        max_concurrency=min(settings.max_concurrency, config.max_concurrency)
+    )
     if job_dir is None:
         return settings
     return settings.replace(
-        input=str(job_dir / "input.jsonl"),
+        input=str(job_dir / f"input.{input_format}"),
         output=str(job_dir / OUTPUT),
-        input_format="jsonl",
+        input_format=input_format,
         output_format="jsonl",
         quiet=True,
         grace=0.0,
