@@ -508,3 +508,38 @@ async def test_serve_prints_its_address_auth_and_data_dir(tmp_path: Path) -> Non
     pattern = r"serving on http://127\.0\.0\.1:\d+ \(auth: token from \$PIPELINE_SERVER_TOKEN;"
     assert re.match(pattern, line)
     assert f"data dir: {tmp_path / 'd'};" in line and TOKEN not in said.decode()
+
+
+# -- issue 17, item 13: /docs works offline, with the token set ----------------------------------
+
+
+async def test_docs_load_offline_without_the_token_while_the_api_needs_it(
+    tmp_path: Path,
+) -> None:
+    async with (
+        service(tmp_path) as (_, _, port),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as anon,
+    ):
+        page = await anon.get("/docs")
+        assert page.status_code == 200
+        assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+        assert assets and all(a.startswith("/docs/assets/") for a in assets), assets
+        for asset in assets:  # every asset from this server, none from a CDN
+            r = await anon.get(asset)
+            assert r.status_code == 200 and len(r.content) > 100, asset
+        schema = (await anon.get("/openapi.json")).json()
+        assert (await anon.get("/v1/jobs")).status_code == 401
+        assert (await anon.get("/docs/assets/index.html")).status_code == 401  # not an asset
+    assert "cdn" not in page.text.lower()
+    for path, method in (("/v1/jobs", "post"), ("/v1/enrich", "post")):
+        content = schema["paths"][path][method]["requestBody"]["content"]
+        assert "rows" in content["application/json"]["schema"]["properties"], path
+    upload = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert upload["schema"]["properties"]["file"]["format"] == "binary"
+    bodies = [
+        (path, method)
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        if method in ("post", "put", "patch") and "requestBody" not in operation
+    ]
+    assert bodies == [("/v1/jobs/{job_id}/resume", "post")]  # the one route with no body

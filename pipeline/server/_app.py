@@ -14,7 +14,8 @@ variable is set)::
     DELETE /v1/jobs/{id}            cancel: rows in flight stop, finished rows are kept
     POST   /v1/jobs/{id}/resume     continue an interrupted, cancelled or failed job
     POST   /v1/enrich               a small batch answered synchronously, streamed as NDJSON
-    GET    /healthz                 liveness; /docs and /openapi.json describe the API
+    GET    /healthz                 liveness; /docs and /openapi.json describe the API (no
+                                    token needed for those: they hold no data)
     GET    /readyz                  readiness: 503 once the server is stopping
     GET    /metrics                 Prometheus metrics of every job
     GET    /v1/jobs/{id}/timeline   the job's samples over time; .../failures its latest failures
@@ -44,7 +45,9 @@ a log line, and error texts are scrubbed of it. Uploads are bounded in bytes (41
 Modules: ``_config`` (:class:`ServerConfig`), ``_settings`` (what a request may set),
 ``_job`` and ``_manager`` (a job's record; the registry that runs them), ``_bodies`` (reading
 uploads), ``_streams`` (results, dead letters and events), ``_enrich``, ``_guard`` (token and
-size limit), ``_routes`` and ``_app`` (the FastAPI app) and ``_cli`` (the command).
+size limit), ``_limits`` (operator limits above job limits), ``_connections`` (header timeout
+and connection cap), ``_openapi`` (``/docs`` and the request bodies), ``_routes`` and ``_app``
+(the FastAPI app) and ``_cli`` (the command).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from pipeline.server._config import RequestError, ServerConfig
 from pipeline.server._dashboard import PUBLIC_PATHS, add_dashboard_routes
 from pipeline.server._guard import Guard, TooLargeError
 from pipeline.server._manager import JobManager
+from pipeline.server._openapi import DOCS_PATHS, add_docs_routes
 from pipeline.server._routes import add_routes
 
 __all__ = ["create_app"]
@@ -85,9 +89,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         dependencies=[Security(bearer)],  # documents the scheme; Guard enforces it
+        docs_url=None,  # served by add_docs_routes, from the packaged Swagger UI
+        redoc_url=None,
     )
     app.state.jobs = manager
-    app.add_middleware(Guard, config=config, public=PUBLIC_PATHS)
+    app.add_middleware(Guard, config=config, public=PUBLIC_PATHS | DOCS_PATHS)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
@@ -99,4 +105,5 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     add_routes(app, manager)
     add_dashboard_routes(app, manager)
+    add_docs_routes(app)
     return app

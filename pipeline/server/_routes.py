@@ -13,6 +13,7 @@ from pipeline.server._config import RequestError
 from pipeline.server._enrich import enrich_stream, prepared_caller
 from pipeline.server._limits import TokenQuota, owner
 from pipeline.server._manager import JobManager
+from pipeline.server._openapi import ENRICH_BODY, JOB_BODY
 from pipeline.server._settings import check_settings, check_template, job_settings
 from pipeline.server._streams import job_events, tail_rows
 
@@ -36,7 +37,7 @@ def _add_job_routes(app: FastAPI, manager: JobManager) -> None:
         running = sum(1 for j in manager.jobs.values() if j.status == "running")
         return {"status": "ok", "jobs_running": running}
 
-    @app.post("/v1/jobs", status_code=202, summary="Submit a job")
+    @app.post("/v1/jobs", status_code=202, summary="Submit a job", openapi_extra=JOB_BODY)
     async def submit(request: Request) -> dict[str, Any]:
         """Submit rows (a JSON list, or an uploaded JSONL, CSV, TSV or Parquet file)."""
         submission = await read_submission(request, config)
@@ -111,7 +112,11 @@ def _add_stream_routes(app: FastAPI, manager: JobManager) -> None:
 def _add_enrich_route(app: FastAPI, manager: JobManager) -> None:
     config = manager.config
 
-    @app.post("/v1/enrich", summary="Answer a small batch now, streamed as NDJSON")
+    @app.post(
+        "/v1/enrich",
+        summary="Answer a small batch now, streamed as NDJSON",
+        openapi_extra=ENRICH_BODY,
+    )
     async def enrich(request: Request) -> StreamingResponse:
         """Answer up to ``max_enrich_rows`` rows: NDJSON lines ``{"index", "row" or "error"}``."""
         rows, raw_settings = await read_enrich(request, config)
