@@ -110,7 +110,7 @@ class _Guarded(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         self._timer = None
-        if self.cycle is self._armed_for and not self.transport.is_closing():
+        if self.cycle is self._armed_for and self._idle() and not self.transport.is_closing():
             self.registry.waiting.pop(self, None)
             self.registry.timed_out += 1
             self.transport.close()
@@ -123,10 +123,13 @@ class _Guarded(asyncio.Protocol):
 
     def on_response_complete(self) -> None:
         """After a response, the connection waits for its next request's headers again."""
-        answered = self.cycle
         super().on_response_complete()  # type: ignore[misc]
-        if self.cycle is answered and self._timer is None and not self.transport.is_closing():
+        if self._timer is None and self._idle() and not self.transport.is_closing():
             self._wait_for_request()
+
+    def _idle(self) -> bool:
+        """Whether no request is in progress (a pipelined one may have started already)."""
+        return self.cycle is None or bool(self.cycle.response_complete)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection."""
