@@ -98,7 +98,9 @@ async def hold_half_open(n: int, port: int, held: list[asyncio.StreamWriter]) ->
     return opened
 
 
-async def hold_streams(n: int, port: int, job: str, token: str, tasks: list[Any]) -> int:
+async def hold_streams(
+    n: int, port: int, job: str, token: str, tasks: list[Any], statuses: list[bytes]
+) -> int:
     async def one() -> None:
         request = (
             f"GET /v1/jobs/{job}/events HTTP/1.1\r\nHost: x\r\n"
@@ -111,6 +113,8 @@ async def hold_streams(n: int, port: int, job: str, token: str, tasks: list[Any]
         try:
             writer.write(request)
             await writer.drain()
+            status = (await reader.readline()).split(b" ")
+            statuses.append(status[1] if len(status) > 1 else b"closed")
             while await reader.read(65536):  # keep reading so the server never blocks on us
                 pass
         except OSError:
@@ -150,7 +154,8 @@ async def flood(args: argparse.Namespace, port: int, token: str, job: str) -> di
     prober = asyncio.ensure_future(probe_health(port, token, done, health))
     idle = await hold_idle(args.idle, port, held)
     half = await hold_half_open(args.half_open, port, held)
-    await hold_streams(args.streams, port, job, token, tasks)
+    statuses: list[bytes] = []
+    await hold_streams(args.streams, port, job, token, tasks, statuses)
     peak = (0, 0)
     status: dict[str, Any] = {}
     deadline = time.monotonic() + args.timeout
@@ -174,6 +179,9 @@ async def flood(args: argparse.Namespace, port: int, token: str, job: str) -> di
         "idle_opened": idle,
         "half_open_opened": half,
         "streams": args.streams,
+        "streams_answered": {
+            code.decode(): statuses.count(code) for code in sorted(set(statuses))
+        },  # 200 while under the cap per token, 429 past it
         "descriptors_peak": peak[0],
         "descriptor_limit": peak[1],
         "health_probes": len(health),

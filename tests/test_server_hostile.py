@@ -543,3 +543,14 @@ async def test_docs_load_offline_without_the_token_while_the_api_needs_it(
         if method in ("post", "put", "patch") and "requestBody" not in operation
     ]
     assert bodies == [("/v1/jobs/{job_id}/resume", "post")]  # the one route with no body
+
+
+def test_the_connection_cap_fits_under_the_descriptor_limit() -> None:
+    from pipeline.server._cli import reserved_descriptors
+    from pipeline.server._connections import BACKLOG, connection_cap
+
+    config = ServerConfig(data_dir=Path("unused"))
+    reserved = reserved_descriptors(config)  # the jobs' files and provider connections
+    assert connection_cap(1000, 1 << 20, reserved) == 1000
+    assert connection_cap(1000, 2048, reserved) == min(1000, 2048 - reserved - BACKLOG)
+    assert connection_cap(1000, 1024, reserved) == 1024 - reserved - BACKLOG < 1000
