@@ -534,6 +534,9 @@ async def test_run_job_hands_the_job_to_the_engine_its_settings_name(
 ) -> None:
     from pipeline.jobs._run import ENGINES
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"name": "Ada"}\n')
+
     seen: list[Any] = []
 
     async def engine(settings: JobSettings, options: Any) -> JobSummary:

@@ -129,6 +129,7 @@ PINNED: dict[str, list[str]] = {
         "request_key",
     ],
     "stages.files": [
+        "KNOWN_EXTENSIONS",
         "BadRowError",
         "CsvSink",
         "CsvSource",
@@ -143,9 +144,11 @@ PINNED: dict[str, list[str]] = {
         "count_rows",
         "dead_letter_record",
         "encode_record",
+        "file_format",
         "open_sink",
         "open_source",
         "parse_record",
+        "sample_fields",
     ],
     "pipeline.jobs": [
         "JobFailedError",

@@ -93,3 +93,53 @@ def test_check_against_a_first_row_finds_a_spec_that_cannot_fit() -> None:
 
 def test_check_passes_when_every_field_is_there() -> None:
     PromptTemplate("{a} {b}").check({"a": 1, "b": None, "c": 2})
+
+
+# -- in the caller ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_callers_first_row_is_checked_before_any_request() -> None:
+    import anyio
+
+    from pipeline import FatalError, Pipeline
+    from pipeline.testing._sim import serve
+    from stages import LLMCaller
+
+    async with serve() as sim:
+        caller = LLMCaller(model="m", prompt="Hello {nmae}", base_url=sim.url)
+        with anyio.fail_after(10), pytest.raises(FatalError) as info:
+            await Pipeline([{"name": "Ada", "age": 3}, {"name": "Bo"}], caller).run()
+        assert sim.counters()["requests"] == 0
+    assert "did you mean {name}?" in str(info.value)
+    assert "(available fields: name, age)" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_the_caller_dead_letters_null_fields_unless_told_to_render_them_empty() -> None:
+    import anyio
+
+    from pipeline import Pipeline
+    from pipeline.testing._sim import serve
+    from stages import LLMCaller
+
+    rows = [{"name": "Ada"}, {"name": None}]
+    async with serve() as sim:
+        with anyio.fail_after(10):
+            report = await Pipeline(
+                rows, LLMCaller(model="m", prompt="Hi {name}", base_url=sim.url)
+            ).run()
+            (failed,) = report.failures
+            assert "field 'name' is null" in failed.message
+            out = []
+            caller = LLMCaller(
+                model="m", prompt=PromptTemplate("Hi {name}", null="empty"), base_url=sim.url
+            )
+            async with Pipeline(rows, caller, ordered=True).open() as results:
+                out = [row["response"] async for row in results]
+    assert out == ["echo: Hi Ada", "echo: Hi "]

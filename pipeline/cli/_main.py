@@ -103,6 +103,12 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--prompt", default=s, metavar="TEMPLATE", help='template over row fields: "Hello {name}"'
     )
+    job.add_argument(
+        "--null-as-empty",
+        action="store_true",
+        default=s,
+        help="render a null field of the template as empty text (default: the row fails)",
+    )
     job.add_argument("--system", default=s, metavar="TEXT", help="system prompt")
     job.add_argument("--base-url", default=s, metavar="URL", help="API root (default: provider's)")
     job.add_argument(
@@ -208,6 +214,12 @@ def _file_arguments(parser: argparse.ArgumentParser) -> None:
     files.add_argument("--cache", default=s, metavar="DIR", help="response cache directory")
     files.add_argument("--input-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
     files.add_argument("--output-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
+    files.add_argument(
+        "--csv-delimiter",
+        default=s,
+        metavar="CHAR",
+        help="CSV input's separator: , ; tab | (default: detected from the header)",
+    )
     files.add_argument("--summary-json", default=s, metavar="PATH", help="write the summary here")
     files.add_argument("--config", default=s, metavar="job.toml", help="settings from a job file")
 

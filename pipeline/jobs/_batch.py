@@ -254,7 +254,11 @@ class BatchJob:
 
         spooler = Spooler(self.caller, self.client, self.log, ready, self._cached)
         source = open_source(
-            settings.input, fmt=settings.input_format, id_field=settings.id_field, skip_keys=skip
+            settings.input,
+            fmt=settings.input_format,
+            id_field=settings.id_field,
+            skip_keys=skip,
+            delimiter=settings.csv_delimiter,
         )
         pipe = Pipeline(source, spooler, dead_letter=self._dead_letter_sink(), name="batch-spool")
         async with submit:
@@ -560,7 +564,8 @@ class BatchJob:
         assert path is not None
         try:
             self.total = await anyio.to_thread.run_sync(
-                lambda: count_rows(path, fmt=fmt), abandon_on_cancel=True
+                lambda: count_rows(path, fmt=fmt, delimiter=self.settings.csv_delimiter),
+                abandon_on_cancel=True,
             )
         except (OSError, ConfigError, ValueError) as error:
             log.debug("cannot count the rows of %s: %s", path, error)

@@ -19,6 +19,7 @@ import anyio
 from pipeline._envelope import Failed
 from pipeline._errors import ConfigError, FatalError
 from pipeline._stage import Stage
+from pipeline.jobs._checks import prompt_template
 from pipeline.jobs._settings import JobSettings, safe_url
 from stages._batch import Batcher
 from stages.llm._cache import ResponseCache
@@ -92,7 +93,7 @@ def build_caller(
         cache = ResponseCache(settings.cache)
     caller = LLMCaller(
         model=settings.model,
-        prompt=settings.prompt,
+        prompt=prompt_template(settings),
         system=settings.system,
         params=params,
         endpoint=settings.endpoint,

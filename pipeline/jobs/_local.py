@@ -179,6 +179,7 @@ class LocalJob:
         self.source = open_source(
             settings.input,
             fmt=settings.input_format,
+            delimiter=settings.csv_delimiter,
             id_field=settings.id_field,
             skip_keys=journal.done,
         )
@@ -281,7 +282,8 @@ class LocalJob:
         assert path is not None
         try:
             self.total = await anyio.to_thread.run_sync(
-                lambda: count_rows(path, fmt=fmt), abandon_on_cancel=True
+                lambda: count_rows(path, fmt=fmt, delimiter=self.settings.csv_delimiter),
+                abandon_on_cancel=True,
             )
         except (OSError, ConfigError, ValueError) as error:  # the source reports it properly
             log.debug("cannot count the rows of %s: %s", path, error)

@@ -240,12 +240,14 @@ class FileRows:
         *,
         fmt: str | None,
         id_field: str | None,
+        delimiter: str | None = None,
         skip: Any,
         rows_per_block: int,
         control: ControlDir | None = None,
     ) -> None:
         self.path = path
         self.fmt = fmt
+        self.delimiter = delimiter
         self.id_field = id_field
         self.skip = skip
         self.rows_per_block = rows_per_block
@@ -300,7 +302,13 @@ class FileRows:
         from anyio.from_thread import start_blocking_portal
 
         failures: collections.deque[Failed] = collections.deque()
-        source = open_source(self.path, fmt=self.fmt, id_field=self.id_field, skip_keys=self.skip)
+        source = open_source(
+            self.path,
+            fmt=self.fmt,
+            id_field=self.id_field,
+            skip_keys=self.skip,
+            delimiter=self.delimiter,
+        )
         pipe = Pipeline(source, dead_letter=failures.append, name="ray-read")
         size = self.rows_per_block
 

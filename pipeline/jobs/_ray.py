@@ -264,6 +264,7 @@ class _RayJob:
         reader = FileRows(
             settings.input,
             fmt=settings.input_format,
+            delimiter=settings.csv_delimiter,
             id_field=settings.id_field,
             skip=journal.done,
             rows_per_block=self.batch_size,
@@ -328,7 +329,8 @@ class _RayJob:
         path, fmt = self.settings.input or "", self.settings.input_format
         with contextlib.suppress(OSError, ConfigError, ValueError):
             self.total = await anyio.to_thread.run_sync(
-                lambda: count_rows(path, fmt=fmt), abandon_on_cancel=True
+                lambda: count_rows(path, fmt=fmt, delimiter=self.settings.csv_delimiter),
+                abandon_on_cancel=True,
             )
 
     async def _report_every(self) -> None:

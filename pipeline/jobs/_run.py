@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import anyio
 import anyio.to_thread
 
 from pipeline.jobs._batch import run_batch
+from pipeline.jobs._checks import check_job
 from pipeline.jobs._local import run_local
 from pipeline.jobs._lock import JobLock, lock_path
 from pipeline.jobs._progress import JobSummary, ProgressHook, RunOptions, Waitable
@@ -79,7 +81,9 @@ async def run_job(
         The summary; ``complete`` is true when the files were published.
 
     Raises:
-        ConfigError: Invalid or contradictory settings, an unreadable input, a checkpoint
+        ConfigError: Invalid or contradictory settings, an unreadable input, an unknown file
+            extension, a finished output without ``overwrite``, a prompt template naming a
+            field the input's first row (or header) lacks, a checkpoint
             that does not match the settings (:class:`~pipeline.jobs._journal.ResumeError`),
             the Ray engine without Ray installed.
         JobLockedError: Another process runs this job (holds the lock on its output); the
@@ -89,6 +93,7 @@ async def run_job(
     """
     settings.require_paths()
     assert settings.output is not None
+    await anyio.to_thread.run_sync(check_job, settings)
     options = RunOptions(
         on_progress, stop_event, stop_reason, progress_interval, limiter, metrics, input_label
     )

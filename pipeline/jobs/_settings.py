@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import math
 import os
-import string
 from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from pipeline._config import check_fields, type_name
 from pipeline._errors import ConfigError
 from stages.llm._providers import SENSITIVE_HEADERS
 from stages.llm._routing import Deployment, Routing, deployment_from_mapping
+from stages.llm._template import PromptTemplate
 
 Endpoint = Literal["chat", "embeddings"]
 ProviderName = Literal["openai", "azure", "anthropic"]
@@ -149,6 +149,9 @@ class JobSettings:
             ``docs/routing.md``). ``model`` then names the endpoints' model.
         fallbacks: Models to retry a row on when it fails on its model (``--fallback-model``).
         route_policy: ``headroom`` (where a request waits least) or ``cheapest``.
+        null_as_empty: Render a null field of the prompt template as empty text (default: the
+            row is dead-lettered, naming the field).
+        csv_delimiter: The CSV input's field separator (default: detected from its header).
     """
 
     input: str | None = None
@@ -202,6 +205,8 @@ class JobSettings:
     endpoints: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     fallbacks: list[str] = dataclasses.field(default_factory=list)
     route_policy: Literal["headroom", "cheapest"] = "headroom"
+    null_as_empty: bool = False
+    csv_delimiter: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(
@@ -277,12 +282,11 @@ class JobSettings:
                 raise ConfigError(f"setting {name!r} must not be empty")
         if self.prompt is not None:
             try:
-                list(string.Formatter().parse(self.prompt))
-            except ValueError as error:
-                raise ConfigError(
-                    f"prompt template {self.prompt!r} is malformed: {error}"
-                    " (write {{ and }} for literal braces)"
-                ) from None
+                PromptTemplate(self.prompt)
+            except ConfigError as error:
+                raise ConfigError(f"{error} (write {{{{ and }}}} for literal braces)") from None
+        if self.csv_delimiter is not None:
+            self.csv_delimiter = _delimiter(self.csv_delimiter)
         if self.endpoint == "embeddings":
             if self.stream:
                 raise ConfigError("stream applies to chat, not to the embeddings endpoint")
@@ -445,6 +449,17 @@ class JobSettings:
             raise ConfigError("no output file: give -o OUTPUT (or 'output' in the job file)")
         if not self.model:
             raise ConfigError("no model: give --model (or 'model' in the job file)")
+
+
+def _delimiter(value: str) -> str:
+    named = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+    found = named.get(value.lower(), value)
+    if len(found) != 1 or found in '\r\n"':
+        raise ConfigError(
+            f"setting 'csv_delimiter' must be one character (or tab, comma, semicolon, pipe),"
+            f" got {value!r}"
+        )
+    return found
 
 
 def safe_url(url: str) -> str:

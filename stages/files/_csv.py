@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 from collections.abc import Container, Hashable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -19,13 +20,34 @@ from stages.files._rows import BLOCK, BOM, CHUNK_ROWS, PathLike, Row, cell
 from stages.files._sinks import FileSink
 from stages.files._sources import FileSource
 
-__all__ = ["CsvSink", "CsvSource", "csv_records"]
+__all__ = ["DELIMITERS", "CsvSink", "CsvSource", "csv_records", "detect_delimiter"]
+
+
+DELIMITERS = (",", ";", "\t", "|")
+"""The field separators a CSV header is looked at for (see :func:`detect_delimiter`)."""
+
+
+def detect_delimiter(header: str) -> str:
+    """Return the separator of a CSV header line: ``,`` unless it has none and another one.
+
+    Among ``;``, tab and ``|`` the most frequent in the header wins. A one-column file has no
+    separator to find and reads as ``,``, as before.
+    """
+    if "," in header:
+        return ","
+    counts = {sep: header.count(sep) for sep in DELIMITERS[1:]}
+    best = max(counts, key=lambda sep: counts[sep])
+    return best if counts[best] else ","
 
 
 def csv_records(
-    f: io.BufferedReader, delimiter: str
+    f: io.BufferedReader, delimiter: str | None
 ) -> Iterator[tuple[int, list[str] | None, str, str | None]]:
-    """Yield ``(start line, fields, raw text, problem)`` for each CSV record (header first)."""
+    """Yield ``(start line, fields, raw text, problem)`` for each CSV record (header first).
+
+    With ``delimiter=None`` the separator is detected from the first line
+    (:func:`detect_delimiter`).
+    """
     consumed: list[str] = []
     bad_lines: list[int] = []
     number = 0
@@ -57,7 +79,12 @@ def csv_records(
         consumed.append(text)
         return text
 
-    reader = csv.reader(lines(), delimiter=delimiter, strict=False)
+    source: Iterator[str] = lines()
+    if delimiter is None:
+        first = next(source, None)
+        delimiter = detect_delimiter(first or "")
+        source = itertools.chain([] if first is None else [first], source)
+    reader = csv.reader(source, delimiter=delimiter, strict=False)
     start = 1
     while True:
         try:
@@ -96,7 +123,8 @@ class CsvSource(FileSource):
         path: The file to read, or ``-`` for standard input.
         id_field: The column whose value is each row's key (default: the line number).
         skip_keys: Keys of rows already done (a resumed job); they are not emitted.
-        delimiter: The field separator (``","``; ``"\t"`` for TSV).
+        delimiter: The field separator (``"\t"`` for TSV); ``None`` (the default) detects it
+            from the header: ``,`` unless the header has none and has ``;``, a tab or ``|``.
         name: The stage's name.
         buffer: Capacity of the stage's inbox (unused by sources).
     """
@@ -109,7 +137,7 @@ class CsvSource(FileSource):
         *,
         id_field: str | None = None,
         skip_keys: Container[Hashable] | None = None,
-        delimiter: str = ",",
+        delimiter: str | None = None,
         name: str | None = None,
         buffer: int = 16,
     ) -> None:

@@ -1,4 +1,10 @@
-"""Choosing a source or sink by a file's extension, and counting a file's rows."""
+"""Choosing a source or sink by a file's extension, counting a file's rows, reading its fields.
+
+Known extensions: ``.jsonl``, ``.ndjson``, ``.json`` (JSON Lines), ``.csv``, ``.tsv``,
+``.parquet``, ``.pq``; JSON Lines, CSV and TSV may end in ``.gz`` or ``.zst`` as well
+(``data.jsonl.gz``: see :mod:`stages.files._compression`). Any other extension is refused with
+this list, unless the format is given (``fmt=``); ``-`` (stdin, stdout) is JSON Lines.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,24 @@ from collections.abc import Container, Hashable
 from typing import Any
 
 from pipeline._errors import ConfigError
+from pipeline._json import loads
+from stages.files._compression import COMPRESSIONS, compression_of, open_input
 from stages.files._csv import CsvSink, CsvSource, csv_records
 from stages.files._jsonl import JsonlSink, JsonlSource
 from stages.files._parquet import ParquetSink, ParquetSource
 from stages.files._records import JournalFile
-from stages.files._rows import BLOCK, PathLike, import_parquet
+from stages.files._rows import BLOCK, BOM, PathLike, import_parquet
 from stages.files._sinks import FileSink
 from stages.files._sources import FileSource
 
-__all__ = ["count_rows", "file_format", "open_sink", "open_source"]
+__all__ = [
+    "KNOWN_EXTENSIONS",
+    "count_rows",
+    "file_format",
+    "open_sink",
+    "open_source",
+    "sample_fields",
+]
 
 _SOURCES: dict[str, type[FileSource]] = {
     ".jsonl": JsonlSource,
@@ -28,19 +43,41 @@ _SOURCES: dict[str, type[FileSource]] = {
 }
 
 
+KNOWN_EXTENSIONS = tuple(_SOURCES) + tuple(
+    f"{ext}{zipped}"
+    for ext in _SOURCES
+    if _SOURCES[ext] is not ParquetSource
+    for zipped in COMPRESSIONS
+)
+"""Every extension a format is recognised by (compressed ones included)."""
+
+
 def file_format(path: PathLike, fmt: str | None = None) -> str:
     """Return ``"jsonl"``, ``"csv"``, ``"tsv"`` or ``"parquet"`` for a path (or ``fmt``).
 
-    Standard input and output (``-``) and unknown extensions are JSON Lines unless ``fmt``
-    says otherwise.
+    Standard input and output (``-``) are JSON Lines unless ``fmt`` says otherwise.
+
+    Raises:
+        ConfigError: An unknown format, or an extension that names none (with the known ones).
     """
     if fmt is not None:
         fmt = fmt.lower()
         if fmt not in ("jsonl", "csv", "tsv", "parquet"):
             raise ConfigError(f"unknown file format {fmt!r} (jsonl, csv, tsv, parquet)")
         return fmt
-    ext = os.path.splitext(os.fspath(path))[1].lower()
-    cls = _SOURCES.get(ext, JsonlSource)
+    text = os.fspath(path)
+    if text == "-":
+        return "jsonl"
+    root, compression = compression_of(text)
+    ext = os.path.splitext(root)[1].lower()
+    cls = _SOURCES.get(ext)
+    if cls is None or (compression is not None and cls is ParquetSource):
+        shown = ext + os.path.splitext(text)[1] if compression is not None else ext
+        raise ConfigError(
+            f"{text!r}: unknown file extension {shown or '(none)'!r}; known: "
+            f"{', '.join(_SOURCES)}, and .gz or .zst after a JSON Lines, CSV or TSV one"
+            " (data.jsonl.gz); or name the format (--input-format/--output-format)"
+        )
     return "tsv" if ext == ".tsv" else cls.format
 
 
@@ -50,11 +87,16 @@ def open_source(
     fmt: str | None = None,
     id_field: str | None = None,
     skip_keys: Container[Hashable] | None = None,
+    delimiter: str | None = None,
 ) -> FileSource:
-    """Return the source for a file, chosen by its extension (or ``fmt``)."""
+    """Return the source for a file, chosen by its extension (or ``fmt``).
+
+    ``delimiter`` is the CSV field separator; by default a CSV file's is detected from its
+    header (``,`` unless the header has none and has ``;``, a tab or ``|``).
+    """
     kind = file_format(path, fmt)
-    if kind == "csv":
-        return CsvSource(path, id_field=id_field, skip_keys=skip_keys)
+    if kind == "csv" or (kind == "tsv" and delimiter is not None):
+        return CsvSource(path, id_field=id_field, skip_keys=skip_keys, delimiter=delimiter)
     if kind == "tsv":
         return CsvSource(path, id_field=id_field, skip_keys=skip_keys, delimiter="\t")
     if kind == "parquet":
@@ -62,7 +104,9 @@ def open_source(
     return JsonlSource(path, id_field=id_field, skip_keys=skip_keys)
 
 
-def count_rows(path: PathLike, *, fmt: str | None = None) -> int | None:
+def count_rows(
+    path: PathLike, *, fmt: str | None = None, delimiter: str | None = None
+) -> int | None:
     """Count a file's rows cheaply, for a progress bar (``None`` for stdin).
 
     Blocking: run it in a thread (``anyio.to_thread.run_sync(count_rows, path)``). JSONL
@@ -75,9 +119,10 @@ def count_rows(path: PathLike, *, fmt: str | None = None) -> int | None:
     if kind == "parquet":
         parquet = import_parquet()
         return int(parquet.ParquetFile(path).metadata.num_rows)
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         if kind in ("csv", "tsv"):
-            records = csv_records(f, "\t" if kind == "tsv" else ",")
+            sep = "\t" if kind == "tsv" and delimiter is None else delimiter
+            records = csv_records(f, sep)
             count = sum(1 for _, fields, _, _ in records if fields != [])
             return max(count - 1, 0)
         count = 0
@@ -92,6 +137,43 @@ def count_rows(path: PathLike, *, fmt: str | None = None) -> int | None:
         if rest and not rest.isspace():
             count += 1
         return count
+
+
+def sample_fields(
+    path: PathLike, *, fmt: str | None = None, delimiter: str | None = None
+) -> dict[str, Any] | list[str] | None:
+    """Return what a template can be checked against before a job starts.
+
+    The first row of a JSON Lines file (a dict), the header of a CSV or TSV file or the schema's
+    column names of a Parquet file (a list); ``None`` for standard input, an empty file or a
+    first line that is not a JSON object (the source reports that row itself).
+
+    Raises:
+        OSError: The file cannot be read.
+        ConfigError: Parquet without pyarrow, ``.zst`` without zstandard.
+    """
+    path = os.fspath(path)
+    if path == "-":
+        return None
+    kind = file_format(path, fmt)
+    if kind == "parquet":
+        parquet = import_parquet()
+        return [str(name) for name in parquet.ParquetFile(path).schema_arrow.names]
+    with open_input(path) as f:
+        if kind in ("csv", "tsv"):
+            sep = "\t" if kind == "tsv" and delimiter is None else delimiter
+            for _, fields, _, problem in csv_records(f, sep):
+                if fields != []:
+                    return None if fields is None or problem else fields
+            return None
+        for raw in f:
+            if raw.strip():
+                try:
+                    row = loads(raw.removeprefix(BOM))
+                except ValueError:
+                    return None
+                return row if isinstance(row, dict) else None
+    return None
 
 
 def open_sink(path: PathLike | JournalFile, *, fmt: str | None = None, **options: Any) -> FileSink:

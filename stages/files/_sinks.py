@@ -28,7 +28,14 @@ from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._json import dumps
 from pipeline._stage import Inbox, Outbox, Stage
-from stages.files._records import JournalFile, Payloads, encode_record, write_jsonl
+from stages.files._compression import check_available, compressed_writer, compression_of
+from stages.files._records import (
+    JournalFile,
+    Payloads,
+    PayloadWriter,
+    encode_record,
+    write_jsonl,
+)
 from stages.files._rows import CHUNK_ROWS, PathLike, line_of
 
 __all__ = ["Encoded", "FileSink"]
@@ -76,13 +83,21 @@ class FileSink(Stage[Any, Any]):
         if fsync_every < 1 or fsync_interval <= 0:
             raise ConfigError("fsync_every must be >= 1 and fsync_interval > 0")
         self.journal: JournalFile | None
+        final = path.final if isinstance(path, JournalFile) else os.fspath(path)
+        self.compression = None if final == "-" else compression_of(final)[1]
+        if self.compression is not None:
+            if not self.streams:
+                raise ConfigError(
+                    f"{self.format} compresses inside the file: write {compression_of(final)[0]!r}"
+                )
+            check_available(self.compression)
         if isinstance(path, JournalFile):
             self.journal = path
             self.path = path.final
-            path.writer = self.write_final
+            path.writer = self.final_writer()
         else:
             self.journal = None
-            self.path = os.fspath(path)
+            self.path = final
             if self.path == "-" and not self.streams:
                 raise ConfigError(f"{self.format} output needs a file path, not '-' (stdout)")
         self.fsync_every = fsync_every
@@ -110,6 +125,10 @@ class FileSink(Stage[Any, Any]):
     def write_final(self, payloads: Payloads, dest: BinaryIO) -> None:
         """Write journal payloads to ``dest`` in the sink's format (at publish)."""
         write_jsonl(payloads, dest)
+
+    def final_writer(self) -> PayloadWriter:
+        """Return :meth:`write_final`, compressing when the path ends in ``.gz`` or ``.zst``."""
+        return compressed_writer(self.write_final, self.compression)
 
     def stream_chunk(self, envs: Sequence[Envelope[Any]], payloads: Sequence[bytes]) -> bytes:
         """Return the bytes that stream a chunk to stdout."""
@@ -141,7 +160,7 @@ class FileSink(Stage[Any, Any]):
             await self._pump(inbox, outbox, None)
             return
         journal = self.journal or JournalFile(
-            _temp_journal_path(self.path), self.path, self.write_final
+            _temp_journal_path(self.path), self.path, self.final_writer()
         )
         done = False
         try:

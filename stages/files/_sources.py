@@ -23,6 +23,7 @@ from typing import IO, Any, ClassVar, cast
 
 from pipeline._errors import FatalError
 from pipeline._stage import Outbox, Source
+from stages.files._compression import open_input
 from stages.files._rows import BadRowError, PathLike, Row, id_key, label
 
 __all__ = ["FileSource"]
@@ -72,10 +73,11 @@ class FileSource(Source[Row]):
         return f"{type(self).__name__}({self.path!r}, id_field={self.id_field!r})"
 
     def _open(self) -> io.BufferedReader:
+        """Open the file (decompressing ``.gz`` and ``.zst``), or return standard input."""
         if self.path == "-":
             return cast(io.BufferedReader, sys.stdin.buffer)
         try:
-            return open(self.path, "rb")
+            return open_input(self.path)
         except OSError as error:
             raise FatalError(f"cannot read {self.path!r}: {error.strerror or error}") from error
 

@@ -99,7 +99,6 @@ from stages.llm._output import (
     short,
 )
 from stages.llm._prompt import (
-    Template,
     chat_messages,
     chat_parts,
     embedding_text,
@@ -119,6 +118,7 @@ from stages.llm._retry import (
 )
 from stages.llm._router import ANSWERED_BY, Router, routed_model, stamp_route
 from stages.llm._routing import Routing
+from stages.llm._template import PromptTemplate
 from stages.llm._transport import HTTP, HTTPTransport
 
 CallHook: TypeAlias = Callable[[Any], Awaitable[Any]]
@@ -147,10 +147,14 @@ class LLMCaller(ItemStage[Any, Any]):
 
     Args:
         model: Model name (Azure: the deployment name unless the provider names one).
-        prompt: ``str.format`` template over the record's fields (``"Hello {name}"``,
-            ``"{user[name]}"``); other values are ``{value}``. A missing field dead-letters the
-            row with :class:`~pipeline._errors.MissingFieldError`. Without a template a record
-            is the prompt itself (a string), or a mapping with ``"messages"`` or ``"prompt"``.
+        prompt: Template over the record's fields (``"Hello {name}"``, ``"{score:.2f}"``; a
+            :class:`~stages.llm._template.PromptTemplate`, or its text); other values are
+            ``{value}``. The first record of a run is checked against it before anything is
+            sent: a field it lacks stops the run with a did-you-mean and the fields it has. A
+            later record that lacks a field, or holds null in one (unless
+            ``PromptTemplate(text, null="empty")``), is dead-lettered with the field's name.
+            Without a template a record is the prompt itself (a string), or a mapping with
+            ``"messages"`` or ``"prompt"``.
         system: System prompt (literal text, not a template).
         params: Extra body fields (``temperature``, ``max_tokens``, ``response_format``...).
         endpoint: ``"chat"`` or ``"embeddings"`` (embeddings take batches from a Batcher).
@@ -185,7 +189,7 @@ class LLMCaller(ItemStage[Any, Any]):
         self,
         *,
         model: str = "",
-        prompt: str | None = None,
+        prompt: str | PromptTemplate | None = None,
         system: str | None = None,
         params: Mapping[str, Any] | None = None,
         endpoint: Endpoint = "chat",
@@ -228,7 +232,12 @@ class LLMCaller(ItemStage[Any, Any]):
             on_error=retry.on_error,
         )
         self.model = model
-        self.template = Template(prompt) if prompt is not None else None
+        self.template = (
+            prompt
+            if isinstance(prompt, PromptTemplate) or prompt is None
+            else PromptTemplate(prompt)
+        )
+        self._first_checked = False
         self.system = system
         self.params = dict(params or {})
         self.endpoint: Endpoint = endpoint
@@ -322,6 +331,7 @@ class LLMCaller(ItemStage[Any, Any]):
             if key is None and self.http.api_key_env is not None:
                 raise ConfigError(f"stage {self.name!r}: environment variable ${env} is not set")
         self.totals = totals = CallerTotals()
+        self._first_checked = False
         admission = Admission(self.limits, self.limiter, totals, self._completion_default())
         transport: HTTPTransport | None = None
         provider = self.provider
@@ -390,6 +400,24 @@ class LLMCaller(ItemStage[Any, Any]):
         if self.provider is None or self.endpoint != "chat" or self.http.cache is not None:
             return None
         return chat_parts(self.provider, self.model, self.system, self.params, self.output.stream)
+
+    def check_first(self, record: Any) -> None:
+        """Check the template against the run's first record, before anything is sent.
+
+        A field the first record lacks would fail every row like it: the run stops here, with
+        a did-you-mean and the fields the record has, instead of dead-lettering the file.
+
+        Raises:
+            FatalError: The first record lacks a field the template names.
+        """
+        self._first_checked = True
+        if self.template is None or self.call is not None:
+            return
+        sample = record if isinstance(record, Mapping) else {"value": record}
+        try:
+            self.template.check(sample)
+        except ConfigError as error:
+            raise FatalError(f"stage {self.name!r}: {error} (checked on the first row)") from None
 
     @property
     def run_state(self) -> Exchange:
@@ -486,6 +514,8 @@ class LLMCaller(ItemStage[Any, Any]):
         started = _perf()
         deadline = self.retry.deadline(started)
         checked = self.output.validator is not None
+        if not self._first_checked:
+            self.check_first(env.value)
         if self.call is not None:
             answer, parsed, cost, raw = await self._via_call(env, outbox, deadline)
             result = parsed if checked else raw
@@ -610,6 +640,8 @@ class LLMCaller(ItemStage[Any, Any]):
         deadline = self.retry.deadline(started)
         good: list[Envelope[Any]] = []
         texts: list[str] = []
+        if not self._first_checked and env.members:
+            self.check_first(env.members[0].value)
         for member in env.members:
             try:
                 texts.append(embedding_text(self.template, member.value))

@@ -1,9 +1,10 @@
 """From a record to what is asked: the prompt template, messages, and fast request bodies.
 
-A ``prompt=`` is a ``str.format`` template over the record's fields (:class:`Template`, whose
-errors name the missing field). Without one, a record is the prompt itself (a string), or a
-mapping with ``"messages"`` or ``"prompt"`` (chat), ``"text"``, ``"input"`` or ``"prompt"``
-(embeddings).
+A ``prompt=`` is a template over the record's fields
+(:class:`~stages.llm._template.PromptTemplate`: named fields and bounded format specs only;
+its errors name the missing field, and a null field is an error unless rendered empty).
+Without one, a record is the prompt itself (a string), or a mapping with ``"messages"`` or
+``"prompt"`` (chat), ``"text"``, ``"input"`` or ``"prompt"`` (embeddings).
 
 Most chat rows are one user message. Their body differs from row to row only in that message's
 text, so :func:`chat_parts` encodes the body once around a marker and :func:`one_message_payload`
@@ -13,62 +14,16 @@ whole body gives, without building and encoding a dict per row.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
-from pipeline._errors import ConfigError, ItemError, MissingFieldError
+from pipeline._errors import ItemError, MissingFieldError
 from stages.llm._providers import Provider
+from stages.llm._template import PromptTemplate
 from stages.llm._transport import ENCODER
 
 _MARKER = "\x00llm-pipeline-prompt\x00"
-
-
-class Template:
-    """A ``str.format`` template over a record's fields, with errors that name the field.
-
-    Raises:
-        ConfigError: The template is malformed.
-    """
-
-    __slots__ = ("fields", "text")
-
-    def __init__(self, text: str) -> None:
-        try:
-            parsed = list(string.Formatter().parse(text))
-        except ValueError as exc:
-            raise ConfigError(f"prompt template {text!r} is malformed: {exc}") from None
-        self.text = text
-        self.fields = tuple(name for _, name, _, _ in parsed if name is not None)
-
-    def render(self, record: Any) -> str:
-        """Fill the template from ``record`` (a mapping, or any value as ``{value}``/``{}``).
-
-        Raises:
-            MissingFieldError: A field the template names is missing from the record.
-        """
-        try:
-            if isinstance(record, Mapping):
-                return self.text.format_map(record)
-            return self.text.format(record, value=record)
-        except (KeyError, IndexError, AttributeError, TypeError):
-            raise self._missing(record) from None
-
-    def _missing(self, record: Any) -> MissingFieldError:
-        formatter = string.Formatter()
-        args: tuple[Any, ...] = () if isinstance(record, Mapping) else (record,)
-        kwargs: Mapping[str, Any] = record if isinstance(record, Mapping) else {"value": record}
-        auto = 0
-        for name in self.fields:
-            field = name
-            if field == "":
-                field, auto = str(auto), auto + 1
-            try:
-                formatter.get_field(field, args, kwargs)
-            except (KeyError, IndexError, AttributeError, TypeError):
-                return MissingFieldError(field, available(record))
-        return MissingFieldError(self.fields[0] if self.fields else "?", available(record))
 
 
 def available(record: Any) -> Sequence[str]:
@@ -78,7 +33,7 @@ def available(record: Any) -> Sequence[str]:
     return ["value"]
 
 
-def chat_messages(template: Template | None, record: Any) -> list[dict[str, Any]]:
+def chat_messages(template: PromptTemplate | None, record: Any) -> list[dict[str, Any]]:
     """Return the chat messages of ``record``.
 
     Raises:
@@ -97,7 +52,7 @@ def chat_messages(template: Template | None, record: Any) -> list[dict[str, Any]
     raise MissingFieldError("prompt", available(record))
 
 
-def embedding_text(template: Template | None, record: Any) -> str:
+def embedding_text(template: PromptTemplate | None, record: Any) -> str:
     """Return the text of ``record`` to embed.
 
     Raises:
@@ -114,7 +69,7 @@ def embedding_text(template: Template | None, record: Any) -> str:
     raise MissingFieldError("text", available(record))
 
 
-def prompt_text(template: Template | None, record: Any) -> str | None:
+def prompt_text(template: PromptTemplate | None, record: Any) -> str | None:
     """Return the one user message of ``record``, or ``None`` if it has other messages.
 
     Raises:
@@ -170,7 +125,6 @@ def one_message_payload(parts: tuple[str, str], text: str) -> bytes:
 
 
 __all__ = [
-    "Template",
     "available",
     "chat_parts",
     "embedding_text",
