@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
 T = TypeVar("T")
+_log = logging.getLogger("pipeline.run")
 
 DeadLetterFn = Callable[[Failed], Awaitable[None] | None]
 """A (sync or async) function that receives each :class:`Failed` record."""
@@ -231,6 +232,26 @@ async def open_run(stages: list[StageLike], config: RunConfig) -> AsyncIterator[
         run.tracing.end_run(error)
     if results.report.complete and not results.report.balanced:
         raise LedgerError(_imbalance(results.report))
+    if config.dead_letter_stage is None and config.dead_letter_fn is None:
+        warn_if_nothing_succeeded(results.report)
+
+
+def warn_if_nothing_succeeded(report: RunReport) -> None:
+    """Say so on the ``pipeline`` logger when every item of a run failed.
+
+    A run whose failures are only collected in :attr:`RunReport.failures` would otherwise
+    print nothing at all when, say, the API key or the base URL is wrong.
+    """
+    if report.ok or not report.failed:
+        return
+    first = report.failures[0] if report.failures else None
+    detail = f"; the first, in stage {first.stage!r}: {first.message}" if first else ""
+    _log.warning(
+        "no item succeeded: all %d failed%s (see RunReport.failures, or give the pipeline a"
+        " dead_letter)",
+        report.failed,
+        detail,
+    )
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:

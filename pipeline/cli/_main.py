@@ -387,6 +387,17 @@ def _exit_status(summary: JobSummary) -> int:
     return EXIT_FATAL
 
 
+def _nothing_succeeded(summary: JobSummary) -> str:
+    """Say that no row got an answer, the main causes, and where the failures are."""
+    causes = sorted(summary.failed_by_cause.items(), key=lambda item: -item[1])
+    shown = "; ".join(f"{cause}: {count:,}" for cause, count in causes[:3])
+    return (
+        f"no row succeeded: all {summary.total_failed:,} rows failed"
+        + (f" ({shown})" if shown else "")
+        + f"; each row's error is in {summary.dead_letter}"
+    )
+
+
 def _write_summary(path: str | None, summary: JobSummary, status: int, error: str | None) -> None:
     if not path:
         return
@@ -491,6 +502,8 @@ def run_command(argv: Sequence[str]) -> int:
         sys.stdout.write(summary_table(summary) + "\n")
         sys.stdout.flush()
     message = None
+    if summary.complete and summary.total_failed and not summary.total_ok:
+        print_error(_nothing_succeeded(summary))
     if not summary.complete:
         left = f"{summary.total_ok + summary.total_failed:,} rows done so far"
         message = f"stopped before the end ({summary.stopped}): {left}"

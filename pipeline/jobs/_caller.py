@@ -185,9 +185,14 @@ async def preflight(caller: LLMCaller, *, timeout: float = 10.0) -> None:  # noq
 
     A wrong ``base_url`` would otherwise be retried and then dead-letter every row.
 
+    It first checks the caller has the API key its server needs
+    (:meth:`~stages.llm._caller.LLMCaller.check_key`).
+
     Raises:
+        ConfigError: No API key where one is needed.
         FatalError: ``cannot reach http://host:port: connection refused`` (or the reason).
     """
+    caller.check_key()
     if caller.routing is not None:
         await _preflight_routes(caller.routing, timeout)
         return

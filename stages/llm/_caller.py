@@ -85,7 +85,7 @@ from stages.llm._errors import (
     InvalidOutputError,
     LLMCallError,
 )
-from stages.llm._exchange import Exchange
+from stages.llm._exchange import Exchange, missing_key
 from stages.llm._limits import Limiter
 from stages.llm._output import (
     CallerTotals,
@@ -295,6 +295,27 @@ class LLMCaller(ItemStage[Any, Any]):
             return self.http.api_key_env
         return None if self.provider is None else self.provider.key_env
 
+    def check_key(self) -> None:
+        """Refuse to start without an API key where one is certainly needed.
+
+        That is when the key's variable was named (``HTTP(api_key_env=...)``), or the server is
+        the provider's own public API; a server at another URL may take no key (a local
+        model), and a 401 from it then says that no key was sent.
+
+        Raises:
+            ConfigError: No key found, naming the variable to set and the flag to change it.
+        """
+        env = self.key_env()
+        if self.call is not None or self.provider is None or not env or os.environ.get(env):
+            return
+        auth = {k.lower() for k in self.http.headers} & SENSITIVE_HEADERS
+        if self.http.api_key_env is None and (auth or not self.provider.needs_key()):
+            return
+        raise ConfigError(
+            f"stage {self.name!r}: no API key found for {self.provider.base_url}: "
+            + missing_key(env)
+        )
+
     def secrets(self) -> list[str]:
         """Return the values the runtime must redact from messages, logs and records."""
         found: list[str] = []
@@ -324,12 +345,11 @@ class LLMCaller(ItemStage[Any, Any]):
         """Read the key, open the HTTP session and the limits for this run; close them after."""
         if self._run is not None:
             raise ConfigError(f"stage {self.name!r} is already running in another pipeline")
+        self.check_key()
         key: str | None = None
         env = self.key_env()
         if self.call is None and env and self.routing is None:
             key = os.environ.get(env) or None
-            if key is None and self.http.api_key_env is not None:
-                raise ConfigError(f"stage {self.name!r}: environment variable ${env} is not set")
         self.totals = totals = CallerTotals()
         self._first_checked = False
         admission = Admission(self.limits, self.limiter, totals, self._completion_default())

@@ -21,6 +21,7 @@ request through, in order:
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -32,7 +33,7 @@ from pipeline._errors import FatalError, ItemError, QuotaExhaustedError
 from pipeline._stage import Outbox
 from stages.llm._admission import Admission
 from stages.llm._cache import ResponseCache, request_key
-from stages.llm._errors import LLMCallError
+from stages.llm._errors import AuthenticationError, LLMCallError
 from stages.llm._output import CallerTotals, Ledger, Output, call_hook
 from stages.llm._providers import Answer, Endpoint, HTTPFailure, Provider
 from stages.llm._retry import (
@@ -47,6 +48,16 @@ from stages.llm._sse import StreamError
 from stages.llm._transport import HTTPTransport, encode_body, parse_answer
 
 Scrub = Callable[[str], str]
+
+
+def missing_key(key_env: str | None) -> str:
+    """Return what to do when no API key was found in ``key_env``."""
+    if not key_env:
+        return "give one in the provider's auth header (HTTP(headers=...))"
+    return (
+        f"${key_env} is not set: export {key_env}=... (or name another variable with"
+        " --api-key-env, HTTP(api_key_env=...) in Python)"
+    )
 
 
 class Exchange:
@@ -240,15 +251,33 @@ class Exchange:
         self.admission.observe(headers, resp.raw_headers)
         if not 200 <= resp.status < 300:
             raw = await transport.body(resp)
-            raise self._refused(provider.classify(resp.status, headers, raw), headers)
+            failure = provider.classify(resp.status, headers, raw)
+            raise self._refused(failure, headers, str(resp.url))
         output = self.output
         if output.stream and headers.get("Content-Type", "").startswith("text/event-stream"):
             return await transport.stream(resp, provider, env, output.on_delta)
         raw = await transport.body(resp)
         return parse_answer(provider, self.endpoint, raw, count, self.scrub)
 
-    def _refused(self, failure: HTTPFailure, headers: Mapping[str, str]) -> Exception:
+    def _refused(
+        self, failure: HTTPFailure, headers: Mapping[str, str], url: str = ""
+    ) -> Exception:
         """The error of an error response; slow down, or stop the run, as it says."""
+        if failure.status in (404, 405) and self.provider is not None:
+            shown = url.split("?", 1)[0]
+            failure = dataclasses.replace(
+                failure,
+                message=f"{failure.message} (POST {shown}; {self.provider.not_found_hint()})",
+            )
+        if failure.status == 401 and not self.key and not self.succeeded:
+            error: Exception = AuthenticationError(
+                self.scrub(
+                    f"{self.provider_name} requires an API key and none was sent"
+                    f" ({failure.describe()}): {missing_key(self.key_env)}"
+                )
+            )
+            self.admission.fatal = self.admission.fatal or error
+            return error
         error = refusal(
             failure,
             headers,
@@ -328,4 +357,4 @@ class Exchange:
 RESERVED: contextvars.ContextVar[float] = contextvars.ContextVar("llm_reserved", default=0.0)
 """The budget reservation of the calling task's last successful attempt, until accounted."""
 
-__all__ = ["RESERVED", "Exchange"]
+__all__ = ["RESERVED", "Exchange", "missing_key"]

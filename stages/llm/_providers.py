@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from stages.llm._sse import AnthropicStreamAssembler, ChatStreamAssembler, Usage
 
@@ -187,6 +188,23 @@ class Provider:
     def auth_headers(self, key: str | None) -> dict[str, str]:
         """Return the headers that carry the API key (none when there is no key)."""
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def needs_key(self) -> bool:
+        """Whether the server certainly wants a key: the provider's own public URL.
+
+        A server at another URL (vLLM, Ollama, a gateway, the simulator) may take none.
+        """
+        return self.base_url == self.default_base_url.rstrip("/")
+
+    def not_found_hint(self) -> str:
+        """Return what a 404 suggests about the base URL (empty when nothing stands out)."""
+        if re.search(r"/v\d+[a-z]*$", urlsplit(self.base_url).path):
+            return "check the model name, and that the base URL is the API root"
+        return (
+            f"the base URL {self.base_url!r} does not end in a version such as /v1:"
+            " OpenAI-compatible servers usually serve /v1/chat/completions, so try"
+            f" {self.base_url + '/v1'!r}"
+        )
 
     def base_headers(self) -> dict[str, str]:
         """Return the headers every request carries, besides authentication."""
@@ -367,8 +385,22 @@ class AnthropicProvider(Provider):
     supports_embeddings = False
 
     def url(self, endpoint: Endpoint, model: str) -> str:
-        """Return the Messages URL."""
-        return f"{self.base_url}/messages"
+        """Return the Messages URL, with or without ``/v1`` at the end of the base URL.
+
+        ``{base}/messages`` for a base ending in a version (``/v1``), else
+        ``{base}/v1/messages``: ``ANTHROPIC_BASE_URL=https://api.anthropic.com`` works as it
+        does for the official SDK.
+        """
+        if re.search(r"/v\d+$", self.base_url):
+            return f"{self.base_url}/messages"
+        return f"{self.base_url}/v1/messages"
+
+    def not_found_hint(self) -> str:
+        """Return what a 404 suggests: the Messages API lives at ``/v1/messages``."""
+        return (
+            "check the model name, and that the base URL is the API root that serves"
+            " /v1/messages (as ANTHROPIC_BASE_URL for the official SDK: https://api.anthropic.com)"
+        )
 
     def auth_headers(self, key: str | None) -> dict[str, str]:
         """Anthropic takes the key in an ``x-api-key`` header."""
