@@ -95,6 +95,7 @@ from stages.llm._output import (
     OutputForm,
     Price,
     answer_of,
+    json_schema_of,
     reask_messages,
     short,
 )
@@ -239,7 +240,7 @@ class LLMCaller(ItemStage[Any, Any]):
         )
         self._first_checked = False
         self.system = system
-        self.params = dict(params or {})
+        self.params = self._structured(dict(params or {}), endpoint)
         self.endpoint: Endpoint = endpoint
         self.provider_name: ProviderName = provider if isinstance(provider, str) else provider.name
         # The limiter object moves out of the options: it is the caller's part from now on,
@@ -253,6 +254,22 @@ class LLMCaller(ItemStage[Any, Any]):
         self.router: Router | None = None
         self.totals = CallerTotals()
         self._run: Exchange | None = None
+
+    def _structured(self, params: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
+        """Ask the provider itself for JSON (or a schema's JSON) when the output is checked.
+
+        OpenAI-compatible servers get ``response_format`` (``json_schema`` with a schema;
+        ``json_object`` for ``json_output`` when the prompt or system prompt says "JSON", as
+        OpenAI requires), Anthropic a forced tool whose input schema is the schema (its input
+        is the answer's text, streamed too). The answer is still validated, and re-asked, as before.
+        """
+        provider, output = self.provider, self.output
+        if provider is None or endpoint != "chat" or output.validator is None:
+            return params
+        words = ((self.template.text if self.template else "") + (self.system or "")).lower()
+        return provider.structured_params(
+            params, json_schema_of(output.schema), json_mode=output.json_output and "json" in words
+        )
 
     @property
     def cache(self) -> ResponseCache | None:

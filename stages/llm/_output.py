@@ -139,6 +139,17 @@ def parse_json_text(text: str) -> Any:
     return json.loads(stripped)
 
 
+def json_schema_of(schema: Mapping[str, Any] | type | None) -> Mapping[str, Any] | None:
+    """Return the JSON schema of ``schema`` (a dict as is, a pydantic model's, else ``None``)."""
+    if isinstance(schema, Mapping):
+        return schema
+    dump = getattr(schema, "model_json_schema", None)
+    if callable(dump):
+        found = dump()
+        return found if isinstance(found, Mapping) else None
+    return None
+
+
 class Validator:
     """Validates parsed JSON against a JSON schema dict or a pydantic model class.
 
@@ -530,6 +541,7 @@ __all__ = [
     "Validator",
     "answer_of",
     "call_hook",
+    "json_schema_of",
     "parse_json_text",
     "reask_messages",
     "short",

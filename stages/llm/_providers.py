@@ -228,6 +228,24 @@ class Provider:
             body["stream_options"] = options
         return body
 
+    def structured_params(
+        self, params: Mapping[str, Any], schema: Mapping[str, Any] | None, *, json_mode: bool
+    ) -> dict[str, Any]:
+        """Return ``params`` asking the server for JSON, or JSON valid against ``schema``.
+
+        OpenAI-compatible servers get ``response_format``: ``json_schema`` with the schema,
+        else ``json_object`` when ``json_mode`` (which OpenAI allows only when the messages say
+        "JSON"). Params that already hold a ``response_format`` are left as they are.
+        """
+        if "response_format" in params:
+            return dict(params)
+        if schema is not None:
+            spec = {"name": schema_name(schema), "schema": dict(schema)}
+            return {**params, "response_format": {"type": "json_schema", "json_schema": spec}}
+        if json_mode:
+            return {**params, "response_format": {"type": "json_object"}}
+        return dict(params)
+
     def embeddings_body(
         self, model: str, inputs: Sequence[str], params: Mapping[str, Any]
     ) -> dict[str, Any]:
@@ -402,6 +420,28 @@ class AnthropicProvider(Provider):
             " /v1/messages (as ANTHROPIC_BASE_URL for the official SDK: https://api.anthropic.com)"
         )
 
+    def structured_params(
+        self, params: Mapping[str, Any], schema: Mapping[str, Any] | None, *, json_mode: bool
+    ) -> dict[str, Any]:
+        """Return ``params`` forcing a tool whose input schema is ``schema`` (an object schema).
+
+        Anthropic's way to structured output: the answer is a ``tool_use`` block whose input
+        is the JSON (:meth:`parse_chat` reads it as the answer's text). Without a schema, or
+        with ``tools``/``tool_choice`` already in the params, nothing is added (Messages have
+        no JSON mode).
+        """
+        if schema is None or "tools" in params or "tool_choice" in params:
+            return dict(params)
+        if schema.get("type", "object") != "object":
+            return dict(params)
+        name = schema_name(schema)
+        tool = {
+            "name": name,
+            "description": "Answer by calling this tool with the requested JSON object.",
+            "input_schema": dict(schema),
+        }
+        return {**params, "tools": [tool], "tool_choice": {"type": "tool", "name": name}}
+
     def auth_headers(self, key: str | None) -> dict[str, str]:
         """Anthropic takes the key in an ``x-api-key`` header."""
         return {"x-api-key": key} if key else {}
@@ -449,6 +489,9 @@ class AnthropicProvider(Provider):
             for block in content
             if isinstance(block, dict) and block.get("type") == "text"
         )
+        tools = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+        if not text and tools:  # structured output through a forced tool: its input is the JSON
+            text = json.dumps(tools[0].get("input"), ensure_ascii=False)
         return Answer(
             text=text,
             finish_reason=data.get("stop_reason"),
@@ -474,6 +517,13 @@ def _error_text(error: Any) -> str:
         message = error.get("message") or ""
         return f"{code}: {message}" if code else str(message)
     return str(error)
+
+
+def schema_name(schema: Mapping[str, Any]) -> str:
+    """Return a name for a schema in a request: its title, made safe (``answer`` without)."""
+    title = schema.get("title")
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", title)[:64] if isinstance(title, str) else ""
+    return name or "answer"
 
 
 def _join_parts(content: Any) -> str | None:

@@ -460,9 +460,10 @@ class AnthropicStreamAssembler:
     """Assembles an Anthropic Messages API stream of typed events.
 
     Handles ``message_start`` (id, model, input usage), ``content_block_start`` and
-    ``content_block_delta`` (``text_delta``), ``content_block_stop``, ``message_delta``
-    (``stop_reason``, cumulative output usage), ``message_stop``, ``ping`` and ``error``.
-    Unknown events and non-text deltas are ignored.
+    ``content_block_delta`` (``text_delta``; ``input_json_delta``, a forced tool's JSON input,
+    is the answer's text when there is no other: structured output), ``content_block_stop``,
+    ``message_delta`` (``stop_reason``, cumulative output usage), ``message_stop``, ``ping``
+    and ``error``. Unknown events and other deltas are ignored.
 
     Attributes:
         done: ``message_stop`` was received.
@@ -471,6 +472,7 @@ class AnthropicStreamAssembler:
 
     def __init__(self) -> None:
         self._parts: list[str] = []
+        self._tool: list[str] = []
         self.done = False
         self.chunks = 0
         self.stop_reason: str | None = None
@@ -509,6 +511,10 @@ class AnthropicStreamAssembler:
                 value = delta.get("text")
                 if isinstance(value, str):
                     text = value
+            elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":
+                value = delta.get("partial_json")  # a forced tool's input: structured output
+                if isinstance(value, str):
+                    self._tool.append(value)
         elif kind == "content_block_start":
             block = obj.get("content_block")
             if isinstance(block, dict) and block.get("type") == "text":
@@ -538,8 +544,8 @@ class AnthropicStreamAssembler:
 
     @property
     def text(self) -> str:
-        """The text received so far."""
-        return "".join(self._parts)
+        """The text received so far (a forced tool's JSON input when there is no text)."""
+        return "".join(self._parts or self._tool)
 
     @property
     def usage(self) -> Usage | None:

@@ -1,7 +1,10 @@
 """What the simulator answers: a deterministic function of the request.
 
 * content is ``"echo: " + <text of the last user message>``; with ``response_format`` of type
-  ``json_object`` or ``json_schema`` it is the JSON object ``{"echo": <text>}`` instead;
+  ``json_object`` it is the JSON object ``{"echo": <text>}`` instead; asked for structured
+  output (``json_schema`` with a schema, or an Anthropic forced tool) it is a deterministic
+  object valid against the schema (:func:`~pipeline.testing._sim._schema.example_for`), and
+  Anthropic answers it as a ``tool_use`` block;
 * tokens are counted as ``max(1, len(text) // 4)``;
 * ``max_tokens`` (or ``max_completion_tokens``) cuts the answer at a word boundary;
 * an embedding is the unit vector of ``dim`` little-endian int16 values taken from the
@@ -15,6 +18,8 @@ import json
 import math
 import struct
 from typing import Any
+
+from pipeline.testing._sim._schema import example_for, structured_schema
 
 __all__ = ["Answer", "BadRequest", "answer_to", "embedding_for", "tokens"]
 
@@ -65,9 +70,18 @@ def _pieces(content: str, max_tokens: int | None) -> tuple[list[str], bool]:
 class Answer:
     """What the simulator answers to one chat/messages request."""
 
-    __slots__ = ("completion_tokens", "cut", "model", "pieces", "prompt_tokens", "text")
+    __slots__ = ("completion_tokens", "cut", "model", "pieces", "prompt_tokens", "text", "tool")
 
-    def __init__(self, model: str, pieces: list[str], cut: bool, prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        pieces: list[str],
+        cut: bool,
+        prompt_tokens: int,
+        tool: tuple[str, Any] | None = None,
+    ) -> None:
+        self.tool = tool
+        """Anthropic structured output: the forced tool's name and the input it is called with."""
         self.model = model
         self.pieces = pieces
         self.cut = cut
@@ -114,7 +128,13 @@ def answer_to(req: Any, default_model: str, *, anthropic: bool) -> Answer:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise BadRequest(f"max_tokens must be a positive integer, got {limit!r}")
     response_format = req.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") in (
+    structured = structured_schema(req, anthropic=anthropic)
+    tool: tuple[str, Any] | None = None
+    if structured is not None:
+        value = example_for(structured[1], last_user)
+        content = json.dumps(value, ensure_ascii=False)
+        tool = (structured[0], value) if anthropic else None
+    elif isinstance(response_format, dict) and response_format.get("type") in (
         "json_object",
         "json_schema",
     ):
@@ -124,5 +144,9 @@ def answer_to(req: Any, default_model: str, *, anthropic: bool) -> Answer:
     pieces, cut = _pieces(content, limit)
     model = req.get("model")
     return Answer(
-        model if isinstance(model, str) else default_model, pieces, cut, max(1, chars // 4)
+        model if isinstance(model, str) else default_model,
+        pieces,
+        cut,
+        max(1, chars // 4),
+        None if cut else tool,
     )

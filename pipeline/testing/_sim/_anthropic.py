@@ -83,7 +83,7 @@ async def _messages(core: SimCore, request: web.Request, n: int) -> web.StreamRe
     if early is not None:
         return early
     core.count_answer(answer.prompt_tokens, answer.completion_tokens)
-    stop = "max_tokens" if answer.cut else "end_turn"
+    stop = "max_tokens" if answer.cut else "tool_use" if answer.tool else "end_turn"
     if stream:
         return await send_stream(core, request, _stream(n, answer, stop), fault, headers)
     body = dumps(message(answer, f"msg_sim{n}"))
@@ -97,14 +97,23 @@ def message(answer: Answer, message_id: str) -> dict[str, Any]:
         "type": "message",
         "role": "assistant",
         "model": answer.model,
-        "content": [{"type": "text", "text": answer.text}],
-        "stop_reason": "max_tokens" if answer.cut else "end_turn",
+        "content": [_block(answer, message_id, final=True)],
+        "stop_reason": "max_tokens" if answer.cut else "tool_use" if answer.tool else "end_turn",
         "stop_sequence": None,
         "usage": {
             "input_tokens": answer.prompt_tokens,
             "output_tokens": answer.completion_tokens,
         },
     }
+
+
+def _block(answer: Answer, message_id: str, *, final: bool) -> dict[str, Any]:
+    """The answer's content block: its text, or the forced tool's call (structured output)."""
+    if answer.tool is None:
+        return {"type": "text", "text": answer.text if final else ""}
+    name, value = answer.tool
+    tool_id = "toolu_" + message_id.removeprefix("msg_")
+    return {"type": "tool_use", "id": tool_id, "name": name, "input": value if final else {}}
 
 
 def _event(kind: str, payload: str) -> bytes:
@@ -124,14 +133,16 @@ def _stream(n: int, answer: Answer, stop: str) -> StreamBody:
             "usage": {"input_tokens": answer.prompt_tokens, "output_tokens": 1},
         }
     ).decode()
+    block = dumps(_block(answer, f"msg_sim{n}", final=False)).decode()
     first = (
         _event("message_start", f',"message":{start}')
-        + _event("content_block_start", ',"index":0,"content_block":{"type":"text","text":""}')
+        + _event("content_block_start", f',"index":0,"content_block":{block}')
         + _event("ping", "")
     )
+    delta = b'"input_json_delta","partial_json":' if answer.tool else b'"text_delta","text":'
     head = (
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-        b'"delta":{"type":"text_delta","text":'
+        b'"delta":{"type":' + delta
     )
     chunks = [
         head + json.dumps(piece, ensure_ascii=False).encode() + b"}}\n\n" for piece in answer.pieces
