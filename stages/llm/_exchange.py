@@ -270,14 +270,14 @@ class Exchange:
                 message=f"{failure.message} (POST {shown}; {self.provider.not_found_hint()})",
             )
         if failure.status == 401 and not self.key and not self.succeeded:
-            error: Exception = AuthenticationError(
+            no_key = AuthenticationError(
                 self.scrub(
                     f"{self.provider_name} requires an API key and none was sent"
                     f" ({failure.describe()}): {missing_key(self.key_env)}"
                 )
             )
-            self.admission.fatal = self.admission.fatal or error
-            return error
+            self.admission.fatal = self.admission.fatal or no_key
+            return no_key
         error = refusal(
             failure,
             headers,
