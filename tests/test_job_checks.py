@@ -136,3 +136,57 @@ def test_unknown_output_extension_is_a_usage_error(
     gz = tmp_path / "answers.jsonl.gz"
     assert _run(sim, str(src), "-o", str(gz), "--prompt", "{name}") == 0
     assert json.loads(gzip.decompress(gz.read_bytes()))["response"] == "echo: Ada"
+
+
+def test_trace_otlp_without_a_collector_is_refused_before_the_job(
+    tmp_path: Path,
+    sim: Simulator,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    src = _jsonl(tmp_path / "in.jsonl", [{"name": "Ada"}])
+    status = _run(sim, str(src), "-o", str(tmp_path / "o.jsonl"), "--prompt", "{name}",
+                  "--trace", "otlp")  # fmt: skip
+    assert status == 2
+    assert "trace 'otlp' needs a collector: set OTEL_EXPORTER_OTLP_ENDPOINT" in (
+        capsys.readouterr().err
+    )
+    assert sim.counters()["requests"] == 0
+
+
+def test_trace_otlp_exports_to_the_standard_endpoint(
+    tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import http.server
+    import threading
+
+    received: list[str] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TIMEOUT", raising=False)
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", raising=False)
+        src = _jsonl(tmp_path / "in.jsonl", [{"name": "Ada"}])
+        status = _run(sim, str(src), "-o", str(tmp_path / "o.jsonl"), "--prompt", "{name}",
+                      "--trace", "otlp")  # fmt: skip
+        assert status == 0
+        assert received and set(received) == {"/v1/traces"}
+    finally:
+        server.shutdown()
+        server.server_close()

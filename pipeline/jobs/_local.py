@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -60,11 +61,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline.job")
 
 
+OTLP_TIMEOUT_S = 2.0
+"""Seconds an OTLP export may take unless ``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`` says (the
+exporter's own default, 10 s with retries, held a job's exit for about 8 s with no collector)."""
+
+
 def make_tracer_provider(kind: str) -> TracerProvider:
     """Return an OpenTelemetry tracer provider exporting to the console or over OTLP.
 
+    OTLP needs a collector: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``), the
+    standard variables; without one the job is refused before it starts, rather than trying
+    ``localhost:4318`` and waiting for it at exit. Exports time out after
+    :data:`OTLP_TIMEOUT_S` unless the standard timeout variables say otherwise.
+
     Raises:
-        ConfigError: The OpenTelemetry SDK (or the OTLP exporter) is not installed.
+        ConfigError: The OpenTelemetry SDK (or the OTLP exporter) is not installed, or OTLP
+            has no endpoint.
     """
     try:
         from opentelemetry.sdk.resources import Resource
@@ -84,7 +96,21 @@ def make_tracer_provider(kind: str) -> TracerProvider:
             raise ConfigError(
                 "trace 'otlp' needs the OTLP exporter: pip install 'llm-pipeline[otel]'"
             ) from None
-        exporter = otlp.OTLPSpanExporter()
+        if not (
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        ):
+            raise ConfigError(
+                "trace 'otlp' needs a collector: set OTEL_EXPORTER_OTLP_ENDPOINT (for example"
+                " http://localhost:4318), or use --trace console"
+            )
+        timeout = None
+        if not (
+            os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+        ):
+            timeout = OTLP_TIMEOUT_S
+        exporter = otlp.OTLPSpanExporter(timeout=timeout)
     provider = TracerProvider(resource=Resource.create({"service.name": "llm-pipeline"}))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
@@ -377,4 +403,4 @@ async def run_local(settings: JobSettings, options: RunOptions) -> JobSummary:
     return await LocalJob(settings, options).run()
 
 
-__all__ = ["LocalJob", "job_error", "make_tracer_provider", "run_local"]
+__all__ = ["OTLP_TIMEOUT_S", "LocalJob", "job_error", "make_tracer_provider", "run_local"]

@@ -456,9 +456,15 @@ async def _run_locked(
         log.warning("trace=%r is ignored on the Ray engine: actors export no spans", settings.trace)
     started = time.perf_counter()
     started_ray = not ray.is_initialized()
+    level = silence_ray(ray)
     if started_ray:
         await anyio.to_thread.run_sync(
-            lambda: ray.init(address=settings.ray_address, include_dashboard=False)
+            lambda: ray.init(
+                address=settings.ray_address,
+                include_dashboard=False,
+                logging_level=level,
+                log_to_driver=not settings.quiet,
+            )
         )
     try:
         job = _RayJob(
@@ -476,9 +482,36 @@ async def _run_locked(
             await anyio.to_thread.run_sync(ray.shutdown)
 
 
+def silence_ray(ray: Any) -> int:
+    """Keep Ray's own chatter off the job's screen; return the level for ``ray.init``.
+
+    Ray logs its start-up at INFO and Ray Data prints its own progress at its own pace; the
+    job shows one progress display (the CLI's, at ``--progress-interval``) and, with
+    ``quiet``, nothing but errors (actors' output is not forwarded then). Ray Data's progress
+    bars are turned off, and Ray's and Ray Data's loggers show errors only: their warnings are
+    about Ray's set-up, not the job, whose own warnings come from the ``pipeline`` loggers.
+    Ray's C++ core still writes its own error lines to stderr.
+    """
+    level = logging.ERROR
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(level)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    if hasattr(context, "enable_operator_progress_bars"):
+        context.enable_operator_progress_bars = False
+    return level
+
+
 async def run_on_ray(settings: JobSettings, options: RunOptions) -> JobSummary:
     """The Ray engine as :func:`~pipeline.jobs.run_job` calls it, holding the job's lock."""
     return await _run_locked(settings, options, None, 64, None)
 
 
-__all__ = ["EncodeRows", "JobStages", "default_actors", "run_job_on_ray", "run_on_ray"]
+__all__ = [
+    "EncodeRows",
+    "JobStages",
+    "default_actors",
+    "run_job_on_ray",
+    "run_on_ray",
+    "silence_ray",
+]
