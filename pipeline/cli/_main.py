@@ -32,9 +32,11 @@ from pipeline.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     PROG,
+    Parser,
     backend_options,
     print_error,
 )
+from pipeline.cli._help import RUN_EXAMPLES, RUN_USAGE
 from pipeline.cli._observe import RunObserver
 from pipeline.cli._progress import ProgressDisplay, summary_table
 from pipeline.jobs import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
@@ -82,11 +84,20 @@ def _header(text: str) -> tuple[str, str]:
 
 
 def _run_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "input", nargs="?", default=SUPPRESS, help="input file (JSONL, CSV, Parquet; - for stdin)"
+    files = parser.add_argument_group("input and output")
+    files.add_argument(
+        "input",
+        nargs="?",
+        default=SUPPRESS,
+        help="input file: .jsonl .csv .tsv .parquet, JSONL/CSV also .gz or .zst; - for stdin",
     )
-    parser.add_argument(
-        "-o", "--output", default=SUPPRESS, help="output file (format by extension)"
+    files.add_argument(
+        "-o",
+        "--output",
+        default=SUPPRESS,
+        metavar="OUTPUT",
+        help="output file, format by extension as for INPUT (not stdin); refused if it exists"
+        " (see --overwrite)",
     )
     _request_arguments(parser)
     _limit_arguments(parser)
@@ -114,8 +125,18 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--api-key-env", default=s, metavar="NAME", help="environment variable holding the key"
     )
-    job.add_argument("--endpoint", choices=["chat", "embeddings"], default=s)
-    job.add_argument("--provider", choices=["openai", "azure", "anthropic"], default=s)
+    job.add_argument(
+        "--endpoint",
+        choices=["chat", "embeddings"],
+        default=s,
+        help="chat completions (default) or embeddings (the vector is the answer)",
+    )
+    job.add_argument(
+        "--provider",
+        choices=["openai", "azure", "anthropic"],
+        default=s,
+        help="API family: openai (default, any compatible server), azure, anthropic",
+    )
     job.add_argument(
         "--param",
         dest="params",
@@ -140,7 +161,9 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-field", default=s, metavar="FIELD", help="field for the answer (response)"
     )
     job.add_argument("--id-field", default=s, metavar="FIELD", help="row key (default: line no.)")
-    job.add_argument("--batch-size", type=_int, default=s, help="rows per embeddings request")
+    job.add_argument(
+        "--batch-size", type=_int, default=s, metavar="N", help="rows per embeddings request (64)"
+    )
     job.add_argument(
         "--route",
         dest="endpoints",
@@ -159,7 +182,12 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="retry a failed row on this model's endpoints (repeatable)",
     )
-    job.add_argument("--route-policy", choices=["headroom", "cheapest"], default=s)
+    job.add_argument(
+        "--route-policy",
+        choices=["headroom", "cheapest"],
+        default=s,
+        help="with --route: where a request waits least (headroom), or the cheapest",
+    )
 
 
 def _limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +217,13 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--limiter", default=s, metavar="redis://HOST:PORT/DB", help="share limits through Redis"
     )
-    limits.add_argument("--max-retries", type=_int, default=s, metavar="N")
+    limits.add_argument(
+        "--max-retries",
+        type=_int,
+        default=s,
+        metavar="N",
+        help="retries per row (4)",
+    )
     limits.add_argument(
         "--timeout", type=_number, default=s, metavar="SECONDS", help="per attempt (600)"
     )
@@ -205,15 +239,28 @@ def _file_arguments(parser: argparse.ArgumentParser) -> None:
     files = parser.add_argument_group("files and resume")
     s = SUPPRESS
     bool_flag = argparse.BooleanOptionalAction
-    files.add_argument("--dead-letter", default=s, metavar="PATH", help="OUTPUT.failed.jsonl")
+    files.add_argument(
+        "--dead-letter",
+        default=s,
+        metavar="PATH",
+        help="where failed rows go, with their errors (OUTPUT.failed.jsonl)",
+    )
     files.add_argument("--resume", action="store_true", default=s, help="continue a stopped job")
     files.add_argument(
-        "--overwrite", action="store_true", default=s, help="discard a stopped job, start over"
+        "--overwrite",
+        action="store_true",
+        default=s,
+        help="replace a finished OUTPUT, or discard a stopped job, and start over",
     )
     files.add_argument("--ordered", action=bool_flag, default=s, help="output in input order")
     files.add_argument("--cache", default=s, metavar="DIR", help="response cache directory")
-    files.add_argument("--input-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
-    files.add_argument("--output-format", choices=["jsonl", "csv", "tsv", "parquet"], default=s)
+    formats = ["jsonl", "csv", "tsv", "parquet"]
+    files.add_argument(
+        "--input-format", choices=formats, default=s, help="instead of INPUT's extension"
+    )
+    files.add_argument(
+        "--output-format", choices=formats, default=s, help="instead of OUTPUT's extension"
+    )
     files.add_argument(
         "--csv-delimiter",
         default=s,
@@ -256,9 +303,21 @@ def _batch_arguments(parser: argparse.ArgumentParser) -> None:
 def _running_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("running")
     s = SUPPRESS
-    run.add_argument("--engine", choices=["local", "ray"], default=s)
-    run.add_argument("--ray-address", default=s, metavar="ADDR")
-    run.add_argument("--trace", choices=["console", "otlp"], default=s, help="export spans")
+    run.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default=s,
+        help="local (default: this process) or ray (Ray Data actors; docs/scaling.md)",
+    )
+    run.add_argument(
+        "--ray-address", default=s, metavar="ADDR", help="Ray cluster (default: start one here)"
+    )
+    run.add_argument(
+        "--trace",
+        choices=["console", "otlp"],
+        default=s,
+        help="export OpenTelemetry spans to stderr, or to OTEL_EXPORTER_OTLP_ENDPOINT",
+    )
     run.add_argument(
         "--grace", type=_number, default=s, metavar="SECONDS", help="Ctrl-C wait for rows (30)"
     )
@@ -282,9 +341,10 @@ def _running_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the whole command line."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Push files of rows through LLM APIs: fast, within rate limits, resumable.",
+        epilog="start with: llm-pipeline demo (no key needed); then: llm-pipeline run --help",
     )
     try:
         from importlib.metadata import version
@@ -298,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a job: INPUT -> LLM -> OUTPUT",
         description="Send every row of INPUT to an LLM and write OUTPUT; see docs/cli.md.",
+        usage=RUN_USAGE,
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _run_parser(run)
     commands.add_parser("report", help="one HTML page about a job: figures, charts, failures")
@@ -463,9 +526,12 @@ async def _run_async(
 
 def run_command(argv: Sequence[str]) -> int:
     """Run ``llm-pipeline run ...``; return the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=f"{PROG} run",
         description="Send every row of INPUT to an LLM and write OUTPUT; see docs/cli.md.",
+        usage=RUN_USAGE,
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _run_parser(parser)
     args = vars(parser.parse_args(list(argv)))  # usage errors exit 2 here
