@@ -41,6 +41,7 @@ from .llm import MalformedChunkError as MalformedChunkError
 from .llm import NoEndpointLeftError as NoEndpointLeftError
 from .llm import Output as Output
 from .llm import Price as Price
+from .llm import PromptTemplate as PromptTemplate
 from .llm import Provider as Provider
 from .llm import RedisRateLimiter as RedisRateLimiter
 from .llm import RedisUnavailableError as RedisUnavailableError
@@ -109,6 +110,7 @@ __all__ = [
     "ParquetSource",
     "PipelineRunnable",
     "Price",
+    "PromptTemplate",
     "Provider",
     "RayTransform",
     "RedisRateLimiter",

@@ -31,6 +31,7 @@ from ._sse import SSEParse as SSEParse
 from ._sse import StreamError as StreamError
 from ._sse import StreamErrorEvent as StreamErrorEvent
 from ._sse import TruncatedStreamError as TruncatedStreamError
+from ._template import PromptTemplate as PromptTemplate
 from ._transport import HTTP as HTTP
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "NoEndpointLeftError",
     "Output",
     "Price",
+    "PromptTemplate",
     "Provider",
     "RedisRateLimiter",
     "RedisUnavailableError",
