@@ -133,6 +133,8 @@ def test_the_job_stops_on_a_404_showing_the_url(
 def test_base_urls_come_from_the_sdk_variables_with_or_without_v1(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert make_provider("anthropic", "https://api.anthropic.com").needs_key()
+    assert not make_provider("openai", "http://localhost:8000/v1").needs_key()
     monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://proxy:8080")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://vllm:8000/v1")
     assert make_provider("anthropic", None).url("chat", "m") == "http://proxy:8080/v1/messages"

@@ -190,11 +190,12 @@ class Provider:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def needs_key(self) -> bool:
-        """Whether the server certainly wants a key: the provider's own public URL.
+        """Whether the server certainly wants a key: the provider's own public host.
 
         A server at another URL (vLLM, Ollama, a gateway, the simulator) may take none.
         """
-        return self.base_url == self.default_base_url.rstrip("/")
+        default = urlsplit(self.default_base_url).hostname
+        return default is not None and urlsplit(self.base_url).hostname == default
 
     def not_found_hint(self) -> str:
         """Return what a 404 suggests about the base URL (empty when nothing stands out)."""
