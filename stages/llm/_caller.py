@@ -85,7 +85,7 @@ from stages.llm._errors import (
     InvalidOutputError,
     LLMCallError,
 )
-from stages.llm._exchange import Exchange, missing_key
+from stages.llm._exchange import Exchange, key_problem
 from stages.llm._limits import Limiter
 from stages.llm._output import (
     CallerTotals,
@@ -95,7 +95,6 @@ from stages.llm._output import (
     OutputForm,
     Price,
     answer_of,
-    json_schema_of,
     reask_messages,
     short,
 )
@@ -105,6 +104,7 @@ from stages.llm._prompt import (
     embedding_text,
     one_message_payload,
     prompt_text,
+    structured_params,
 )
 from stages.llm._providers import (
     SENSITIVE_HEADERS,
@@ -233,14 +233,14 @@ class LLMCaller(ItemStage[Any, Any]):
             on_error=retry.on_error,
         )
         self.model = model
-        self.template = (
-            prompt
-            if isinstance(prompt, PromptTemplate) or prompt is None
-            else PromptTemplate(prompt)
-        )
+        self.template = PromptTemplate(prompt) if isinstance(prompt, str) else prompt
         self._first_checked = False
         self.system = system
-        self.params = self._structured(dict(params or {}), endpoint)
+        self.params = dict(params or {})
+        if self.provider is not None and endpoint == "chat":
+            self.params = structured_params(
+                self.provider, self.output, self.template, system, self.params
+            )
         self.endpoint: Endpoint = endpoint
         self.provider_name: ProviderName = provider if isinstance(provider, str) else provider.name
         # The limiter object moves out of the options: it is the caller's part from now on,
@@ -254,22 +254,6 @@ class LLMCaller(ItemStage[Any, Any]):
         self.router: Router | None = None
         self.totals = CallerTotals()
         self._run: Exchange | None = None
-
-    def _structured(self, params: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
-        """Ask the provider itself for JSON (or a schema's JSON) when the output is checked.
-
-        OpenAI-compatible servers get ``response_format`` (``json_schema`` with a schema;
-        ``json_object`` for ``json_output`` when the prompt or system prompt says "JSON", as
-        OpenAI requires), Anthropic a forced tool whose input schema is the schema (its input
-        is the answer's text, streamed too). The answer is still validated, and re-asked, as before.
-        """
-        provider, output = self.provider, self.output
-        if provider is None or endpoint != "chat" or output.validator is None:
-            return params
-        words = ((self.template.text if self.template else "") + (self.system or "")).lower()
-        return provider.structured_params(
-            params, json_schema_of(output.schema), json_mode=output.json_output and "json" in words
-        )
 
     @property
     def cache(self) -> ResponseCache | None:
@@ -313,25 +297,15 @@ class LLMCaller(ItemStage[Any, Any]):
         return None if self.provider is None else self.provider.key_env
 
     def check_key(self) -> None:
-        """Refuse to start without an API key where one is certainly needed.
-
-        That is when the key's variable was named (``HTTP(api_key_env=...)``), or the server is
-        the provider's own public API; a server at another URL may take no key (a local
-        model), and a 401 from it then says that no key was sent.
+        """Refuse to start without an API key where one is needed (see ``key_problem``).
 
         Raises:
             ConfigError: No key found, naming the variable to set and the flag to change it.
         """
-        env = self.key_env()
-        if self.call is not None or self.provider is None or not env or os.environ.get(env):
-            return
-        auth = {k.lower() for k in self.http.headers} & SENSITIVE_HEADERS
-        if self.http.api_key_env is None and (auth or not self.provider.needs_key()):
-            return
-        raise ConfigError(
-            f"stage {self.name!r}: no API key found for {self.provider.base_url}: "
-            + missing_key(env)
-        )
+        if self.call is None and self.provider is not None:
+            problem = key_problem(self.provider, self.http, self.key_env())
+            if problem is not None:
+                raise ConfigError(f"stage {self.name!r}: {problem}")
 
     def secrets(self) -> list[str]:
         """Return the values the runtime must redact from messages, logs and records."""
@@ -439,10 +413,7 @@ class LLMCaller(ItemStage[Any, Any]):
         return chat_parts(self.provider, self.model, self.system, self.params, self.output.stream)
 
     def check_first(self, record: Any) -> None:
-        """Check the template against the run's first record, before anything is sent.
-
-        A field the first record lacks would fail every row like it: the run stops here, with
-        a did-you-mean and the fields the record has, instead of dead-lettering the file.
+        """Check the template against the run's first record (a field it lacks fails all rows).
 
         Raises:
             FatalError: The first record lacks a field the template names.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -35,7 +36,7 @@ from stages.llm._admission import Admission
 from stages.llm._cache import ResponseCache, request_key
 from stages.llm._errors import AuthenticationError, LLMCallError
 from stages.llm._output import CallerTotals, Ledger, Output, call_hook
-from stages.llm._providers import Answer, Endpoint, HTTPFailure, Provider
+from stages.llm._providers import SENSITIVE_HEADERS, Answer, Endpoint, HTTPFailure, Provider
 from stages.llm._retry import (
     OVERLOAD_CODES,
     Retry,
@@ -45,7 +46,7 @@ from stages.llm._retry import (
     stream_failure,
 )
 from stages.llm._sse import StreamError
-from stages.llm._transport import HTTPTransport, encode_body, parse_answer
+from stages.llm._transport import HTTP, HTTPTransport, encode_body, parse_answer
 
 Scrub = Callable[[str], str]
 
@@ -58,6 +59,20 @@ def missing_key(key_env: str | None) -> str:
         f"${key_env} is not set: export {key_env}=... (or name another variable with"
         " --api-key-env, HTTP(api_key_env=...) in Python)"
     )
+
+
+def key_problem(provider: Provider, http: HTTP, env: str | None) -> str | None:
+    """Say why a run cannot start for want of an API key, or return ``None``.
+
+    A key is needed when its variable was named (``HTTP(api_key_env=...)``) or the server is the
+    provider's own public host; not with a credential header given, nor for another server.
+    """
+    if not env or os.environ.get(env):
+        return None
+    auth = {k.lower() for k in http.headers} & SENSITIVE_HEADERS
+    if http.api_key_env is None and (auth or not provider.needs_key()):
+        return None
+    return f"no API key found for {provider.base_url}: {missing_key(env)}"
 
 
 class Exchange:
@@ -357,4 +372,4 @@ class Exchange:
 RESERVED: contextvars.ContextVar[float] = contextvars.ContextVar("llm_reserved", default=0.0)
 """The budget reservation of the calling task's last successful attempt, until accounted."""
 
-__all__ = ["RESERVED", "Exchange", "missing_key"]
+__all__ = ["RESERVED", "Exchange", "key_problem", "missing_key"]

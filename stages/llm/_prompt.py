@@ -19,6 +19,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 from pipeline._errors import ItemError, MissingFieldError
+from stages.llm._output import Output, json_schema_of
 from stages.llm._providers import Provider
 from stages.llm._template import PromptTemplate
 from stages.llm._transport import ENCODER
@@ -88,6 +89,27 @@ def prompt_text(template: PromptTemplate | None, record: Any) -> str | None:
     return None  # chat_messages() reads it, or says what is missing
 
 
+def structured_params(
+    provider: Provider,
+    output: Output,
+    template: PromptTemplate | None,
+    system: str | None,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """Return chat ``params`` that ask the provider itself for JSON when the output is checked.
+
+    OpenAI-compatible servers get ``response_format`` (``json_schema`` with a schema;
+    ``json_object`` for ``json_output`` when the prompt or system prompt says "JSON", as OpenAI
+    requires), Anthropic a forced tool whose input schema is the schema (its input is the
+    answer's text, streamed too). The answer is still validated, and re-asked, as before.
+    """
+    if output.validator is None:
+        return params
+    words = ((template.text if template else "") + (system or "")).lower()
+    json_mode = output.json_output and "json" in words
+    return provider.structured_params(params, json_schema_of(output.schema), json_mode=json_mode)
+
+
 def chat_parts(
     provider: Provider,
     model: str,
@@ -131,4 +153,5 @@ __all__ = [
     "chat_messages",
     "one_message_payload",
     "prompt_text",
+    "structured_params",
 ]
