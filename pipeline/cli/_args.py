@@ -139,6 +139,12 @@ def _request_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument(
         "--batch-size", type=_int, default=s, metavar="N", help="rows per embeddings request (64)"
     )
+    _route_arguments(job)
+
+
+def _route_arguments(job: Any) -> None:
+    """The flags that spread rows over several endpoints (docs/routing.md)."""
+    s = SUPPRESS
     job.add_argument(
         "--route",
         dest="endpoints",

@@ -1,6 +1,6 @@
 """The LLM caller: one stage that sends each row to a chat or embeddings API, and never loses it.
 
-:class:`LLMCaller` turns a record into a request (a ``str.format`` template over its fields),
+:class:`LLMCaller` turns a record into a request (a template over its fields),
 sends it over one pooled aiohttp session per run, and emits the answer merged into the record
 (or as a :class:`~stages.llm._output.Completion`). Around every request it applies, in order:
 
@@ -11,24 +11,8 @@ sends it over one pooled aiohttp session per run, and emits the answer merged in
 4. the retry policy (tenacity): exponential backoff with full jitter and a cap, ``1 +
    max_retries`` attempts, the row's overall deadline, ``Retry-After`` and ``x-should-retry``.
 
-What happens on each kind of failure:
-
-==========================================  =================================================
-connection error, timeout, idle stream      retried
-408, 409, 429 rate limit, 5xx, 529          retried; 429/503/529 also pause the limiter for
-                                            every worker and shrink the adaptive concurrency
-truncated/malformed stream, error event,    retried (a truncated stream is never accepted)
-non-JSON or malformed 200 body
-400, 403, 404, 422 (or x-should-retry:      dead letter with the status and the provider's
-false)                                      message, never retried
-401 before any request of the run           :class:`AuthenticationError` stops the job: a
-succeeded                                   rejected key would fail every row the same way;
-                                            after a success, a 401 only dead-letters the row
-429 ``insufficient_quota`` and the other    :class:`~pipeline._errors.QuotaExhaustedError`
-money codes                                 stops the job (retrying cannot help)
-Retry-After beyond the row's deadline       dead letter now, instead of sleeping blindly
-retries or deadline exhausted               dead letter naming the last error and attempts
-==========================================  =================================================
+What each kind of failure means (retried, dead-lettered, or the run stopped) is the table
+"Retries and faults" in ``docs/caller.md``; :mod:`stages.llm._retry` decides it.
 
 The API key is read from the environment when the run starts, sent only in the provider's
 auth header, returned by :meth:`LLMCaller.secrets` so the runtime redacts it everywhere, and
@@ -135,27 +119,15 @@ class LLMCaller(ItemStage[Any, Any]):
 
         LLMCaller(model="gpt-4o-mini", prompt="Say hello to {name}", rpm=500)
 
-    and the rarer ones are grouped by the part they configure::
-
-        LLMCaller(
-            model="gpt-4o-mini",
-            prompt="Classify: {text}",
-            limits=Limits(tpm=200_000, max_concurrency=128),
-            retry=Retry(max_retries=6, deadline_s=120),
-            output=Output(schema=Ticket, reask=2, prices={"gpt-4o-mini": (0.15, 0.6)}),
-            http=HTTP(headers={"X-Team": "a"}, timeout=60, cache=ResponseCache("c.db")),
-        )
+    and the rarer ones are grouped by the part they configure: ``limits=Limits(tpm=...)``,
+    ``retry=Retry(deadline_s=...)``, ``output=Output(schema=...)``, ``http=HTTP(timeout=...)``.
 
     Args:
         model: Model name (Azure: the deployment name unless the provider names one).
-        prompt: Template over the record's fields (``"Hello {name}"``, ``"{score:.2f}"``; a
-            :class:`~stages.llm._template.PromptTemplate`, or its text); other values are
-            ``{value}``. The first record of a run is checked against it before anything is
-            sent: a field it lacks stops the run with a did-you-mean and the fields it has. A
-            later record that lacks a field, or holds null in one (unless
-            ``PromptTemplate(text, null="empty")``), is dead-lettered with the field's name.
-            Without a template a record is the prompt itself (a string), or a mapping with
-            ``"messages"`` or ``"prompt"``.
+        prompt: A :class:`~stages.llm._template.PromptTemplate` (or its text) over the record's
+            fields, ``"Hello {name}"``; checked against a run's first record before anything is
+            sent; a later record lacking a field or null in one is dead-lettered. Without one a
+            record is the prompt (a string), or a mapping with ``"messages"`` or ``"prompt"``.
         system: System prompt (literal text, not a template).
         params: Extra body fields (``temperature``, ``max_tokens``, ``response_format``...).
         endpoint: ``"chat"`` or ``"embeddings"`` (embeddings take batches from a Batcher).
@@ -237,7 +209,7 @@ class LLMCaller(ItemStage[Any, Any]):
         self._first_checked = False
         self.system = system
         self.params = dict(params or {})
-        if self.provider is not None and endpoint == "chat":
+        if self.provider is not None and endpoint == "chat" and routing is None:
             self.params = structured_params(
                 self.provider, self.output, self.template, system, self.params
             )
@@ -274,13 +246,10 @@ class LLMCaller(ItemStage[Any, Any]):
         if self.template is not None:
             parts.append(f"prompt={short(self.template.text, 60)!r}")
         shown = (
-            ("stream", self.output.stream),
-            ("concurrency", self.limits.concurrency),
-            ("rpm", self.limits.rpm),
-            ("tpm", self.limits.tpm),
-            ("deadline_s", self.retry.deadline_s),
-            ("budget_usd", self.output.budget_usd),
-        )
+            ("stream", self.output.stream), ("concurrency", self.limits.concurrency),
+            ("rpm", self.limits.rpm), ("tpm", self.limits.tpm),
+            ("deadline_s", self.retry.deadline_s), ("budget_usd", self.output.budget_usd),
+        )  # fmt: skip
         parts += [f"{label}={value!r}" for label, value in shown if value not in (None, False)]
         if self.http.headers:
             parts.append(f"headers=[{', '.join(sorted(self.http.headers))}]")  # names only
@@ -297,12 +266,8 @@ class LLMCaller(ItemStage[Any, Any]):
         return None if self.provider is None else self.provider.key_env
 
     def check_key(self) -> None:
-        """Refuse to start without an API key where one is needed (see ``key_problem``).
-
-        Raises:
-            ConfigError: No key found, naming the variable to set and the flag to change it.
-        """
-        if self.call is None and self.provider is not None:
+        """Raise :class:`ConfigError` without an API key where one is needed (``key_problem``)."""
+        if self.call is None and self.provider is not None and self.routing is None:
             problem = key_problem(self.provider, self.http, self.key_env())
             if problem is not None:
                 raise ConfigError(f"stage {self.name!r}: {problem}")
@@ -419,13 +384,11 @@ class LLMCaller(ItemStage[Any, Any]):
             FatalError: The first record lacks a field the template names.
         """
         self._first_checked = True
-        if self.template is None or self.call is not None:
-            return
-        sample = record if isinstance(record, Mapping) else {"value": record}
-        try:
-            self.template.check(sample)
-        except ConfigError as error:
-            raise FatalError(f"stage {self.name!r}: {error} (checked on the first row)") from None
+        if self.template is not None and self.call is None:
+            try:
+                self.template.check(record if isinstance(record, Mapping) else {"value": record})
+            except ConfigError as error:
+                raise FatalError(f"stage {self.name!r}: {error} (on the first row)") from None
 
     @property
     def run_state(self) -> Exchange:
@@ -439,12 +402,10 @@ class LLMCaller(ItemStage[Any, Any]):
     async def run(self, inbox: Inbox[Any], outbox: Outbox[Any]) -> None:
         """Handle rows one at a time, like :meth:`ItemStage.run`, taking a seat first.
 
-        A worker takes a new row only with a seat, and there are as many seats as the
-        concurrency limit (see :class:`~stages.llm._admission.Seats`): the spare workers wait
-        for one without touching the inbox, and get one only while a row waits to be retried
-        (its worker gives the seat up) or when the adaptive limit grows. Without retries each
-        row thus finds a request slot free instead of queueing for one, which would cost every
-        row a wake-up.
+        A worker takes a new row only with a seat; there are as many seats as the concurrency
+        limit (:class:`~stages.llm._admission.Seats`): spare workers wait for one without
+        touching the inbox, and get one while a row waits to be retried or when the adaptive
+        limit grows. So each row finds a request slot free instead of queueing for one.
         """
         seats = self.run_state.admission.seats
         seat = Seat(seats)
