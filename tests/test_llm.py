@@ -231,18 +231,26 @@ def _state(attempt: int, error: BaseException | None = None, sleep: float = 0.0)
     return state
 
 
-def test_backoff_is_jittered_exponential_with_a_cap_and_grows_per_row() -> None:
+def test_backoff_is_full_jitter_under_a_ceiling_that_doubles_per_retry_up_to_the_cap() -> None:
     retry = Retry(backoff_base=0.5, backoff_cap=4.0)
     error = LLMCallError("x", retryable=True)
-    first = [RowPolicy(retry, None).wait(_state(1, error)) for _ in range(200)]
-    assert all(0 <= w <= 0.5 for w in first)
-    assert max(first) > 0.4 and min(first) < 0.1  # full jitter on a row's first retry
-    for _ in range(200):  # each delay of a row within its doubling ceiling, and longer
+    ceilings = {1: 0.5, 2: 1.0, 3: 2.0, 4: 4.0, 5: 4.0, 8: 4.0}
+    for attempt, ceiling in ceilings.items():
         policy = RowPolicy(retry, None)
-        delays = [policy.wait(_state(attempt, error)) for attempt in (1, 2, 3, 4, 5, 8)]
-        ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-        assert all(d <= c for d, c in zip(delays, ceilings, strict=True))
-        assert delays == sorted(delays)
+        delays = [policy.wait(_state(attempt, error)) for _ in range(400)]
+        assert all(0 <= d <= ceiling for d in delays)
+        # full jitter: the draws cover the whole range under the ceiling
+        assert max(delays) > 0.9 * ceiling and min(delays) < 0.1 * ceiling
+        # so a row's delays grow on average with each retry, until the cap
+        assert 0.4 * ceiling < sum(delays) / len(delays) < 0.6 * ceiling
+
+
+def test_retry_after_is_the_least_wait_and_the_jitter_lengthens_it_past_the_ceiling() -> None:
+    policy = RowPolicy(Retry(backoff_base=0.5, backoff_cap=8.0), None)
+    error = LLMCallError("429", retryable=True, retry_after=1.0)
+    assert all(policy.wait(_state(1, error)) == 1.0 for _ in range(50))  # ceiling 0.5
+    later = [policy.wait(_state(4, error)) for _ in range(400)]  # ceiling 4
+    assert min(later) == 1.0 and max(later) > 3.5
 
 
 def test_backoff_never_waits_less_than_retry_after() -> None:

@@ -227,7 +227,7 @@ class RowPolicy:
         scrub: Removes secrets from an error's text before it is logged or traced.
     """
 
-    __slots__ = ("deadline", "floor", "log", "past_deadline", "retry", "scrub", "wanted")
+    __slots__ = ("deadline", "log", "past_deadline", "retry", "scrub", "wanted")
 
     def __init__(
         self,
@@ -243,20 +243,19 @@ class RowPolicy:
         self.scrub = scrub
         self.past_deadline = False
         self.wanted = 0.0
-        self.floor = 0.0  # the row's last jittered delay: the next one is longer
 
     def wait(self, state: RetryCallState) -> float:
-        """Jittered exponential backoff, capped, but never less than the server's Retry-After.
+        """Full-jitter exponential backoff, capped, but never less than the server's Retry-After.
 
-        Attempt ``n`` waits a random time up to ``base * 2**(n-1)`` (capped), as full jitter
-        does, but never less than the row's previous delay: the jitter spreads the rows'
-        retries, and each of a row's delays is longer than the one before (a full-jitter draw
-        can be shorter, which reads as no backoff at all), until the cap.
+        Attempt ``n`` waits a random time in ``[0, min(backoff_cap, backoff_base * 2**(n-1))]``:
+        the ceiling doubles per retry of the row, so its delays grow (on average: each draw is
+        uniform under the ceiling, which is what spreads the rows' retries apart). A
+        ``Retry-After`` the server sent is the least the row waits; the draw only lengthens it
+        once the ceiling passes it (a row the server keeps refusing backs off further).
         """
         retry = self.retry
         ceiling = min(retry.backoff_cap, retry.backoff_base * 2 ** (state.attempt_number - 1))
-        delay = random.uniform(min(self.floor, ceiling), ceiling)
-        self.floor = delay
+        delay = random.uniform(0.0, ceiling)
         error = state.outcome.exception() if state.outcome is not None else None
         retry_after = getattr(error, "retry_after", None)
         if isinstance(retry_after, (int, float)) and retry_after > delay:
