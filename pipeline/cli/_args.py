@@ -212,6 +212,20 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
         "--deadline", type=_number, default=s, metavar="SECONDS", help="per row, retries included"
     )
     limits.add_argument(
+        "--max-retry-after",
+        type=_number,
+        default=s,
+        metavar="SECONDS",
+        help="longest Retry-After waited for; past it the row is dead-lettered (600)",
+    )
+    limits.add_argument(
+        "--max-response-mb",
+        type=_number,
+        default=s,
+        metavar="MB",
+        help="largest response body read; past it the row is dead-lettered (10)",
+    )
+    limits.add_argument(
         "--budget", type=_number, default=s, metavar="USD", help="stop reading input at this cost"
     )
 

@@ -74,6 +74,8 @@ def format_bar(progress: JobProgress, width: int = 100) -> str:
         figures.insert(0, "batches " + batch_text(progress.batch))
     if progress.stopping:
         figures.append("stopping")
+    elif progress.waiting:
+        figures.append(waiting_text(progress.waiting))
     elif fraction is not None:
         figures.append(f"ETA {format_duration(progress.eta_s)}")
     tail = "  ".join(figures)
@@ -109,11 +111,20 @@ def format_line(progress: JobProgress) -> str:
     )
     if progress.batch:
         text += f", batches {batch_text(progress.batch)}"
+    if progress.waiting:
+        text += f", {progress.waiting}"
     if progress.stopping:
         text += f", stopping ({progress.stopping})"
     elif fraction is not None:
         text += f", ETA {format_duration(progress.eta_s)}"
     return text
+
+
+def waiting_text(waiting: str) -> str:
+    """Return the status line's short form of a wait: ``waiting until ... (HTTP 429)``."""
+    why, _, until = waiting.rpartition(": ")
+    status = why[why.rfind("(") :] if why.endswith(")") else ""
+    return f"{until.replace(' UTC', '')} {status}".strip() if until else waiting
 
 
 def batch_text(batch: dict[str, Any]) -> str:

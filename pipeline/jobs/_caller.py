@@ -109,7 +109,11 @@ def build_caller(
             concurrency=settings.concurrency,
             max_concurrency=settings.max_concurrency,
         ),
-        retry=Retry(max_retries=settings.max_retries, deadline_s=settings.deadline),
+        retry=Retry(
+            max_retries=settings.max_retries,
+            deadline_s=settings.deadline,
+            max_retry_after=settings.max_retry_after,
+        ),
         output=Output(
             field=settings.output_field,
             json_output=settings.json_output,
@@ -122,6 +126,7 @@ def build_caller(
             api_key_env=settings.api_key_env,
             headers=settings.headers,
             timeout=settings.timeout,
+            max_response_bytes=round(settings.max_response_mb * 1_000_000),
             cache=cache,
         ),
     )

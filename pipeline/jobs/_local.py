@@ -374,6 +374,7 @@ class LocalJob:
             in_flight=totals.in_flight,
             statuses={str(status): n for status, n in sorted(totals.statuses.items())},
             endpoints=None if self.caller.router is None else self.caller.router.figures(),
+            waiting=None if final else totals.waiting(),
         )
 
     def _summary(self, report: RunReport | None, *, complete: bool = False) -> JobSummary:

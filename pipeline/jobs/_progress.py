@@ -54,6 +54,9 @@ class JobProgress:
         statuses: Answers by HTTP status (``"200"``, ``"429"``...), this run.
         endpoints: With several endpoints (routing): each one's figures (name, model, state,
             requests, answered, rate_limited, errors, latency_s, cost_usd...), this run.
+        waiting: Why the job waits and until when, while a server's long ``Retry-After``
+            holds it (``"the server asked to retry after 60s (HTTP 429): waiting until
+            12:41:05 UTC (58s)"``), else ``None``.
     """
 
     rows_total: int | None
@@ -78,6 +81,7 @@ class JobProgress:
     in_flight: int = 0
     statuses: dict[str, int] = dataclasses.field(default_factory=dict)
     endpoints: list[dict[str, Any]] | None = None
+    waiting: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the snapshot as JSON-ready data."""

@@ -110,6 +110,10 @@ class JobSettings:
         max_retries: Retries per row after the first attempt.
         timeout: Seconds one attempt may take.
         deadline: Seconds a row may take, retries and waits included.
+        max_retry_after: The longest ``Retry-After`` waited for (seconds); a row the server
+            asks to wait longer is dead-lettered at once, with the server's figure.
+        max_response_mb: The largest response body read, in MB; a larger one dead-letters
+            its row without being read whole.
         stream: Stream chat answers (server-sent events).
         ordered: Publish the output in input order (rows are journaled as they finish).
         id_field: The field holding each row's key (default: the line number).
@@ -173,6 +177,8 @@ class JobSettings:
     max_retries: int = 4
     timeout: float = 600.0
     deadline: float | None = None
+    max_retry_after: float = 600.0
+    max_response_mb: float = 10.0
     stream: bool = False
     ordered: bool = False
     id_field: str | None = None
@@ -268,14 +274,12 @@ class JobSettings:
                 need = ">= 0" if allow_zero else "> 0"
                 raise ConfigError(f"setting {name!r} must be {need}, got {value!r}")
 
-        for name in ("concurrency", "max_concurrency", "rpm", "tpm", "itpm", "otpm", "timeout"):
+        for name in ("concurrency", "max_concurrency", "rpm", "tpm", "itpm", "otpm", "timeout",
+                     "deadline", "max_response_mb", "budget", "batch_size", "batch_max_rows",
+                     "batch_poll"):  # fmt: skip
             positive(name)
-        positive("deadline")
-        positive("burst", allow_zero=True)
-        for name in ("budget", "batch_size", "batch_max_rows", "batch_poll"):
-            positive(name)
-        positive("max_retries", allow_zero=True)
-        positive("grace", allow_zero=True)
+        for name in ("max_retry_after", "burst", "max_retries", "grace"):
+            positive(name, allow_zero=True)
         for name in ("model", "output_field", "id_field", "api_key_env"):
             value = getattr(self, name)
             if value is not None and not value.strip() and name != "model":

@@ -302,8 +302,14 @@ class Exchange:
             scrub=self.scrub,
         )
         admission = self.admission
+        retry_after = getattr(error, "retry_after", None)
+        if not self.retry.honours(retry_after):
+            retry_after = None  # its row is dead-lettered: nobody waits (max_retry_after)
+        elif retry_after is not None and failure.overload:
+            self.totals.wait_for(retry_after, f"the server asked to retry after {retry_after:g}s "
+                                 f"(HTTP {failure.status})")  # fmt: skip
         if failure.status == 429 and failure.overload:
-            admission.throttled(headers, getattr(error, "retry_after", None))
+            admission.throttled(headers, retry_after)
         elif failure.overload:
             admission.overloaded()
         if isinstance(error, FatalError) and admission.fatal is None:
@@ -363,7 +369,8 @@ class Exchange:
         """Classify an exception of the user's ``call``; slow down on 429, 503 and 529."""
         error = classify_exception(exc, self.scrub)
         if isinstance(error, LLMCallError) and error.status == 429:
-            self.admission.throttled({}, error.retry_after)
+            honoured = self.retry.honours(error.retry_after)
+            self.admission.throttled({}, error.retry_after if honoured else None)
         elif isinstance(error, LLMCallError) and error.status in (503, 529):
             self.admission.overloaded()
         return error

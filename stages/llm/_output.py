@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
@@ -110,6 +111,10 @@ class CallerTotals:
         unknown_usage: Answers whose token usage the server did not report.
         in_flight: HTTP attempts on the wire now.
         statuses: Responses by HTTP status (an attempt that got no response is not counted).
+        waiting_until: Wall-clock time (``time.time()``) the longest wait a server asked for
+            ends (a Retry-After of :data:`LONG_WAIT_S` or more), ``None`` before any.
+        waiting_why: What asked for that wait (``"the server asked to retry after 60s (HTTP
+            429)"``).
     """
 
     limiter_wait_s: float = 0.0
@@ -123,6 +128,30 @@ class CallerTotals:
     unknown_usage: int = 0
     in_flight: int = 0
     statuses: dict[int, int] = dataclasses.field(default_factory=dict)
+    waiting_until: float | None = None
+    waiting_why: str | None = None
+
+    def wait_for(self, seconds: float, why: str) -> None:
+        """Note that a server asked for a wait of ``seconds`` (kept if long, and the latest)."""
+        if seconds < LONG_WAIT_S:
+            return
+        until = time.time() + seconds
+        if self.waiting_until is None or until > self.waiting_until:
+            self.waiting_until = until
+            self.waiting_why = why
+
+    def waiting(self, now: float | None = None) -> str | None:
+        """Return why the run waits and until when (UTC), or ``None`` when it does not wait."""
+        until = self.waiting_until
+        now = time.time() if now is None else now
+        if until is None or until <= now:
+            return None
+        clock = time.strftime("%H:%M:%S", time.gmtime(until))
+        return f"{self.waiting_why}: waiting until {clock} UTC ({until - now:.0f}s)"
+
+
+LONG_WAIT_S = 10.0
+"""A wait a server asks for that the job's progress line reports (why, and until when)."""
 
 
 def short(text: str, limit: int = 300) -> str:
@@ -531,6 +560,7 @@ def answer_of(result: Any) -> Answer:
 
 
 __all__ = [
+    "LONG_WAIT_S",
     "CallerTotals",
     "Completion",
     "DeltaHook",

@@ -125,7 +125,18 @@ class HTTPFailure:
 
 
 class ResponseFormatError(ValueError):
-    """A 200 response whose body is not what the endpoint promises (worth a retry)."""
+    """A 200 response whose body is not what the endpoint promises.
+
+    Args:
+        message: What is wrong with it.
+        retryable: Whether another attempt may get a good answer (a cut or garbled body); a
+            well-formed answer with nothing usable in it (``content`` a number, or null with
+            no tool call and no refusal) is not retried: the model was paid for it.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def _truncate(text: str, limit: int = 300) -> str:
@@ -277,9 +288,12 @@ class Provider:
             raise ResponseFormatError("chat completion choice has no message")
         content = message.get("content")
         text = content if isinstance(content, str) else _join_parts(content)
+        finish = choices[0].get("finish_reason")
+        if text is None:
+            _check_no_text(content, message, finish)
         return Answer(
             text=text,
-            finish_reason=choices[0].get("finish_reason"),
+            finish_reason=finish,
             usage=_usage_openai(data.get("usage")),
             model=data.get("model"),
         )
@@ -525,6 +539,30 @@ def schema_name(schema: Mapping[str, Any]) -> str:
     title = schema.get("title")
     name = re.sub(r"[^A-Za-z0-9_-]", "_", title)[:64] if isinstance(title, str) else ""
     return name or "answer"
+
+
+def _check_no_text(content: Any, message: dict[str, Any], finish: Any) -> None:
+    """Refuse a chat message whose ``content`` is not text, unless it holds something else.
+
+    A message may have no text when it calls a tool or refuses (``refusal``); anything else
+    (a number, an object, or null with neither) is not an answer.
+
+    Raises:
+        ResponseFormatError: The message holds no answer (not retryable).
+    """
+    if content is None:
+        if message.get("tool_calls") or message.get("function_call") or message.get("refusal"):
+            return
+        raise ResponseFormatError(
+            f"the answer's content is null, with no tool call and no refusal "
+            f"(finish_reason {finish!r})",
+            retryable=False,
+        )
+    raise ResponseFormatError(
+        f"the answer's content is not text: {type(content).__name__} "
+        f"{_truncate(repr(content), 60)}",
+        retryable=False,
+    )
 
 
 def _join_parts(content: Any) -> str | None:

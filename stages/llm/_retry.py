@@ -10,7 +10,9 @@ and the policy the caller runs every row's attempts through (:meth:`Retry.run`):
   (``uniform(0, min(backoff_cap, backoff_base * 2**n))``), never shorter than the server's
   ``Retry-After``;
 - a row makes at most ``1 + max_retries`` attempts and never runs past its ``deadline_s``:
-  a wait that would end past the deadline dead-letters the row now instead of sleeping blindly.
+  a wait that would end past the deadline dead-letters the row now instead of sleeping blindly;
+- a server may not make a row wait longer than ``max_retry_after``: a ``Retry-After`` past it
+  (a daily quota's ``86400``) dead-letters the row at once, saying what the server asked.
 
 The first attempt runs bare (most rows need none of this, and tenacity costs tens of
 microseconds per row); only its failure starts a tenacity loop, which replays that failure as
@@ -73,6 +75,9 @@ class Retry:
             how long every worker pauses after a 429 that gives no ``Retry-After``.
         backoff_cap: Largest backoff ceiling in seconds.
         deadline_s: Overall time a row may take, waits and retries included (``None``: none).
+        max_retry_after: The longest ``Retry-After`` honoured, in seconds: a row the server
+            asks to wait longer is dead-lettered at once with the server's figure, and nobody
+            else is paused for it (``None``: any wait is honoured).
         on_error: What to do with an unexpected exception, one that is not a failed request
             (see :data:`pipeline._stage.OnError`).
 
@@ -84,6 +89,7 @@ class Retry:
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
     deadline_s: float | None = None
+    max_retry_after: float | None = 600.0
     on_error: OnError = "dead_letter"
 
     def __post_init__(self) -> None:
@@ -95,6 +101,13 @@ class Retry:
             raise ConfigError(f"backoff_cap must be > 0, got {self.backoff_cap}")
         if self.deadline_s is not None and self.deadline_s <= 0:
             raise ConfigError(f"deadline_s must be > 0 or None, got {self.deadline_s}")
+        if self.max_retry_after is not None and self.max_retry_after < 0:
+            raise ConfigError(f"max_retry_after must be >= 0 or None, got {self.max_retry_after}")
+
+    def honours(self, retry_after: float | None) -> bool:
+        """Whether a server's ``Retry-After`` of ``retry_after`` seconds is waited for."""
+        cap = self.max_retry_after
+        return retry_after is None or cap is None or retry_after <= cap
 
     def deadline(self, started: float) -> float | None:
         """Return the ``perf_counter`` time a row started at ``started`` must be done by."""
@@ -194,7 +207,14 @@ class Retry:
         if isinstance(error, DeadlineExceededError) or not error.retryable:
             error.attempts = attempts
             return error
-        if policy.past_deadline:
+        if policy.too_long and not policy.past_deadline:
+            message = (
+                f"the server asked to retry after {error.retry_after:g}s, longer than "
+                f"max_retry_after ({self.max_retry_after:g}s) allows; not waiting "
+                f"(attempt {attempts}): {error}"
+            )
+            cls: type[LLMCallError] = LLMCallError
+        elif policy.past_deadline:
             if error.retry_after is not None and policy.wanted >= error.retry_after:
                 why = (
                     f"server asked to retry after {error.retry_after:g}s, past the row's "
@@ -203,7 +223,7 @@ class Retry:
             else:
                 why = f"row deadline of {self.deadline_s:g}s reached"
             message = f"{why} after {attempts} attempt(s): {error}"
-            cls: type[LLMCallError] = DeadlineExceededError
+            cls = DeadlineExceededError
         else:
             message = f"gave up after {attempts} attempt(s): {error}"
             cls = LLMCallError
@@ -227,7 +247,7 @@ class RowPolicy:
         scrub: Removes secrets from an error's text before it is logged or traced.
     """
 
-    __slots__ = ("deadline", "log", "past_deadline", "retry", "scrub", "wanted")
+    __slots__ = ("deadline", "log", "past_deadline", "retry", "scrub", "too_long", "wanted")
 
     def __init__(
         self,
@@ -242,6 +262,7 @@ class RowPolicy:
         self.log = log or logging.getLogger("stages.llm")
         self.scrub = scrub
         self.past_deadline = False
+        self.too_long = False  # the server asked for a wait past max_retry_after
         self.wanted = 0.0
 
     def wait(self, state: RetryCallState) -> float:
@@ -260,17 +281,18 @@ class RowPolicy:
         retry_after = getattr(error, "retry_after", None)
         if isinstance(retry_after, (int, float)) and retry_after > delay:
             delay = float(retry_after)
+            self.too_long = not retry.honours(delay)
         self.wanted = delay
         return delay
 
     def stop(self, state: RetryCallState) -> bool:
-        """Stop after ``1 + max_retries`` attempts, or when the next try would miss the deadline."""
+        """Stop after the last attempt, at a wait past ``max_retry_after``, or at the deadline."""
         if state.attempt_number >= 1 + self.retry.max_retries:
             return True
         if self.deadline is not None and _perf() + state.upcoming_sleep >= self.deadline:
             self.past_deadline = True
             return True
-        return False
+        return self.too_long
 
     def before_sleep(self, state: RetryCallState) -> None:
         """Note the retry on the row's span (never at INFO in the log: it is per request)."""

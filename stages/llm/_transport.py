@@ -60,6 +60,9 @@ class HTTP:
         timeout: Seconds one attempt may take in total.
         idle_timeout: Seconds a stream may stay silent between chunks (or a body stall after
             its headers) before the attempt is retried.
+        max_response_bytes: The largest response body (or stream) read: a larger one fails
+            its row (not retried) as soon as its ``Content-Length`` or its bytes so far say so,
+            without being read whole.
         cache: A :class:`~stages.llm._cache.ResponseCache`: answers are looked up before
             sending and stored after.
 
@@ -72,10 +75,11 @@ class HTTP:
     connect_timeout: float = 10.0
     timeout: float = 600.0
     idle_timeout: float = 60.0
+    max_response_bytes: int = 10_000_000
     cache: ResponseCache | None = None
 
     def __post_init__(self) -> None:
-        for label in ("timeout", "connect_timeout", "idle_timeout"):
+        for label in ("timeout", "connect_timeout", "idle_timeout", "max_response_bytes"):
             value = getattr(self, label)
             if value <= 0:
                 raise ConfigError(f"{label} must be > 0, got {value}")
@@ -172,18 +176,43 @@ class HTTPTransport:
         (A stream's silences are bounded by aiohttp's ``sock_read`` instead; a plain request
         may legitimately wait long for its headers while the model generates.)
         """
+        limit = self.http.max_response_bytes
+        length = resp.content_length
+        if length is not None and length > limit:
+            raise self.too_large(f"{length:,} bytes (Content-Length)", resp.status)
         if resp.content.is_eof():
             # the whole body came with the headers (most small answers): no timer
             return await resp.read()
         raw: bytes | None = None
         with anyio.move_on_after(self.http.idle_timeout):
-            raw = await resp.read()
+            raw = await self._read_at_most(resp, limit)
         if raw is None:
             raise LLMCallError(
                 f"response body stalled for more than {self.http.idle_timeout:g}s",
                 retryable=True,
             )
         return raw
+
+    async def _read_at_most(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+        """Read a body of unknown or announced length, failing once it passes ``limit``."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise self.too_large(f"more than {limit:,} bytes so far", resp.status)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def too_large(self, what: str, status: int) -> LLMCallError:
+        """The error of a response past ``max_response_bytes`` (not retried: it would be again)."""
+        limit = self.http.max_response_bytes
+        return LLMCallError(
+            f"response body too large: {what}, over max_response_bytes ({limit:,}); "
+            "not read further",
+            status=status,
+            retryable=False,
+        )
 
     async def stream(
         self,
@@ -199,7 +228,12 @@ class HTTPTransport:
         """
         decoder = SSEDecoder()
         assembler = provider.stream_assembler()
+        limit = self.http.max_response_bytes
+        size = 0
         async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise self.too_large(f"a stream of more than {limit:,} bytes so far", resp.status)
             for event in decoder.feed(chunk):
                 delta = assembler.feed(event)
                 if on_delta is not None and delta:
@@ -231,7 +265,9 @@ def parse_answer(
             return provider.parse_embeddings(data, count)
         return provider.parse_chat(data)
     except ResponseFormatError as exc:
-        raise LLMCallError(scrub(f"malformed answer: {exc}"), status=200, retryable=True) from None
+        raise LLMCallError(
+            scrub(f"malformed answer: {exc}"), status=200, retryable=exc.retryable
+        ) from None
 
 
 def encode_body(body: Any) -> bytes:
