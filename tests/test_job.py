@@ -460,12 +460,13 @@ async def test_budget_stops_reading_and_resume_finishes(tmp_path: Path) -> None:
         )  # fmt: skip
         stopped = await run_job(settings)
         assert stopped.stopped is not None and "budget of $0.1 reached" in stopped.stopped
-        assert not stopped.complete and 0 < stopped.ok < 100
-        # stopped before crossing: only the rows already read (a few) went after the stop
-        assert 0.07 < stopped.cost_usd <= 0.1 + 0.03 * 4
+        assert not stopped.complete and 0 < stopped.ok < 100 and stopped.failed == 0
+        # never past the budget: rows already read when it stopped are left unsent
+        assert 0.07 < stopped.cost_usd <= 0.1 == stopped.budget_usd
+        assert stopped.unsent == 100 - stopped.ok
         done = await run_job(settings.replace(resume=True, budget=None))
         assert sim.counters()["requests"] == 100
-    assert done.complete and done.total_ok == 100
+    assert done.complete and done.total_ok == 100 and done.unsent == 0
 
 
 async def test_ordered_id_field_and_formats(tmp_path: Path) -> None:

@@ -275,6 +275,8 @@ def run_command(argv: Sequence[str]) -> int:
         print_error(_nothing_succeeded(summary))
     if not summary.complete:
         left = f"{summary.total_ok + summary.total_failed:,} rows done so far"
+        if summary.unsent is not None:
+            left += f", {summary.unsent:,} left unsent"
         message = f"stopped before the end ({summary.stopped}): {left}"
         print_error(f"{message}; run the same command with --resume to continue")
     _write_summary(settings.summary_json, summary, status, message)

@@ -224,6 +224,10 @@ def summary_table(summary: JobSummary) -> str:
             )
     elif summary.stopped:
         rows.append(("stopped", summary.stopped))
+        if summary.unsent is not None:
+            rows.append(("unsent", f"{_count(summary.unsent)} rows (sent by --resume)"))
+    if summary.budget_usd is not None:
+        rows.append(("budget", f"{_cost(summary.cost_usd)} spent of {_cost(summary.budget_usd)}"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
 

@@ -179,6 +179,7 @@ class _Source(Source[Any]):
                     await job.fail_unsent(chunk, i, text)
                     continue
                 await outbox.emit(record, key=position, origin=f"row {position}")
+                job.in_flight.add(position)
                 chunk.next = i + 1
             await job.flush()
 
@@ -220,6 +221,7 @@ class FrameJob:
         self._pending: collections.deque[Chunk] = collections.deque()
         self._starts: list[int] = []
         self._pending_rows = 0
+        self.in_flight: set[int] = set()  # positions handed to the caller, not settled yet
         self._room = anyio.Event()
         self._send: MemoryObjectSendStream[Chunk] | None = None
         self._flush_lock = anyio.Lock()
@@ -360,6 +362,9 @@ class FrameJob:
         if self.stop_reason is None:
             return
         text = f"not sent: the job stopped ({self.stop_reason})"
+        for position in sorted(self.in_flight):  # read, but the caller left them unsent
+            chunk = self._chunk_of(position)
+            await self.fail_unsent(chunk, position - chunk.start, text)
         for chunk in list(self._pending):
             for index in range(chunk.next, chunk.size):
                 chunk.next = index + 1
@@ -430,6 +435,7 @@ class FrameJob:
         chunk.answers[index] = answer
         chunk.errors[index] = error
         chunk.remaining -= 1
+        self.in_flight.discard(chunk.start + index)
 
     async def flush(self) -> None:
         """Hand every finished chunk at the head of the queue to the consumer, in order."""

@@ -279,6 +279,8 @@ class LocalJob:
         else:
             await anyio.to_thread.run_sync(journal.close)
             self.stopped = self.stopped or "cancelled"
+            if self.total is None:  # the rows left unsent need the input's count
+                await self._count()
         summary = self._summary(report, complete=complete)
         if self.options.on_progress is not None:
             await call_progress(self.options.on_progress, self._progress(final=True))
@@ -392,6 +394,7 @@ class LocalJob:
             previous=previous,
             stopped=self.stopped,
             complete=complete,
+            total=self.total,
         )
         router = None if self.caller is None else self.caller.router
         if router is not None:

@@ -116,6 +116,10 @@ class JobSummary:
         batch: Batch engine only: the batches (see :class:`JobProgress`), with the cost at
             batch prices and what the same tokens would have cost online.
         endpoints: With several endpoints: each one's figures (see :class:`JobProgress`).
+        unsent: Input rows with neither an answer nor a dead letter after a run that stopped
+            early (a budget, Ctrl-C): ``--resume`` sends them. ``None`` when the input's rows
+            could not be counted (standard input).
+        budget_usd: The budget of the run, if it had one (``cost_usd`` is what it spent).
     """
 
     rows_in: int = 0
@@ -140,6 +144,8 @@ class JobSummary:
     engine: str = "local"
     batch: dict[str, Any] | None = None
     endpoints: list[dict[str, Any]] | None = None
+    unsent: int | None = 0
+    budget_usd: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as JSON-ready data."""
@@ -340,6 +346,7 @@ def make_summary(
     previous: tuple[int, int] = (0, 0),
     stopped: str | None = None,
     complete: bool = False,
+    total: int | None = None,
 ) -> JobSummary:
     """Return the summary of a run.
 
@@ -352,8 +359,11 @@ def make_summary(
         previous: Output rows and dead-letter records of earlier runs of the job.
         stopped: Why the run stopped before the end of the input.
         complete: Whether the job's files are published.
+        total: Rows of the whole input, when counted (for the rows left unsent).
     """
     elapsed = time.perf_counter() - started
+    done = previous[0] + previous[1] + tally.ok + tally.failed
+    unsent = 0 if complete else (None if total is None else max(total - done, 0))
     dead_letter = settings.dead_letter_path()
     if dead_letter is not None and complete and not os.path.exists(dead_letter):
         dead_letter = None  # published without failures: there is no dead-letter file
@@ -378,6 +388,8 @@ def make_summary(
         output=settings.output,
         dead_letter=dead_letter,
         engine=engine,
+        unsent=unsent,
+        budget_usd=settings.budget,
     )
 
 

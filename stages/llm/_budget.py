@@ -4,8 +4,10 @@ A :class:`Budget` holds reservations. Before a request goes out, its worst-case 
 prompt tokens counted, ``max_tokens`` for the answer) is reserved; a reservation that would
 take spent plus reserved past the limit is refused. When the answer arrives the reservation
 is settled at the real cost (usually less); a request that failed without being billed
-releases it. What a caller does with a refusal is its own policy (the LLM caller stops
-reading input: see :class:`~stages.llm._output.Output`).
+releases it. What a caller does with a refusal is its own policy: the LLM caller stops
+reading input and leaves every row it has not sent yet unsent (:class:`BudgetReachedError`),
+neither answered nor dead-lettered, so that a resumed job sends them (see
+:class:`~stages.llm._output.Output`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ import math
 from typing import NamedTuple
 
 from pipeline._errors import ConfigError
+
+
+class BudgetReachedError(Exception):
+    """A request was not sent: its worst-case cost would take spending past the budget.
+
+    Not a failure of the row: the caller leaves the row unsent (no answer, no dead letter),
+    and a job's journal does not record it, so ``--resume`` with a higher budget sends it.
+    """
 
 
 class BudgetStatistics(NamedTuple):
@@ -76,10 +86,6 @@ class Budget:
             return False
         self._reserved += usd
         return True
-
-    def force(self, usd: float) -> None:
-        """Reserve ``usd`` whatever the limit (a request that goes anyway)."""
-        self._reserved += usd
 
     def settle(self, reserved_usd: float, actual_usd: float) -> None:
         """Replace a reservation of ``reserved_usd`` by the request's real cost."""

@@ -62,6 +62,7 @@ from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
 from pipeline._stage import Inbox, ItemStage, Outbox
 from stages._batch import split_batch
 from stages.llm._admission import CURRENT_SEAT, Admission, Limits, Seat
+from stages.llm._budget import BudgetReachedError
 from stages.llm._cache import ResponseCache
 from stages.llm._errors import (
     AuthenticationError,
@@ -426,12 +427,19 @@ class LLMCaller(ItemStage[Any, Any]):
                 try:
                     with outbox.span(env):
                         await handle(env, outbox)
+                except BudgetReachedError:
+                    self.leave_unsent(env, outbox)
                 except Exception as error:  # cancellation is BaseException: never caught here
                     await outbox.handle_error(env, error)
                 stats.busy_s += _perf() - started
         finally:
             seat.give_up()
             CURRENT_SEAT.reset(token)
+
+    def leave_unsent(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
+        """Leave a row the budget did not let go: no answer, no dead letter (resume sends it)."""
+        self.totals.unsent += env.count
+        outbox.drop(env)
 
     async def handle(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         """Answer one row, or every member of a batch envelope."""
@@ -462,6 +470,9 @@ class LLMCaller(ItemStage[Any, Any]):
         async def one(member: Envelope[Any]) -> None:
             try:
                 value = await self._answer_row(member, outbox)
+            except BudgetReachedError:
+                self.leave_unsent(member, outbox)
+                return
             except Exception as error:
                 if self.should_dead_letter(error):
                     await outbox.fail(member, error)

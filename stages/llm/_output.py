@@ -34,7 +34,7 @@ from opentelemetry import trace
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError
 from pipeline._stage import Outbox
-from stages.llm._budget import Budget
+from stages.llm._budget import Budget, BudgetReachedError
 from stages.llm._errors import InvalidOutputError
 from stages.llm._providers import Answer
 from stages.llm._sse import Usage
@@ -106,8 +106,8 @@ class CallerTotals:
         rate_limited: Responses that asked us to slow down (429, 503, 529).
         isolated_429s: Of those, 429s while the server reported plenty remaining: only their
             row backed off.
-        over_budget: Requests sent after the budget stopped the input (rows already read):
-            the only spending that can pass the budget.
+        unsent: Rows read but left unsent because the budget was reached (neither answered
+            nor dead-lettered: a resumed job sends them).
         unknown_usage: Answers whose token usage the server did not report.
         in_flight: HTTP attempts on the wire now.
         statuses: Responses by HTTP status (an attempt that got no response is not counted).
@@ -124,7 +124,7 @@ class CallerTotals:
     reasks: int = 0
     rate_limited: int = 0
     isolated_429s: int = 0
-    over_budget: int = 0
+    unsent: int = 0
     unknown_usage: int = 0
     in_flight: int = 0
     statuses: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -264,8 +264,9 @@ class Output:
             worst-case cost (its prompt, ``max_tokens`` of answer, 256 when not set) before it
             is sent and settles at the real cost. When the next request's worst case would
             cross the budget (once the requests in flight have settled), the run stops
-            reading input; the rows already read finish, the rest are left unsent (resume
-            with a higher budget).
+            reading input and sends nothing more: the requests in flight finish, the rows
+            already read are left unsent (counted in ``CallerTotals.unsent``, neither
+            answered nor dead-lettered), so a resumed job sends them with a higher budget.
 
     Raises:
         ConfigError: An unknown form, a negative ``reask``, a bad schema, or a budget
@@ -396,6 +397,7 @@ class Ledger:
         "log",
         "model",
         "prices",
+        "reason",
         "stage",
         "stopping",
         "totals",
@@ -419,6 +421,7 @@ class Ledger:
         self.log = log
         self.totals = totals
         self.stopping = False
+        self.reason: str | None = None
         self.warned: set[str] = set()
 
     async def reserve(self, outbox: Outbox[Any], prompt_tokens: int, answer_tokens: int) -> float:
@@ -426,22 +429,24 @@ class Ledger:
 
         While other reservations are outstanding, a request that does not fit waits for them
         to settle (answers usually cost less than their worst case). When none is left and it
-        still does not fit, the run stops reading input (a graceful stop: the rows already
-        read still go, and are all the overshoot there can be); so does every later request.
+        still does not fit, the run stops reading input and no request is sent from then on:
+        spending never passes the budget (as long as the worst case holds: the prompt's
+        request bytes / 4 tokens, and ``max_tokens``).
+
+        Raises:
+            BudgetReachedError: The request is not sent (its row is left unsent).
         """
         budget = self.budget
         price = self.price(None) if budget is not None else None
         if budget is None or price is None:
             return 0.0
         worst = (prompt_tokens * price.prompt + answer_tokens * price.completion) / 1e6
-        while not budget.reserve(worst):
+        while self.stopping or not budget.reserve(worst):
             stats = budget.statistics()
             if self.stopping or stats.reserved_usd <= 1e-12:
                 self._stop(outbox, f"${stats.spent_usd:.4f} spent, the next request's worst case "
                            f"${worst:.6f}")  # fmt: skip
-                self.totals.over_budget += 1
-                budget.force(worst)
-                return worst
+                raise BudgetReachedError(self.reason or "budget reached")
             if self.freed.is_set():
                 self.freed = anyio.Event()
             await self.freed.wait()
@@ -494,7 +499,12 @@ class Ledger:
             return
         self.stopping = True
         reason = f"budget of ${self.budget_usd:g} reached by stage {self.stage!r} ({spent})"
-        self.log.warning("%s; no new rows are read, rows in flight finish", reason)
+        self.reason = reason
+        self.log.warning(
+            "%s; no new request is sent: requests in flight finish, the rows not sent are left"
+            " for a resume",
+            reason,
+        )
         outbox.request_stop(reason)
 
     def price(self, answered: str | None) -> Price | None:
