@@ -128,3 +128,62 @@ def test_the_cli_says_what_was_spent_and_how_many_rows_were_left_unsent(
     assert f"unsent    {data['unsent']} rows (sent by --resume)" in captured.out
     assert "spent of $0.1000" in captured.out
     assert f"{data['unsent']} left unsent" in captured.err
+
+
+# -- the preflight estimate ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_estimate_adds_up_the_worst_cases_the_budget_reserves_and_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    from pipeline.jobs import estimate_job
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps(row) + "\n" for row in rows(30)) + '{"id": 30}\n' + "not json\n"
+    )
+    async with serve() as sim:
+        settings = JobSettings(
+            input=str(source), output=str(tmp_path / "out.jsonl"), model="sim-1",
+            prompt="Say hello to {name}", base_url=sim.url, prices={"sim-1": PRICES},
+            params={"max_tokens": 4}, budget=0.5,
+        )  # fmt: skip
+        estimate = await estimate_job(settings)
+        assert sim.counters()["requests"] == 0  # nothing sent
+        # the same worst case the run reserves, row by row: its bytes / 4 and max_tokens
+        caller = LLMCaller(model="sim-1", prompt="Say hello to {name}", base_url=sim.url,
+                           params={"max_tokens": 4})  # fmt: skip
+        assert caller.provider is not None
+        sizes = [
+            len(json.dumps(caller.provider.chat_body("sim-1", [{"role": "user", "content":
+                f"Say hello to {row['name']}"}], None, {"max_tokens": 4}, False),
+                separators=(",", ":"))) // 4
+            for row in rows(30)
+        ]  # fmt: skip
+    assert (estimate.rows, estimate.bad_rows) == (30, 2)  # a missing field, a bad line
+    assert estimate.prompt_tokens == sum(sizes) and estimate.answer_tokens == 30 * 4
+    expected = (sum(sizes) * PRICES[0] + 30 * 4 * PRICES[1]) / 1e6
+    assert estimate.cost_usd == pytest.approx(expected)
+    assert not (tmp_path / "out.jsonl").exists()
+    lines = estimate.lines("sim-1")
+    assert lines[0] == "estimate for 30 rows (model 'sim-1'; nothing sent):"
+    assert any(line.startswith(f"  cost           at most ${expected:,.4f}") for line in lines)
+    assert lines[-1].endswith("the worst case " + ("fits" if expected <= 0.5 else "does not fit"))
+
+
+def test_the_estimate_flag_prints_it_and_sends_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows(12)))
+    with ThreadSim() as sim:
+        argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", "gpt-4o-mini",
+                "--base-url", sim.url, "--prompt", "Say hello to {name}", "--estimate"]  # fmt: skip
+        status = main(argv)
+        assert sim.counters()["requests"] == 0
+    assert status == 0
+    out = capsys.readouterr().out
+    assert out.startswith("estimate for 12 rows (model 'gpt-4o-mini'; nothing sent):")
+    assert "answer tokens  at most 3,072 (256 per row)" in out and "cost           at most $" in out
+    assert not list(tmp_path.glob("out.jsonl*"))

@@ -153,6 +153,7 @@ PINNED: dict[str, list[str]] = {
         "sample_fields",
     ],
     "pipeline.jobs": [
+        "JobEstimate",
         "JobFailedError",
         "JobLock",
         "JobLockedError",
@@ -162,6 +163,7 @@ PINNED: dict[str, list[str]] = {
         "Journal",
         "ResumeError",
         "build_caller",
+        "estimate_job",
         "preflight",
         "read_job_file",
         "release_caller",

@@ -228,6 +228,12 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--budget", type=_number, default=s, metavar="USD", help="stop reading input at this cost"
     )
+    limits.add_argument(
+        "--estimate",
+        action="store_true",
+        default=False,
+        help="print what the whole job would cost at most, send nothing, and exit",
+    )
 
 
 def _file_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,14 @@ from pipeline.cli._common import (
 from pipeline.cli._help import RUN_EXAMPLES, RUN_USAGE
 from pipeline.cli._observe import RunObserver
 from pipeline.cli._progress import ProgressDisplay, summary_table
-from pipeline.jobs import JobFailedError, JobSettings, JobSummary, read_job_file, run_job
+from pipeline.jobs import (
+    JobFailedError,
+    JobSettings,
+    JobSummary,
+    estimate_job,
+    read_job_file,
+    run_job,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +234,21 @@ async def _run_async(
     return summary
 
 
+def _estimate(settings: JobSettings) -> int:
+    """Print the job's preflight cost estimate (``--estimate``); send nothing."""
+    try:
+        estimate = anyio.run(estimate_job, settings)
+    except ConfigError as error:
+        print_error(str(error))
+        return EXIT_USAGE
+    except OSError as error:
+        print_error(f"cannot read {settings.input!r}: {error.strerror or error}")
+        return EXIT_FATAL
+    sys.stdout.write("\n".join(estimate.lines(settings.model)) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 def run_command(argv: Sequence[str]) -> int:
     """Run ``llm-pipeline run ...``; return the exit status."""
     parser = Parser(
@@ -239,6 +261,7 @@ def run_command(argv: Sequence[str]) -> int:
     add_run_arguments(parser)
     args = vars(parser.parse_args(list(argv)))  # usage errors exit 2 here
     debug = bool(args.pop("debug", False))
+    estimate = bool(args.pop("estimate", False))
     interval = args.pop("progress_interval", None)
     metrics_port = args.pop("metrics_port", None)
     try:
@@ -247,6 +270,8 @@ def run_command(argv: Sequence[str]) -> int:
     except ConfigError as error:
         print_error(str(error))
         return EXIT_USAGE
+    if estimate:
+        return _estimate(settings)
     display = None if settings.quiet else ProgressDisplay()
     if interval is None:
         interval = 0.2 if display is not None and display.tty else 5.0

@@ -11,14 +11,17 @@ with every row exactly once::
 The modules: ``_settings`` (:class:`JobSettings`, job files), ``_caller`` (the caller settings
 describe), ``_journal`` (resume and atomic publish), ``_lock`` (:class:`JobLock`: one process
 per job), ``_progress`` (progress and summary, one implementation for every engine), ``_local``
-and ``_ray`` (the engines; ``_parts`` holds the Ray engine's files) and ``_run``
-(:func:`run_job`, which takes the lock and picks the engine).
+and ``_ray`` (the engines; ``_parts`` holds the Ray engine's files), ``_run``
+(:func:`run_job`, which takes the lock and picks the engine) and ``_estimate``
+(:func:`estimate_job`: what a job would cost, before anything is sent).
 """
 
 from pipeline.jobs._caller import build_caller as build_caller
 from pipeline.jobs._caller import preflight as preflight
 from pipeline.jobs._caller import release_caller as release_caller
 from pipeline.jobs._caller import setup_failure as setup_failure
+from pipeline.jobs._estimate import JobEstimate as JobEstimate
+from pipeline.jobs._estimate import estimate_job as estimate_job
 from pipeline.jobs._journal import Journal as Journal
 from pipeline.jobs._journal import ResumeError as ResumeError
 from pipeline.jobs._lock import JobLock as JobLock
@@ -32,6 +35,7 @@ from pipeline.jobs._settings import JobSettings as JobSettings
 from pipeline.jobs._settings import read_job_file as read_job_file
 
 __all__ = [
+    "JobEstimate",
     "JobFailedError",
     "JobLock",
     "JobLockedError",
@@ -41,6 +45,7 @@ __all__ = [
     "Journal",
     "ResumeError",
     "build_caller",
+    "estimate_job",
     "preflight",
     "read_job_file",
     "release_caller",
