@@ -108,6 +108,8 @@ FLAGS: list[tuple[list[str], str, Any]] = [
     (["--output-format", "parquet"], "output_format", "parquet"),
     (["--batch-size", "16"], "batch_size", 16),
     (["--grace", "3"], "grace", 3.0),
+    (["--max-retry-after", "30"], "max_retry_after", 30.0),
+    (["--max-response-mb", "2.5"], "max_response_mb", 2.5),
 ]
 
 

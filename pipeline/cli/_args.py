@@ -231,7 +231,7 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--estimate",
         action="store_true",
-        default=False,
+        default=s,
         help="print what the whole job would cost at most, send nothing, and exit",
     )
 

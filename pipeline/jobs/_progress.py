@@ -117,8 +117,8 @@ class JobSummary:
             batch prices and what the same tokens would have cost online.
         endpoints: With several endpoints: each one's figures (see :class:`JobProgress`).
         unsent: Input rows with neither an answer nor a dead letter after a run that stopped
-            early (a budget, Ctrl-C): ``--resume`` sends them. ``None`` when the input's rows
-            could not be counted (standard input).
+            early (a budget, Ctrl-C): ``--resume`` sends them; 0 once the job is complete.
+            ``None`` when the input's rows could not be counted (standard input).
         budget_usd: The budget of the run, if it had one (``cost_usd`` is what it spent).
     """
 
@@ -144,7 +144,7 @@ class JobSummary:
     engine: str = "local"
     batch: dict[str, Any] | None = None
     endpoints: list[dict[str, Any]] | None = None
-    unsent: int | None = 0
+    unsent: int | None = None
     budget_usd: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
