@@ -17,11 +17,9 @@ from pipeline._envelope import Failed
 from pipeline.jobs._caller import build_caller
 from pipeline.jobs._settings import JobSettings
 from stages.files import open_source
+from stages.llm._budget import answer_reserve
 from stages.llm._prompt import chat_messages, embedding_text
 from stages.llm._transport import encode_body
-
-DEFAULT_ANSWER_TOKENS = 256
-"""Tokens reserved for an answer when ``max_tokens`` is not set (as the caller does)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,10 +86,7 @@ async def estimate_job(settings: JobSettings) -> JobEstimate:
     caller = build_caller(settings, open_resources=False)
     provider = caller.provider
     embeddings = settings.endpoint == "embeddings"
-    reserved = settings.params.get("max_tokens") or settings.params.get("max_completion_tokens")
-    max_tokens = (
-        0 if embeddings else (reserved if isinstance(reserved, int) else DEFAULT_ANSWER_TOKENS)
-    )
+    max_tokens = answer_reserve(caller) or 0
     rows = bad = prompt_tokens = 0
 
     def size(record: Any) -> int:
@@ -137,4 +132,4 @@ async def estimate_job(settings: JobSettings) -> JobEstimate:
     )
 
 
-__all__ = ["DEFAULT_ANSWER_TOKENS", "JobEstimate", "estimate_job"]
+__all__ = ["JobEstimate", "estimate_job"]

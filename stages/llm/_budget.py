@@ -13,9 +13,26 @@ neither answered nor dead-lettered, so that a resumed job sends them (see
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pipeline._errors import ConfigError
+
+DEFAULT_ANSWER_TOKENS = 256
+"""Tokens reserved for a chat answer when ``max_tokens`` is not set."""
+
+
+def answer_reserve(caller: Any) -> int | None:
+    """Return the tokens a caller reserves for each answer (``None`` for embeddings).
+
+    Its ``max_tokens`` (or ``max_completion_tokens``), else :data:`DEFAULT_ANSWER_TOKENS`. The
+    worst case the budget reserves, the ``otpm`` limit's reservation and the job's preflight
+    estimate all use it.
+    """
+    if caller.endpoint != "chat":
+        return None
+    params = caller.params
+    reserved = params.get("max_tokens") or params.get("max_completion_tokens")
+    return int(reserved) if isinstance(reserved, int) else DEFAULT_ANSWER_TOKENS
 
 
 class BudgetReachedError(Exception):

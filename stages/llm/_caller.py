@@ -62,7 +62,7 @@ from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
 from pipeline._stage import Inbox, ItemStage, Outbox
 from stages._batch import split_batch
 from stages.llm._admission import CURRENT_SEAT, Admission, Limits, Seat
-from stages.llm._budget import BudgetReachedError
+from stages.llm._budget import BudgetReachedError, answer_reserve
 from stages.llm._cache import ResponseCache
 from stages.llm._errors import (
     AuthenticationError,
@@ -309,7 +309,7 @@ class LLMCaller(ItemStage[Any, Any]):
             key = os.environ.get(env) or None
         self.totals = totals = CallerTotals()
         self._first_checked = False
-        admission = Admission(self.limits, self.limiter, totals, self._completion_default())
+        admission = Admission(self.limits, self.limiter, totals, answer_reserve(self))
         transport: HTTPTransport | None = None
         provider = self.provider
         if provider is not None:
@@ -361,13 +361,6 @@ class LLMCaller(ItemStage[Any, Any]):
         )  # fmt: skip
         run.chat_parts = None  # each endpoint gets its own body (its model, its provider)
         return self.router
-
-    def _completion_default(self) -> int | None:
-        """Tokens a chat answer is expected to use before any is seen (``None``: embeddings)."""
-        if self.endpoint != "chat":
-            return None
-        est = self.params.get("max_tokens") or self.params.get("max_completion_tokens")
-        return int(est) if isinstance(est, int) else 256
 
     def _chat_parts(self) -> tuple[str, str] | None:
         """The pre-encoded body parts of a one-message chat request (see ``_prompt``).
@@ -428,18 +421,13 @@ class LLMCaller(ItemStage[Any, Any]):
                     with outbox.span(env):
                         await handle(env, outbox)
                 except BudgetReachedError:
-                    self.leave_unsent(env, outbox)
+                    self.run_state.ledger.leave_unsent(env, outbox)
                 except Exception as error:  # cancellation is BaseException: never caught here
                     await outbox.handle_error(env, error)
                 stats.busy_s += _perf() - started
         finally:
             seat.give_up()
             CURRENT_SEAT.reset(token)
-
-    def leave_unsent(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
-        """Leave a row the budget did not let go: no answer, no dead letter (resume sends it)."""
-        self.totals.unsent += env.count
-        outbox.drop(env)
 
     async def handle(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         """Answer one row, or every member of a batch envelope."""
@@ -471,7 +459,7 @@ class LLMCaller(ItemStage[Any, Any]):
             try:
                 value = await self._answer_row(member, outbox)
             except BudgetReachedError:
-                self.leave_unsent(member, outbox)
+                self.run_state.ledger.leave_unsent(member, outbox)
                 return
             except Exception as error:
                 if self.should_dead_letter(error):

@@ -452,6 +452,11 @@ class Ledger:
             await self.freed.wait()
         return worst
 
+    def leave_unsent(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
+        """Leave a row the budget did not let go: no answer, no dead letter (resume sends it)."""
+        self.totals.unsent += env.count
+        outbox.drop(env)
+
     def release(self, reserved: float) -> None:
         """Give back the reservation of a request that was not billed (it failed)."""
         if self.budget is not None and reserved:
