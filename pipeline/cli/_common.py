@@ -39,8 +39,14 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors suggest the flag or command the user meant.
 
     ``--modle gpt-4o`` fails with "unrecognized arguments: --modle gpt-4o (did you mean
-    --model?)", and ``rnu`` with "invalid choice: 'rnu' ... (did you mean run?)".
+    --model?)", and ``rnu`` with "invalid choice: 'rnu' ... (did you mean run?)". Flags are
+    never abbreviated: ``--max-retry=3`` is a typo of ``--max-retries``, not a silent
+    ``--max-retry-after 3``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Print the usage and the error with a did-you-mean, then exit with status 2."""
