@@ -262,3 +262,26 @@ async def test_each_endpoint_shares_its_own_quota_through_redis(
     assert len(answered) == 120
     assert [c["http_429"] for c in counters] == [0, 0]
     assert min(c["requests"] for c in counters) >= 20  # both endpoints carried the job
+
+
+def test_the_service_shares_each_endpoints_limiter_between_jobs(tmp_path: Path) -> None:
+    from pipeline.jobs import build_caller
+    from pipeline.server._manager import JobManager
+
+    manager = JobManager(ServerConfig(data_dir=tmp_path, allowed_key_envs=("KEY_EAST",)))
+    url = "http://127.0.0.1:9/v1"
+    routed = JobSettings(
+        endpoints=[
+            {"name": "a", "base_url": url, "model": "m", "api_key_env": "KEY_EAST", "rpm": 60},
+            {"name": "b", "base_url": url, "model": "n", "api_key_env": "KEY_EAST"},
+        ]
+    )
+    first = manager.endpoint_limiters(routed)
+    second = manager.endpoint_limiters(routed)
+    assert first is not None and second is not None
+    assert [id(x) for x in first] == [id(x) for x in second] and first[0] is not first[1]
+    single = JobSettings(model="m", base_url=url, api_key_env="KEY_EAST")
+    assert manager.limiter_for(single) is first[0]  # one endpoint's quota, whoever sends
+    caller = build_caller(routed, endpoint_limiters=first)
+    assert caller.routing is not None
+    assert [d.limiter for d in caller.routing.endpoints] == first

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,6 +64,7 @@ def build_caller(
     limiter: Any = None,
     open_resources: bool = True,
     schema: Any = None,
+    endpoint_limiters: Sequence[Limiter] | None = None,
 ) -> LLMCaller:
     """Return the :class:`~stages.llm._caller.LLMCaller` that ``settings`` describe.
 
@@ -77,6 +79,8 @@ def build_caller(
             release them with :func:`release_caller`.
         schema: A JSON schema dict or pydantic model every answer must satisfy (structured
             output; see ``Output(schema=...)``).
+        endpoint_limiters: With ``[[endpoints]]``: one limiter per endpoint, in order, to use
+            instead of building them (shared with other jobs on the same endpoints).
 
     Raises:
         ConfigError: The settings do not make a valid caller.
@@ -97,7 +101,8 @@ def build_caller(
         system=settings.system,
         params=params,
         endpoint=settings.endpoint,
-        provider=_routing(settings, open_resources and limiter is None) or settings.provider,
+        provider=_routing(settings, open_resources and limiter is None, endpoint_limiters)
+        or settings.provider,
         base_url=settings.base_url,
         limits=Limits(
             rpm=settings.rpm,
@@ -135,7 +140,9 @@ def build_caller(
     return caller
 
 
-def _routing(settings: JobSettings, open_resources: bool) -> Routing | None:
+def _routing(
+    settings: JobSettings, open_resources: bool, given: Sequence[Limiter] | None = None
+) -> Routing | None:
     """The routing of a job with ``[[endpoints]]``; each endpoint's own Redis limiter if shared.
 
     An endpoint's shared limiter is keyed by its provider, its key's fingerprint and its model,
@@ -143,6 +150,8 @@ def _routing(settings: JobSettings, open_resources: bool) -> Routing | None:
     """
     if not settings.endpoints:
         return None
+    if given is not None:
+        return settings.routing(list(given))
     if not (open_resources and settings.limiter):
         return settings.routing()
     limiters = [

@@ -167,7 +167,12 @@ class LocalJob:
         if settings.trace is not None:
             self.tracer = make_tracer_provider(settings.trace)
         caller = await anyio.to_thread.run_sync(
-            functools.partial(build_caller, settings, limiter=self.options.limiter)
+            functools.partial(
+                build_caller,
+                settings,
+                limiter=self.options.limiter,
+                endpoint_limiters=self.options.endpoint_limiters,
+            )
         )
         self.caller = caller
         try:

@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline._channels import StageStats
@@ -199,6 +199,8 @@ class RunOptions:
             queue depths, waits, tokens per stage); ``None``: the runtime's default.
         input_label: How dead letters name the input in their ``origin`` (``LABEL:LINE``)
             instead of its path: the HTTP server keeps its data directory to itself.
+        endpoint_limiters: With ``[[endpoints]]``: one limiter per endpoint, in order, shared
+            with other jobs on the same endpoint (the HTTP server passes them).
     """
 
     on_progress: ProgressHook | None = None
@@ -208,6 +210,7 @@ class RunOptions:
     limiter: Limiter | None = None
     metrics: MeterProvider | None = None
     input_label: str | None = None
+    endpoint_limiters: Sequence[Limiter] | None = None
 
 
 async def call_progress(hook: ProgressHook, progress: JobProgress) -> None:

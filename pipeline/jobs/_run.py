@@ -15,7 +15,7 @@ are the same.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -51,6 +51,7 @@ async def run_job(
     metrics: MeterProvider | None = None,
     lock: JobLock | None = None,
     input_label: str | None = None,
+    endpoint_limiters: Sequence[Limiter] | None = None,
 ) -> JobSummary:
     """Run a file job to the end (or until stopped) and return its summary.
 
@@ -76,6 +77,8 @@ async def run_job(
             takes it itself, before it touches the journal, and releases it after publishing.
         input_label: How dead letters name the input (``origin``) instead of its path
             (local engine).
+        endpoint_limiters: With ``[[endpoints]]``: one limiter per endpoint, in order, shared
+            with other jobs on the same endpoint (the HTTP server passes them; local engine).
 
     Returns:
         The summary; ``complete`` is true when the files were published.
@@ -95,7 +98,14 @@ async def run_job(
     assert settings.output is not None
     await anyio.to_thread.run_sync(check_job, settings)
     options = RunOptions(
-        on_progress, stop_event, stop_reason, progress_interval, limiter, metrics, input_label
+        on_progress,
+        stop_event,
+        stop_reason,
+        progress_interval,
+        limiter,
+        metrics,
+        input_label,
+        endpoint_limiters,
     )
     engine = "batch" if settings.batch_api else settings.engine
     if lock is not None:

@@ -30,7 +30,11 @@ async def prepared_caller(settings: JobSettings, manager: JobManager) -> Any:
             (a bad key, an unknown model) or cannot be reached.
     """
     try:
-        caller = build_caller(settings, limiter=manager.limiter_for(settings))
+        caller = build_caller(
+            settings,
+            limiter=manager.limiter_for(settings),
+            endpoint_limiters=manager.endpoint_limiters(settings),
+        )
     except ConfigError as error:
         raise RequestError(422, str(error)) from None
     env = caller.key_env()

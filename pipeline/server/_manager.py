@@ -90,6 +90,25 @@ class JobManager:
         own = {n: getattr(settings, n) for n in ("rpm", "tpm", "itpm", "otpm")}
         return job_limiter(shared, own)
 
+    def endpoint_limiters(self, settings: JobSettings) -> list[RateLimiter] | None:
+        """Return one shared limiter per endpoint of a routed job (``None`` without endpoints).
+
+        Each is shared by every job and enrich call on that endpoint, as :meth:`limiter_for`
+        shares one key's: keyed by provider, base URL, key variable and model.
+        """
+        if not settings.endpoints:
+            return None
+        found = []
+        for d in settings.deployments():
+            key = (d.provider, d.base_url, d.api_key_env, d.model)
+            limiter = self._limiters.get(key)
+            if limiter is None:
+                limiter = self._limiters[key] = RateLimiter(rpm=d.rpm, tpm=d.tpm)
+            else:
+                limiter.lower(rpm=d.rpm, tpm=d.tpm)
+            found.append(limiter)
+        return found
+
     @property
     def jobs_dir(self) -> Path:
         """The directory holding one directory per job."""
@@ -381,6 +400,7 @@ class JobManager:
                 progress_interval=self.config.progress_interval,
                 limiter=self.limiter_for(settings),
                 metrics=self.observers.metrics.provider_for(job.id, settings.model),
+                endpoint_limiters=self.endpoint_limiters(settings),
                 lock=lock,
                 input_label=Path(settings.input or "input").name,  # not the server's path
             )
