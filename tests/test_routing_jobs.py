@@ -272,16 +272,18 @@ def test_the_service_shares_each_endpoints_limiter_between_jobs(tmp_path: Path) 
     url = "http://127.0.0.1:9/v1"
     routed = JobSettings(
         endpoints=[
-            {"name": "a", "base_url": url, "model": "m", "api_key_env": "KEY_EAST", "rpm": 60},
-            {"name": "b", "base_url": url, "model": "n", "api_key_env": "KEY_EAST"},
+            {"name": "a", "base_url": url, "model": "m", "api_key_env": "KEY_EAST"},
+            {"name": "b", "base_url": url, "model": "n", "api_key_env": "KEY_EAST", "rpm": 60},
         ]
     )
     first = manager.endpoint_limiters(routed)
     second = manager.endpoint_limiters(routed)
     assert first is not None and second is not None
-    assert [id(x) for x in first] == [id(x) for x in second] and first[0] is not first[1]
+    assert first[0] is second[0] and first[0] is not first[1]
     single = JobSettings(model="m", base_url=url, api_key_env="KEY_EAST")
     assert manager.limiter_for(single) is first[0]  # one endpoint's quota, whoever sends
+    behind = getattr(first[1], "shared", None)  # 'b' sets its own rpm: a private limiter...
+    assert behind is not None and behind is getattr(second[1], "shared", None)  # ...in front
     caller = build_caller(routed, endpoint_limiters=first)
     assert caller.routing is not None
     assert [d.limiter for d in caller.routing.endpoints] == first

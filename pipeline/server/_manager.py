@@ -82,32 +82,34 @@ class JobManager:
         may go slower, the others do not notice.
         """
         key = (settings.provider, settings.base_url, settings.api_key_env, settings.model)
-        shared = self._limiters.get(key)
-        if shared is None:
-            shared = self._limiters[key] = RateLimiter(
-                rpm=self.config.max_rpm, tpm=self.config.max_tpm
-            )
         own = {n: getattr(settings, n) for n in ("rpm", "tpm", "itpm", "otpm")}
-        return job_limiter(shared, own)
+        return job_limiter(self._shared(key), own)
 
-    def endpoint_limiters(self, settings: JobSettings) -> list[RateLimiter] | None:
-        """Return one shared limiter per endpoint of a routed job (``None`` without endpoints).
+    def endpoint_limiters(self, settings: JobSettings) -> list[Limiter] | None:
+        """Return the limiters of a routed job's endpoints, in order (``None`` without).
 
-        Each is shared by every job and enrich call on that endpoint, as :meth:`limiter_for`
-        shares one key's: keyed by provider, base URL, key variable and model.
+        Each endpoint's quota is shared by every job and enrich call on it, as
+        :meth:`limiter_for` shares one key's (and with single-endpoint jobs on the same
+        provider, URL, key variable and model); an endpoint's own ``rpm``/``tpm`` put a private
+        limiter in front of it.
         """
         if not settings.endpoints:
             return None
         found = []
         for d in settings.deployments():
-            key = (d.provider, d.base_url, d.api_key_env, d.model)
-            limiter = self._limiters.get(key)
-            if limiter is None:
-                limiter = self._limiters[key] = RateLimiter(rpm=d.rpm, tpm=d.tpm)
-            else:
-                limiter.lower(rpm=d.rpm, tpm=d.tpm)
-            found.append(limiter)
+            shared = self._shared((d.provider, d.base_url, d.api_key_env, d.model))
+            found.append(job_limiter(shared, {"rpm": d.rpm, "tpm": d.tpm, "itpm": d.itpm,
+                                              "otpm": d.otpm}))  # fmt: skip
         return found
+
+    def _shared(self, key: tuple[Any, ...]) -> RateLimiter:
+        """The limiter of one key's quota (configured only by the operator and the server)."""
+        shared = self._limiters.get(key)
+        if shared is None:
+            shared = self._limiters[key] = RateLimiter(
+                rpm=self.config.max_rpm, tpm=self.config.max_tpm
+            )
+        return shared
 
     @property
     def jobs_dir(self) -> Path:

@@ -52,6 +52,7 @@ def _check_names(config: ServerConfig, given: Mapping[str, Any]) -> None:
                 table.setdefault("api_key_env", table.get("key_env"))
                 table.setdefault("base_url", table.get("url"))
                 _check_target(config, table, f"endpoints[{index}]: ")
+                check_ceilings(config, table)
 
 
 def _check_target(config: ServerConfig, given: Mapping[str, Any], where: str) -> None:
