@@ -79,8 +79,7 @@ def build_caller(
             release them with :func:`release_caller`.
         schema: A JSON schema dict or pydantic model every answer must satisfy (structured
             output; see ``Output(schema=...)``).
-        endpoint_limiters: With ``[[endpoints]]``: one limiter per endpoint, in order, to use
-            instead of building them (shared with other jobs on the same endpoints).
+        endpoint_limiters: One limiter per ``[[endpoints]]`` table, in order, to use instead.
 
     Raises:
         ConfigError: The settings do not make a valid caller.
