@@ -25,6 +25,7 @@ from stages.files import (
     ParquetSink,
     ParquetSource,
     count_rows,
+    encode_record,
     open_sink,
     open_source,
 )
@@ -127,24 +128,26 @@ async def test_id_field_keys_missing_unusable_and_duplicate_ids(tmp_path: Path) 
     assert {f.key: f.item for f in report.failures}[4] == {"id": "a", "v": 4}
 
 
-async def test_skip_keys_skips_done_rows_and_done_rejects(tmp_path: Path) -> None:
+async def test_skip_lines_skips_done_rows_and_done_rejects(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text('{"n": 1}\n{"n": 2}\nbad\n{"n": 4}\nbad\n')
-    source = JsonlSource(path, skip_keys={1, 3, 4})
+    source = JsonlSource(path, skip_lines={1, 3, 4})
     envs, report = await collect(Pipeline(source))
     assert [e.key for e in envs] == [2]
     assert [f.key for f in report.failures] == [5]
     assert source.skipped == 3 and report.rows_in == 2  # skipped rows are not input of this run
 
 
-async def test_skip_keys_with_an_id_field_still_detects_duplicates(tmp_path: Path) -> None:
+async def test_skip_lines_with_an_id_field_still_detects_duplicates(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text('{"id": "x"}\n{"id": "y"}\n{"id": "x"}\n{"id": "x"}\n')
     # run 1 finished "x" (line 1) and dead-lettered the duplicate on line 3
-    source = JsonlSource(path, id_field="id", skip_keys={"x", 3})
+    source = JsonlSource(path, id_field="id", skip_lines={1, 3})
     envs, report = await collect(Pipeline(source))
     assert [e.key for e in envs] == ["y"]
-    assert [f.key for f in report.failures] == [4]
+    assert [(f.key, f.message) for f in report.failures] == [
+        (4, "duplicate id 'x' in field 'id' (first on line 1)")
+    ]
     assert source.skipped == 2
 
 
@@ -444,8 +447,8 @@ async def test_sink_on_a_journal_file_appends_and_does_not_publish(tmp_path: Pat
     journal = JournalFile(str(final) + ".partial", final)
     await Pipeline(jsonl_source_of(tmp_path, 3), JsonlSink(journal)).run()
     assert not final.exists()
-    records = (tmp_path / "out.jsonl.partial").read_bytes().splitlines()
-    assert records == [b'1\t1\t{"i":0}', b'2\t2\t{"i":1}', b'3\t3\t{"i":2}']
+    records = (tmp_path / "out.jsonl.partial").read_bytes()
+    assert records == b"".join(encode_record(i + 1, i + 1, b'{"i":%d}' % i) for i in range(3))
     journal.publish()
     assert final.read_text() == '{"i":0}\n{"i":1}\n{"i":2}\n'
 

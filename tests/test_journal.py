@@ -27,7 +27,7 @@ from stages.files import CsvSink, DeadLetterSink, JsonlSink, JsonlSource
 from stages.files._records import (
     JournalCorruptError,
     JournalFile,
-    KeySet,
+    LineSet,
     build_final,
     encode_record,
     parse_record,
@@ -76,23 +76,36 @@ def files_in(path: Path) -> list[str]:
 
 def test_records_round_trip() -> None:
     record = encode_record(17, "id\twith tab", b'{"a":"x\\ty"}')
-    assert record.count(b"\t") == 2 and record.endswith(b"\n")
+    assert record.count(b"\t") == 3 and record.endswith(b"\n")
     assert parse_record(record) == (17, "id\twith tab", b'{"a":"x\\ty"}\n')
     assert parse_record(encode_record(3, ("a", 1), b"{}"))[1] == ("a", 1)
     with pytest.raises(ValueError):
         parse_record(b'1\t"k"\t{"torn"')
 
 
-def test_key_set() -> None:
-    keys = KeySet([1, 2, 1_000_000, "a", -5, 1 << 40])
-    assert len(keys) == 6
-    for key in (1, 2, 1_000_000, "a", -5, 1 << 40):
-        assert key in keys
-    for key in (0, 3, "1", 999_999, 1 << 41, None, 2.5):
-        assert key not in keys
-    assert [1] not in keys  # unhashable: simply absent
-    keys.add(1)
-    assert len(keys) == 6
+def test_a_record_whose_bytes_changed_fails_its_checksum() -> None:
+    record = encode_record(5, "k", b'{"answer": "yes"}')
+    assert parse_record(record)[0] == 5
+    for damaged in (
+        record.replace(b"yes", b"yeS"),  # a flipped byte
+        record.replace(b'"yes"}', b'"y'),  # cut off, the checksum kept
+        record[:12] + record[-10:],  # cut off in the middle
+    ):
+        with pytest.raises(ValueError, match="damaged"):
+            parse_record(damaged)
+
+
+def test_line_set() -> None:
+    lines = LineSet([1, 2, 1_000_000, 0])
+    assert len(lines) == 4
+    for line in (0, 1, 2, 1_000_000):
+        assert line in lines
+    for other in (3, 999_999, 1 << 41, -1, "1", None, 2.5):
+        assert other not in lines
+    assert lines.add(1) is False and lines.add(3) is True
+    assert len(lines) == 5
+    with pytest.raises(ValueError):
+        lines.add(-5)
 
 
 # -- open: fresh, refusals, overwrite ------------------------------------------------------
@@ -225,16 +238,19 @@ def test_torn_tail_is_truncated_and_done_keys_recovered(tmp_path: Path) -> None:
     resumed.open()
     assert (resumed.previous_ok, resumed.previous_failed) == (2, 1)
     assert len(resumed.done) == 3
-    assert all(k in resumed.done for k in (1, "b", 3)) and 4 not in resumed.done
-    assert Path(resumed.output.path).read_bytes().endswith(b'{"a": 2}\n')
-    assert Path(resumed.dead_letter.path).read_bytes() == b'3\t3\t{"e": 3}\n'
+    assert all(line in resumed.done for line in (1, 2, 3)) and 4 not in resumed.done
+    assert Path(resumed.output.path).read_bytes() == encode_record(
+        1, 1, b'{"a": 1}'
+    ) + encode_record(2, "b", b'{"a": 2}')
+    assert Path(resumed.dead_letter.path).read_bytes() == encode_record(3, 3, b'{"e": 3}')
 
 
 def test_damage_before_good_records_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     journal = Journal(out)
     journal.open()
-    Path(journal.output.path).write_bytes(b"1\t1\t{}\ngarbage\n3\t3\t{}\n")
+    good = encode_record(1, 1, b"{}"), encode_record(3, 3, b"{}")
+    Path(journal.output.path).write_bytes(good[0] + b"garbage\n" + good[1])
     with pytest.raises(JournalCorruptError, match="record 2 is damaged"):
         Journal(out, resume=True).open()
 
@@ -271,8 +287,11 @@ def test_ordered_build_sorts_in_bounded_chunks(
         build_final(journal, dest, write_jsonl, ordered=True, chunk_bytes=chunk_bytes, fanin=fanin)
         with open(dest) as f:
             got = [json.loads(x) for x in f]
-        # sorted by line; rows of equal line keep their journal order (a stable sort)
-        assert got == sorted(([line, i] for i, line in enumerate(lines)), key=lambda r: r[0])
+        # sorted by line; of the records of one line only the first in journal order
+        first: dict[int, int] = {}
+        for i, line in enumerate(lines):
+            first.setdefault(line, i)
+        assert got == [[line, first[line]] for line in sorted(first)]
         assert sorted(os.listdir(directory)) == ["j.partial", "out"]  # temporary runs are gone
 
 
@@ -346,7 +365,7 @@ def test_crash_while_building_keeps_the_journals(
     resumed = Journal(out, resume=True)
     resumed.open()
     assert not resumed.complete and 1 in resumed.done
-    resumed.commit()
+    resumed.commit(1)
     assert out.read_text() == '{"a": 1}\n'
 
 
@@ -372,7 +391,7 @@ async def test_failed_run_resumes_exactly_once(tmp_path: Path) -> None:
     async def run(resume: bool) -> tuple[Journal, JsonlSource, pl.RunReport]:
         journal = Journal(out, settings={"prompt": "p"}, input=inp, resume=resume, ordered=True)
         await anyio.to_thread.run_sync(journal.open)
-        source = JsonlSource(inp, id_field="id", skip_keys=journal.done)
+        source = JsonlSource(inp, id_field="id", skip_lines=journal.done)
         p = Pipeline(
             source,
             pl.map(work),
@@ -381,7 +400,8 @@ async def test_failed_run_resumes_exactly_once(tmp_path: Path) -> None:
             ordered=resume,  # run 1 completes out of order: the commit restores input order
         )
         report = await p.run()
-        await anyio.to_thread.run_sync(journal.commit)
+        rows = source.emitted + source.rejected + source.skipped
+        await anyio.to_thread.run_sync(journal.commit, rows)
         return journal, source, report
 
     with pytest.raises(FatalError):
@@ -457,8 +477,9 @@ CHILD = textwrap.dedent(
                 await anyio.sleep_forever()
             return row
 
+        source = JsonlSource(inp, id_field="id", skip_lines=journal.done)
         p = pl.Pipeline(
-            JsonlSource(inp, id_field="id", skip_keys=journal.done),
+            source,
             pl.map(work, workers=4),
             JsonlSink(journal.output),
             pl.map(after_sink),
@@ -466,7 +487,8 @@ CHILD = textwrap.dedent(
             ordered=True,
         )
         report = await p.run()
-        await anyio.to_thread.run_sync(journal.commit)
+        rows = source.emitted + source.rejected + source.skipped
+        await anyio.to_thread.run_sync(journal.commit, rows)
         print("committed", report.rows_in, flush=True)
 
     anyio.run(main)
@@ -475,7 +497,7 @@ CHILD = textwrap.dedent(
 
 
 def journal_keys(path: Path) -> set[Hashable]:
-    """Keys of the complete records of a journal, as a resume will see them."""
+    """Keys of the whole records of a journal, as a resume will see them."""
     if not path.exists():
         return set()
     keys = set()

@@ -254,6 +254,13 @@ def _file_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace a finished OUTPUT, or discard a stopped job, and start over",
     )
     files.add_argument("--ordered", action=bool_flag, default=s, help="output in input order")
+    files.add_argument(
+        "--max-line-bytes",
+        type=_int,
+        default=s,
+        metavar="N",
+        help="longest JSONL input row (16 MiB); a longer one is a dead letter",
+    )
     files.add_argument("--cache", default=s, metavar="DIR", help="response cache directory")
     formats = ["jsonl", "csv", "tsv", "parquet"]
     files.add_argument(

@@ -60,7 +60,10 @@ class Checkpoint:
             ) from None
         with open(self.journal.output.path, "rb") as f:
             for record in f:
-                _, key, payload = parse_record(record)
+                try:
+                    _, key, payload = parse_record(record)
+                except ValueError:  # a damaged record: that row is answered again
+                    continue
                 data = loads(payload)
                 if isinstance(key, int):
                     self.previous[key] = (data["h"], data["a"])

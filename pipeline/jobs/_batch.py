@@ -63,7 +63,7 @@ from pipeline.jobs._progress import (
 )
 from pipeline.jobs._settings import JobSettings
 from stages.files import encode_record
-from stages.files._records import KeySet
+from stages.files._records import LineSet
 from stages.llm._batch_api import BatchClient
 from stages.llm._batch_wire import BatchLimits, BatchResult, BatchStatus
 from stages.llm._caller import LLMCaller, Price
@@ -257,7 +257,7 @@ class BatchJob:
             settings.input,
             fmt=settings.input_format,
             id_field=settings.id_field,
-            skip_keys=skip,
+            skip_lines=skip,
             delimiter=settings.csv_delimiter,
         )
         pipe = Pipeline(source, spooler, dead_letter=self._dead_letter_sink(), name="batch-spool")
@@ -369,7 +369,7 @@ class BatchJob:
         client, batch_log, journal = self.client, self.log, self.journal
         assert client is not None and batch_log is not None and journal is not None
         rows_path = batch_log.rows_path(chunk.number)
-        pending = KeySet(r.line for r in read_rows(rows_path) if r.key not in journal.done)
+        pending = LineSet(r.line for r in read_rows(rows_path) if r.line not in journal.done)
         outcomes: set[str] = set()
         with ResultStore(rows_path.replace(".rows", ".results")) as results:
             async for result in client.results(status):
@@ -427,7 +427,7 @@ class BatchJob:
             done = self.journal.done if self.journal is not None else ()
             for row in read_rows(rows_path):
                 line = row.line
-                if row.key in done or results.answered(line) or not results.retryable(line):
+                if line in done or results.answered(line) or not results.retryable(line):
                     continue
                 unrun = results.unrun(line)
                 (to_online if unrun and fallback else to_batch).add(row.custom_id)

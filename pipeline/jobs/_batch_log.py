@@ -45,7 +45,7 @@ from typing import Any
 
 from pipeline._errors import ConfigError
 from pipeline._json import dumps, loads
-from stages.files._records import KeySet, fsync_dir
+from stages.files._records import LineSet, fsync_dir
 
 LOG_NAME = "log.jsonl"
 DIR_SUFFIX = ".batches"
@@ -218,13 +218,13 @@ class BatchLog:
         """Return the chunks not ended yet, oldest first."""
         return [c for c in self.chunks.values() if not c.ended]
 
-    def claimed(self) -> KeySet:
-        """Return the keys of the rows in chunks not ended (a resumed source skips them)."""
-        keys = KeySet()
+    def claimed(self) -> LineSet:
+        """Return the lines of the rows in chunks not ended (a resumed source skips them)."""
+        lines = LineSet()
         for chunk in self.open_chunks():
             for row in read_rows(self.rows_path(chunk.number)):
-                keys.add(row.key)
-        return keys
+                lines.add(row.line)
+        return lines
 
 
 @dataclasses.dataclass(slots=True)

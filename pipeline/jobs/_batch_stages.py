@@ -318,10 +318,10 @@ class RowsSource(Source[Any]):
 
     Args:
         path: The rows file.
-        skip: Keys already journaled (a resumed job), not emitted again.
+        skip: Lines already journaled (a resumed job), not emitted again.
     """
 
-    def __init__(self, path: str, skip: Container[Hashable]) -> None:
+    def __init__(self, path: str, skip: Container[int]) -> None:
         super().__init__(name="chunk-rows")
         self.path = path
         self.skip = skip
@@ -329,7 +329,7 @@ class RowsSource(Source[Any]):
     async def run(self, inbox: Inbox[None], outbox: Outbox[Any]) -> None:
         """Emit every row not skipped."""
         for row in read_rows(self.path):
-            if row.key in self.skip:
+            if row.line in self.skip:
                 continue
             await outbox.emit(row, key=row.key, origin=row.origin)
 
@@ -539,12 +539,12 @@ class PlainRowsSource(RowsSource):
     async def run(self, inbox: Any, outbox: Any) -> None:
         """Emit every row's value under its key and origin."""
         for row in read_rows(self.path):
-            if row.key not in self.skip:
+            if row.line not in self.skip:
                 await outbox.emit(row.row, key=row.key, origin=row.origin)
 
 
 class KeyUnion:
-    """Membership in any of several key sets (done rows, rows claimed by batches)."""
+    """Membership in any of several line sets (done rows, rows claimed by batches)."""
 
     def __init__(self, *sets: Any) -> None:
         self.sets = sets
@@ -553,6 +553,6 @@ class KeyUnion:
         return any(key in s for s in self.sets)
 
 
-def key_union(*sets: Container[Hashable]) -> KeyUnion:
+def key_union(*sets: Container[int]) -> KeyUnion:
     """Return membership in any of ``sets``."""
     return KeyUnion(*sets)

@@ -14,12 +14,13 @@ Files, while the job runs (nothing is written under the final names until it com
 
 **Journal records.** Each journal line is one finished row::
 
-    <line>\t<key as JSON>\t<payload as JSON>\n
+    <line>\t<key as JSON>\t<payload as JSON>\t<CRC-32, 8 hex digits>\n
 
-``line`` is the row's 1-based position in the input (used to restore input order), ``key``
-its identity (the id field's value, or the line number), ``payload`` the output row or the
-dead-letter record. JSON text never contains a raw tab or newline, so a record splits without
-parsing its payload, and a record is complete exactly when its line ends in ``\n``. Sinks
+``line`` is the row's 1-based position in the input: its identity in the job (what a resume
+skips) and what restores input order. ``key`` is the id field's value (or the line number),
+``payload`` the output row or the dead-letter record, and the CRC-32 covers everything before
+it. JSON text never contains a raw tab or newline, so a record splits without parsing its
+payload, and a record is whole exactly when it ends in ``\n`` and its checksum matches. Sinks
 append whole chunks of records and flush them to the OS after every chunk, so a killed process
 keeps every record it wrote; they ``fsync`` every N rows or T seconds and at the end, which
 bounds what a power loss can take. A record is the row's commit point: a row whose record is
@@ -40,15 +41,22 @@ without a manifest was not made by a job and is never touched without ``overwrit
 
 **Resume.** :meth:`Journal.open` with ``resume=True`` compares the stored fingerprint with the
 current one and refuses (:class:`ResumeError`, naming every setting that differs) on any
-difference. It then repairs each journal: a torn last record (no final newline, or garbage
-such as the zeros a power loss can leave) is truncated; a bad record followed by good ones is
-corruption and is refused rather than guessed at. The keys of both journals become
-:attr:`Journal.done`, which the source receives as ``skip_keys``. Without ``resume`` an
+difference. It then checks each journal record by record: a torn last record (no final
+newline, a bad checksum, the zeros a power loss can leave) is truncated; a damaged record that
+still names its line (a cut-off payload) is not done, and that row is sent again; anything that
+is not a record followed by whole ones is corruption and is refused rather than guessed at.
+The lines of both journals' whole records become :attr:`Journal.done` (a bitmap), which the
+source receives as ``skip_lines``; a line recorded twice counts once. Without ``resume`` an
 existing manifest or journal is an error that suggests ``--resume`` or ``--overwrite``;
 ``overwrite=True`` deletes them and starts over. ``resume=True`` with nothing to resume starts
 a fresh job.
 
-**Publish.** :meth:`Journal.commit` converts each journal into its final format (JSONL by
+**Publish.** :meth:`Journal.commit` first checks that every row is accounted for once: it
+reads both journals, keeps each line's first whole record (a record appended twice is
+published once, a damaged one never, a line with an answer has no dead letter), and refuses
+to publish (:class:`~stages.files._records.JournalCorruptError`) when two kept records share
+an id or when the distinct lines differ from the number of input rows the run saw (its
+``expected`` argument). It then converts each journal into its final format (JSONL by
 byte copy, CSV or Parquet through the sink's writer) in a temporary file next to the final
 name, fsyncs it, marks the manifest ``publishing``, renames the files into place with
 ``os.replace`` (dead letters first, then the output), fsyncs the directories, then deletes the
@@ -64,10 +72,12 @@ restores input order by line number: a single pass finds the ascending runs of t
 otherwise sorts chunks of a bounded size into temporary files and merges those, in as many
 passes as needed. Memory stays bounded by the chunk size whatever the file size.
 
-**Memory.** The done keys of a resumed job are held in memory: line numbers in a bitmap (one
-bit per line, 125 KB per million rows), other keys (id values) in a set, roughly 60-100 bytes
-per key. The journal assumes each key produces exactly one output row or one dead-letter
-record (1:1 stages), which is what a file job does.
+**Memory.** A job holds one bit per input line (125 KB per million rows) whatever its ids
+look like: the done rows of a resume, and the lines kept at publish. Ids are checked without
+being held: the commit's check and the source's duplicate-id search keep 16-byte digests in
+temporary bucket files (:class:`~stages.files._ids.DuplicateIds`), a few MB in memory at ten
+million rows. The journal assumes each input row produces exactly one output row or one
+dead-letter record (1:1 stages), which is what a file job does.
 """
 
 from __future__ import annotations
@@ -77,16 +87,18 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline._errors import ConfigError
 from pipeline.jobs._settings import JobSettings
 from stages.files import count_rows
+from stages.files._ids import DuplicateIds
 from stages.files._records import (
     PUBLISH_SUFFIX,
+    JournalCorruptError,
     JournalFile,
-    KeySet,
+    LineSet,
     PathLike,
     atomic_write,
     build_final,
@@ -98,7 +110,7 @@ from stages.files._records import (
 
 log = logging.getLogger("pipeline.journal")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PARTIAL_SUFFIX = ".partial"
 MANIFEST_SUFFIX = ".checkpoint.json"
 DEAD_LETTER_SUFFIX = ".failed.jsonl"
@@ -161,11 +173,12 @@ class Journal:
                           resume=args.resume)
         await anyio.to_thread.run_sync(journal.open)
         if not journal.complete:
-            source = JsonlSource("in.jsonl", skip_keys=journal.done)
+            source = JsonlSource("in.jsonl", skip_lines=journal.done)
             sinks = JsonlSink(journal.output), DeadLetterSink(journal.dead_letter)
             report = await Pipeline(source, ..., sinks[0], dead_letter=sinks[1]).run()
             if report.complete and report.stopped is None:
-                await anyio.to_thread.run_sync(journal.commit)
+                rows = source.emitted + source.rejected + source.skipped
+                await anyio.to_thread.run_sync(journal.commit, rows)
 
     Args:
         output: The final output path (not ``-``).
@@ -218,11 +231,12 @@ class Journal:
         self.dead_letter = JournalFile(
             self.dead_letter_path + PARTIAL_SUFFIX, self.dead_letter_path
         )
-        self.done = KeySet()
+        self.done = LineSet()
         self.resumed = False
         self.complete = False
         self.previous_ok = 0
         self.previous_failed = 0
+        self._counts = (0, 0)
         self._manifest: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -303,16 +317,12 @@ class Journal:
             return
         for path in (self.output.final + PUBLISH_SUFFIX, self.dead_letter.final + PUBLISH_SUFFIX):
             remove_file(path)
-        done = self.done
-
-        def add(line: int, key: Hashable) -> None:
-            done.add(key)
-
         for journal in (self.output, self.dead_letter):
             if not os.path.exists(journal.path):
                 open(journal.path, "ab").close()
-        self.previous_ok = scan_journal(self.output.path, add)
-        self.previous_failed = scan_journal(self.dead_letter.path, add)
+        self.done = LineSet()
+        self._scan(self.done)
+        self.previous_ok, self.previous_failed = self._counts
         manifest["runs"] = int(manifest.get("runs", 1)) + 1
         atomic_write(self.manifest_path, _manifest_bytes(manifest))
         log.info(
@@ -353,16 +363,73 @@ class Journal:
 
     # -- commit ---------------------------------------------------------------------------
 
-    def commit(self) -> None:
-        """Publish the finished job atomically and remove the journals and the manifest.
+    def _scan(self, lines: LineSet, ids: DuplicateIds | None = None) -> LineSet:
+        """Read both journals' whole records into ``lines`` (first record of a line wins).
 
-        Call once the run completed (every input row has a record). Safe to interrupt: a
-        resume finishes or redoes it.
+        Sets ``_counts`` to the distinct lines answered and dead-lettered, feeds each kept
+        record's id (keys that are not line numbers) to ``ids``, and returns the answered
+        lines (a dead letter for one of them is not published).
+        """
+        answered = LineSet()
+
+        def keep(line: int, key: bytes) -> None:
+            if lines.add(line):
+                if counted is not dead:
+                    answered.add(line)
+                if ids is not None and not key.isdigit():
+                    ids.add(key, line)
+
+        dead = self.dead_letter
+        counts = []
+        for counted in (self.output, self.dead_letter):
+            before = len(lines)
+            scan_journal(counted.path, keep)
+            counts.append(len(lines) - before)
+        self._counts = (counts[0], counts[1])
+        return answered
+
+    def check(self, expected: int | None = None) -> LineSet:
+        """Check that the journals account for every row once; return the answered lines.
+
+        Raises:
+            JournalCorruptError: Two kept records share an id, ``expected`` (the input rows
+                the run saw, skipped ones included) differs from the distinct lines, or a
+                journal holds garbage before whole records.
+        """
+        with DuplicateIds(directory=dir_of(self.output.path)) as ids:
+            answered = self._scan(LineSet(), ids)
+            repeats = ids.repeats()
+        if repeats:
+            line, first = min(repeats.items())
+            raise JournalCorruptError(
+                f"{self.output_path!r} was not published: {len(repeats)} journal record(s)"
+                f" repeat another row's id (line {line} has the id of line {first}); was the"
+                " input changed between runs? Start over with --overwrite"
+            )
+        found = sum(self._counts)
+        if expected is not None and found != expected:
+            raise JournalCorruptError(
+                f"{self.output_path!r} was not published: the input has {expected} rows but the"
+                f" journals account for {found} distinct rows; run again with --resume to send"
+                " the missing rows, or --overwrite to start over"
+            )
+        return answered
+
+    def commit(self, expected: int | None = None) -> None:
+        """Check, then publish the finished job atomically; remove the journals and manifest.
+
+        Call once the run completed (every input row has a record); ``expected`` is how many
+        input rows the run saw, skipped ones included (see :meth:`check`). Safe to interrupt:
+        a resume finishes or redoes it.
+
+        Raises:
+            JournalCorruptError: The check failed; nothing was published.
         """
         if not self._manifest:
             raise RuntimeError("commit() before open()")
         self.output.close()
         self.dead_letter.close()
+        answered = self.check(expected)
         for journal in (self.output, self.dead_letter):
             if journal is self.dead_letter and not self._publish_dead_letter():
                 continue
@@ -372,6 +439,7 @@ class Journal:
                 journal.writer,
                 ordered=self.ordered,
                 chunk_bytes=self.chunk_bytes,
+                exclude=answered if journal is self.dead_letter else (),
             )
         self._manifest["state"] = "publishing"
         atomic_write(self.manifest_path, _manifest_bytes(self._manifest))
@@ -380,8 +448,7 @@ class Journal:
 
     def _publish_dead_letter(self) -> bool:
         """Whether to publish the dead letters: there are some, or a stale file must go."""
-        has_records = os.path.getsize(self.dead_letter.path) > 0
-        return has_records or os.path.exists(self.dead_letter.final)
+        return self._counts[1] > 0 or os.path.exists(self.dead_letter.final)
 
     def _finish_publish(self) -> None:
         """Move published files into place, then drop journals and manifest (idempotent)."""

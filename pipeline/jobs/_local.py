@@ -212,7 +212,8 @@ class LocalJob:
             fmt=settings.input_format,
             delimiter=settings.csv_delimiter,
             id_field=settings.id_field,
-            skip_keys=journal.done,
+            skip_lines=journal.done,
+            max_line_bytes=settings.max_line_bytes,
         )
         if self.options.input_label is not None:
             self.source.label = self.options.input_label
@@ -274,8 +275,11 @@ class LocalJob:
         self.stopped = self.stopped or report.stopped
         complete = report.complete and report.stopped is None
         if complete:
+            source = self.source
+            assert source is not None
+            rows = source.emitted + source.rejected + source.skipped
             try:
-                await anyio.to_thread.run_sync(journal.commit)
+                await anyio.to_thread.run_sync(journal.commit, rows)
             except OSError as error:
                 raise JobFailedError(
                     f"cannot publish {self.settings.output!r}: {error.strerror or error}",

@@ -306,7 +306,7 @@ class FileRows:
             self.path,
             fmt=self.fmt,
             id_field=self.id_field,
-            skip_keys=self.skip,
+            skip_lines=self.skip,
             delimiter=self.delimiter,
         )
         pipe = Pipeline(source, dead_letter=failures.append, name="ray-read")
@@ -390,10 +390,9 @@ def _fold_table(table: Any, journal: Journal, tally: PartsTally | None) -> None:
             tally.add_stats(loads(payload))
             continue
         key = key_of(loads(key_text))
-        if key in journal.done:
+        if not journal.done.add(int(line)):
             tally.duplicates += 1
             continue
-        journal.done.add(key)
         record = encode_record(int(line), key, payload)
         if kind == "ok":
             ok.append(record)

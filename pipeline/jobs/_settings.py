@@ -135,6 +135,8 @@ class JobSettings:
         prices: USD per 1M prompt and completion tokens by model, over the built-in table.
         input_format: Force the input format instead of guessing from the extension.
         output_format: Force the output format instead of guessing from the extension.
+        max_line_bytes: The longest JSON Lines input row (16 MiB): a longer line is read past
+            in bounded memory and dead-lettered by its line number.
         batch_size: Rows per embeddings request.
         grace: Seconds rows in flight may take to finish after a stop (Ctrl-C), then cancelled.
         batch_api: Send the requests through the provider's Batch API (half price, answered
@@ -200,6 +202,7 @@ class JobSettings:
     prices: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     input_format: FileFormat | None = None
     output_format: FileFormat | None = None
+    max_line_bytes: int = 16 << 20
     batch_size: int = 64
     grace: float = 30.0
     batch_api: bool = False
@@ -276,7 +279,7 @@ class JobSettings:
 
         for name in ("concurrency", "max_concurrency", "rpm", "tpm", "itpm", "otpm", "timeout",
                      "deadline", "max_response_mb", "budget", "batch_size", "batch_max_rows",
-                     "batch_poll"):  # fmt: skip
+                     "batch_poll", "max_line_bytes"):  # fmt: skip
             positive(name)
         for name in ("max_retry_after", "burst", "max_retries", "grace"):
             positive(name, allow_zero=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from collections.abc import Container, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import anyio
@@ -14,9 +14,9 @@ import anyio.to_thread
 from pipeline._envelope import Envelope
 from pipeline._errors import FatalError, ItemError
 from pipeline._json import dumps, loads
-from pipeline._stage import Inbox, Outbox
+from pipeline._stage import Outbox
 from stages.files._records import JournalFile, Payloads
-from stages.files._rows import BLOCK, BOM, CHUNK_ROWS, PathLike, Row, cell
+from stages.files._rows import BOM, CHUNK_ROWS, LineSplitter, PathLike, Row, cell
 from stages.files._sinks import FileSink
 from stages.files._sources import FileSource
 
@@ -53,18 +53,11 @@ def csv_records(
     number = 0
 
     def lines() -> Iterator[str]:
-        nonlocal number
-        rest = b""
-        while True:
-            block = f.read1(BLOCK)
-            if not block:
-                break
-            parts = (rest + block).split(b"\n") if rest else block.split(b"\n")
-            rest = parts.pop()
-            for part in parts:
-                yield decode(part + b"\n")
-        if rest:
-            yield decode(rest)
+        splitter = LineSplitter(f, None)
+        while (found := splitter.lines()) is not None:
+            for part in found:
+                assert isinstance(part, bytes)  # no LongLine without a maximum
+                yield decode(part if splitter.unterminated else part + b"\n")
 
     def decode(raw: bytes) -> str:
         nonlocal number
@@ -122,7 +115,7 @@ class CsvSource(FileSource):
     Args:
         path: The file to read, or ``-`` for standard input.
         id_field: The column whose value is each row's key (default: the line number).
-        skip_keys: Keys of rows already done (a resumed job); they are not emitted.
+        skip_lines: Lines of rows already done (a resumed job); they are not emitted.
         delimiter: The field separator (``"\t"`` for TSV); ``None`` (the default) detects it
             from the header: ``,`` unless the header has none and has ``;``, a tab or ``|``.
         name: The stage's name.
@@ -136,17 +129,16 @@ class CsvSource(FileSource):
         path: PathLike,
         *,
         id_field: str | None = None,
-        skip_keys: Container[Hashable] | None = None,
+        skip_lines: Container[int] | None = None,
         delimiter: str | None = None,
         name: str | None = None,
         buffer: int = 16,
     ) -> None:
-        super().__init__(path, id_field=id_field, skip_keys=skip_keys, name=name, buffer=buffer)
+        super().__init__(path, id_field=id_field, skip_lines=skip_lines, name=name, buffer=buffer)
         self.delimiter = delimiter
 
-    async def run(self, inbox: Inbox[None], outbox: Outbox[Row]) -> None:
+    async def _read(self, outbox: Outbox[Row]) -> None:
         """Emit every row of the file."""
-        self._start()
         f = await anyio.to_thread.run_sync(self._open)
         try:
             records = csv_records(f, self.delimiter)

@@ -9,8 +9,8 @@ this list, unless the format is given (``fmt=``); ``-`` (stdin, stdout) is JSON 
 from __future__ import annotations
 
 import os
-from collections.abc import Container, Hashable
-from typing import Any
+from collections.abc import Container
+from typing import Any, BinaryIO
 
 from pipeline._errors import ConfigError
 from pipeline._json import loads
@@ -19,7 +19,7 @@ from stages.files._csv import CsvSink, CsvSource, csv_records
 from stages.files._jsonl import JsonlSink, JsonlSource
 from stages.files._parquet import ParquetSink, ParquetSource
 from stages.files._records import JournalFile
-from stages.files._rows import BLOCK, BOM, PathLike, import_parquet
+from stages.files._rows import BLOCK, BOM, MAX_LINE_BYTES, PathLike, import_parquet
 from stages.files._sinks import FileSink
 from stages.files._sources import FileSource
 
@@ -86,22 +86,26 @@ def open_source(
     *,
     fmt: str | None = None,
     id_field: str | None = None,
-    skip_keys: Container[Hashable] | None = None,
+    skip_lines: Container[int] | None = None,
     delimiter: str | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> FileSource:
     """Return the source for a file, chosen by its extension (or ``fmt``).
 
     ``delimiter`` is the CSV field separator; by default a CSV file's is detected from its
     header (``,`` unless the header has none and has ``;``, a tab or ``|``).
+    ``max_line_bytes`` bounds a JSON Lines row (a longer line is a dead letter).
     """
     kind = file_format(path, fmt)
     if kind == "csv" or (kind == "tsv" and delimiter is not None):
-        return CsvSource(path, id_field=id_field, skip_keys=skip_keys, delimiter=delimiter)
+        return CsvSource(path, id_field=id_field, skip_lines=skip_lines, delimiter=delimiter)
     if kind == "tsv":
-        return CsvSource(path, id_field=id_field, skip_keys=skip_keys, delimiter="\t")
+        return CsvSource(path, id_field=id_field, skip_lines=skip_lines, delimiter="\t")
     if kind == "parquet":
-        return ParquetSource(path, id_field=id_field, skip_keys=skip_keys)
-    return JsonlSource(path, id_field=id_field, skip_keys=skip_keys)
+        return ParquetSource(path, id_field=id_field, skip_lines=skip_lines)
+    return JsonlSource(
+        path, id_field=id_field, skip_lines=skip_lines, max_line_bytes=max_line_bytes
+    )
 
 
 def count_rows(
@@ -125,18 +129,23 @@ def count_rows(
             records = csv_records(f, sep)
             count = sum(1 for _, fields, _, _ in records if fields != [])
             return max(count - 1, 0)
-        count = 0
-        rest = b""
-        while True:
-            block = f.read(BLOCK)
-            if not block:
-                break
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop()
-            count += sum(1 for line in lines if line and not line.isspace())
-        if rest and not rest.isspace():
-            count += 1
-        return count
+        return _count_lines(f)
+
+
+def _count_lines(f: BinaryIO) -> int:
+    """Count the non-blank lines of a file in one linear pass (a line may span blocks)."""
+    count = 0
+    pending = False  # the line that continues into the next block has content
+    while block := f.read(BLOCK):
+        lines = block.split(b"\n")
+        last = lines.pop()
+        if lines:
+            first = lines[0]
+            count += pending or (bool(first) and not first.isspace())
+            count += sum(1 for line in lines[1:] if line and not line.isspace())
+            pending = False
+        pending = pending or (bool(last) and not last.isspace())
+    return count + pending
 
 
 def sample_fields(

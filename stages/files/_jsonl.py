@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from pipeline._errors import ConfigError
 from pipeline._json import loads
-from pipeline._stage import Inbox, Outbox
-from stages.files._rows import BLOCK, BOM, Row
+from pipeline._stage import Outbox
+from stages.files._rows import MAX_LINE_BYTES, LineSplitter, LongLine, PathLike, Row
 from stages.files._sinks import FileSink
 from stages.files._sources import FileSource
 
@@ -47,38 +49,56 @@ def _kind(value: Any) -> str:
 class JsonlSource(FileSource):
     """Read a JSON Lines file: one JSON object per line; blank lines are skipped.
 
-    It takes the arguments of :class:`~stages.files.FileSource`.
+    It takes the arguments of :class:`~stages.files.FileSource`, and:
+
+    Args:
+        max_line_bytes: The longest line read (default 16 MiB): a longer one is read past in
+            bounded memory and dead-lettered by its line number with its size.
     """
 
     format = "jsonl"
 
-    async def run(self, inbox: Inbox[None], outbox: Outbox[Row]) -> None:
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        id_field: str | None = None,
+        skip_lines: Container[int] | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        name: str | None = None,
+        buffer: int = 16,
+    ) -> None:
+        super().__init__(path, id_field=id_field, skip_lines=skip_lines, name=name, buffer=buffer)
+        if max_line_bytes < 1:
+            raise ConfigError(f"max_line_bytes must be at least 1, got {max_line_bytes}")
+        self.max_line_bytes = max_line_bytes
+
+    async def _read(self, outbox: Outbox[Row]) -> None:
         """Emit every row of the file."""
-        self._start()
         f = await anyio.to_thread.run_sync(self._open)
         try:
+            splitter = LineSplitter(f, self.max_line_bytes)
             line = 0
-            rest = b""
             while True:
-                block = await anyio.to_thread.run_sync(f.read1, BLOCK)
-                if not block:
+                lines = await anyio.to_thread.run_sync(splitter.lines)
+                if lines is None:
                     break
-                lines = (rest + block).split(b"\n") if rest else block.split(b"\n")
-                rest = lines.pop()
-                if line == 0 and lines and lines[0].startswith(BOM):
-                    lines[0] = lines[0][3:]
                 line = await self._lines(outbox, lines, line)
-            if rest:
-                if line == 0 and rest.startswith(BOM):
-                    rest = rest[3:]
-                await self._lines(outbox, [rest], line)
         finally:
             self._close(f)
 
-    async def _lines(self, outbox: Outbox[Row], lines: list[bytes], line: int) -> int:
-        skip = self.skip_keys if self.id_field is None else None
+    async def _lines(self, outbox: Outbox[Row], lines: list[bytes | LongLine], line: int) -> int:
+        skip = self._skip_unparsed()
         for raw in lines:
             line += 1
+            if type(raw) is LongLine:
+                message = (
+                    f"line is {raw.size:,} bytes, over the maximum of {self.max_line_bytes:,}"
+                    " (max_line_bytes, --max-line-bytes)"
+                )
+                await self._reject(outbox, raw.text(), line, message)
+                continue
+            assert isinstance(raw, bytes)
             if not raw or raw.isspace():
                 continue
             if skip is not None and line in skip:

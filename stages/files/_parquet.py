@@ -10,7 +10,7 @@ import importlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Container, Hashable, Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from typing import Any, BinaryIO
 
 import anyio
@@ -19,7 +19,7 @@ import anyio.to_thread
 from pipeline._envelope import Envelope
 from pipeline._errors import FatalError, ItemError
 from pipeline._json import dumps, loads
-from pipeline._stage import Inbox, Outbox
+from pipeline._stage import Outbox
 from stages.files._records import JournalFile, Payloads
 from stages.files._rows import BLOCK, PathLike, Row, cell, import_parquet
 from stages.files._sinks import FileSink
@@ -37,7 +37,7 @@ class ParquetSource(FileSource):
     Args:
         path: The file to read, or ``-`` for standard input.
         id_field: The column whose value is each row's key (default: the row number).
-        skip_keys: Keys of rows already done (a resumed job); they are not emitted.
+        skip_lines: Rows already done (a resumed job), by number; they are not emitted.
         batch_rows: Rows per record batch read.
         name: The stage's name.
         buffer: Capacity of the stage's inbox (unused by sources).
@@ -50,12 +50,12 @@ class ParquetSource(FileSource):
         path: PathLike,
         *,
         id_field: str | None = None,
-        skip_keys: Container[Hashable] | None = None,
+        skip_lines: Container[int] | None = None,
         batch_rows: int = 4096,
         name: str | None = None,
         buffer: int = 16,
     ) -> None:
-        super().__init__(path, id_field=id_field, skip_keys=skip_keys, name=name, buffer=buffer)
+        super().__init__(path, id_field=id_field, skip_lines=skip_lines, name=name, buffer=buffer)
         self.batch_rows = batch_rows
         self._pq = import_parquet()
 
@@ -79,9 +79,8 @@ class ParquetSource(FileSource):
             )
         return parquet.iter_batches(batch_size=self.batch_rows)
 
-    async def run(self, inbox: Inbox[None], outbox: Outbox[Row]) -> None:
+    async def _read(self, outbox: Outbox[Row]) -> None:
         """Emit every row of the file."""
-        self._start()
         with contextlib.ExitStack() as stack:
             batches = await anyio.to_thread.run_sync(self._open_parquet, stack)
 

@@ -12,6 +12,7 @@ import heapq
 import logging
 import os
 import tempfile
+import zlib
 from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 from typing import IO, Any, BinaryIO
 
@@ -34,45 +35,47 @@ PayloadWriter = Callable[[Payloads, BinaryIO], None]
 """Writes the payloads in a final format to a binary file (may iterate the payloads twice)."""
 
 
-# -- keys ----------------------------------------------------------------------------------
+# -- lines ---------------------------------------------------------------------------------
 
 
-class KeySet(Container[Hashable]):
-    """A set of row keys: small non-negative ints in a bitmap, anything else in a set."""
+class LineSet(Container[int]):
+    """A set of line numbers (non-negative ints) as a bitmap: 125 KB per million lines.
 
-    _BITMAP_LIMIT = 1 << 34
+    A job's identity for a row is its line in the (fingerprinted) input, so the rows a resumed
+    job has done fit in a bitmap whatever their ids look like.
+    """
 
-    def __init__(self, keys: Iterable[Hashable] = ()) -> None:
+    def __init__(self, lines: Iterable[int] = ()) -> None:
         self._bits = bytearray()
-        self._ints = 0
-        self._other: set[Hashable] = set()
-        for key in keys:
-            self.add(key)
+        self._count = 0
+        for line in lines:
+            self.add(line)
 
-    def add(self, key: Hashable) -> None:
-        """Add ``key``."""
-        if type(key) is int and 0 <= key < self._BITMAP_LIMIT:
-            index, bit = key >> 3, 1 << (key & 7)
-            bits = self._bits
-            if index >= len(bits):
-                bits.extend(bytes(max(index + 1 - len(bits), len(bits))))
-            if not bits[index] & bit:
-                bits[index] |= bit
-                self._ints += 1
-        else:
-            self._other.add(key)
-
-    def __contains__(self, key: object) -> bool:
-        if type(key) is int and 0 <= key < self._BITMAP_LIMIT:
-            index = key >> 3
-            return index < len(self._bits) and bool(self._bits[index] & (1 << (key & 7)))
-        try:
-            return key in self._other
-        except TypeError:  # unhashable
+    def add(self, line: int) -> bool:
+        """Add ``line``; return whether it was new."""
+        if line < 0:
+            raise ValueError(f"a line number cannot be negative ({line})")
+        index, bit = line >> 3, 1 << (line & 7)
+        bits = self._bits
+        if index >= len(bits):
+            bits.extend(bytes(max(index + 1 - len(bits), len(bits))))
+        if bits[index] & bit:
             return False
+        bits[index] |= bit
+        self._count += 1
+        return True
+
+    def __contains__(self, line: object) -> bool:
+        if type(line) is not int or line < 0:
+            return False
+        index = line >> 3
+        return index < len(self._bits) and bool(self._bits[index] & (1 << (line & 7)))
 
     def __len__(self) -> int:
-        return self._ints + len(self._other)
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"LineSet(<{self._count} lines>)"
 
 
 def key_json(key: Hashable) -> bytes:
@@ -87,34 +90,69 @@ def key_from_json(value: Any) -> Hashable:
     return result
 
 
+_TAIL = 10
+"""A record ends with ``TAB``, eight hex digits of CRC-32 and ``NEWLINE``."""
+
+
 def encode_record(line: int, key: Hashable, payload: bytes) -> bytes:
-    """Return one journal record: ``line TAB key TAB payload NEWLINE``."""
-    return b"%d\t%b\t%b\n" % (line, key_json(key), payload)
+    """Return one journal record: ``line TAB key TAB payload TAB crc32 NEWLINE``.
+
+    The CRC-32 (eight hex digits) covers everything before its tab, so a damaged record (a
+    cut-off payload, flipped bytes) is told from a whole one without parsing the payload.
+    """
+    body = b"%d\t%b\t%b" % (line, key_json(key), payload)
+    return b"%b\t%08x\n" % (body, zlib.crc32(body))
+
+
+def record_ok(record: bytes) -> bool:
+    """Whether ``record`` is a whole record whose checksum matches."""
+    if len(record) <= _TAIL or record[-1:] != b"\n" or record[-_TAIL : -_TAIL + 1] != b"\t":
+        return False
+    try:
+        crc = int(record[-_TAIL + 1 : -1], 16)
+    except ValueError:
+        return False
+    return zlib.crc32(record[:-_TAIL]) == crc
+
+
+def record_line(record: bytes) -> int | None:
+    """Return the line number a record starts with (even a damaged one), or ``None``."""
+    head, tab, _ = record[:24].partition(b"\t")
+    return int(head) if tab and head.isdigit() else None
 
 
 def parse_record(record: bytes) -> tuple[int, Hashable, bytes]:
-    """Split a complete journal record into ``(line, key, payload)``.
+    """Split a complete journal record into ``(line, key, payload)``; the payload ends in NL.
 
     Raises:
-        ValueError: The record is malformed.
+        ValueError: The record is malformed or its checksum does not match.
     """
+    if not record_ok(record):
+        raise ValueError("damaged journal record (bad checksum or cut off)")
     first = record.index(b"\t")
     second = record.index(b"\t", first + 1)
-    if not record.endswith(b"\n"):
-        raise ValueError("record does not end with a newline")
     return (
         int(record[:first]),
         key_from_json(loads(record[first + 1 : second])),
-        record[second + 1 :],
+        record[second + 1 : -_TAIL] + b"\n",
     )
 
 
 def line_of(record: bytes) -> int:
-    return int(record[: record.index(b"\t")])
+    """Return a record's line number (-1 when it does not start with one)."""
+    found = record_line(record)
+    return -1 if found is None else found
+
+
+def key_of(record: bytes) -> bytes:
+    """Return a whole record's key as JSON text."""
+    first = record.index(b"\t")
+    return record[first + 1 : record.index(b"\t", first + 1)]
 
 
 def payload_of(record: bytes) -> bytes:
-    return record[record.index(b"\t", record.index(b"\t") + 1) + 1 :]
+    """Return a whole record's payload, ending in a newline."""
+    return record[record.index(b"\t", record.index(b"\t") + 1) + 1 : -_TAIL] + b"\n"
 
 
 # -- durable file operations ---------------------------------------------------------------
@@ -267,38 +305,49 @@ class JournalFile:
         remove_file(self.path)
 
 
-def scan_journal(path: PathLike, on_record: Callable[[int, Hashable], None] | None = None) -> int:
-    """Validate a journal, truncate a torn tail, and report each record's line and key.
+def scan_journal(path: PathLike, on_record: Callable[[int, bytes], None] | None = None) -> int:
+    """Check a journal's records, truncate a torn tail, and report each whole record.
+
+    Each whole record (its checksum matches) is reported to ``on_record`` as its line and its
+    key as JSON text, in file order; a line may come twice (a record appended twice), and the
+    caller keeps the first. A damaged record that still names its line (a cut-off payload, a
+    bad checksum) is skipped with a warning: its row is not done and is sent again. Damage at
+    the end is a torn tail (a crash mid-write) and is truncated.
 
     Returns:
-        How many complete records the journal holds.
+        How many whole records the journal holds.
 
     Raises:
-        JournalCorruptError: A damaged record is followed by good ones.
+        JournalCorruptError: Something that is not a record (garbage) is followed by whole
+            records.
     """
     path = os.fspath(path)
-    good_end = 0
-    offset = 0
-    count = 0
-    bad_at: tuple[int, int] | None = None  # (offset, record number) of the first bad record
+    good_end = offset = count = 0
+    damaged: list[tuple[int, int | None]] = []  # (record number, line) since the last whole one
     with open(path, "rb") as f:
         for number, record in enumerate(f, 1):
-            try:
-                line, key, _ = parse_record(record)
-            except (ValueError, UnicodeDecodeError):
-                if bad_at is None:
-                    bad_at = (offset, number)
-            else:
-                if bad_at is not None:
+            if not record_ok(record):
+                damaged.append((number, record_line(record)))
+                offset += len(record)
+                continue
+            for bad_number, bad_line in damaged:
+                if bad_line is None:
                     raise JournalCorruptError(
-                        f"{path}: record {bad_at[1]} is damaged but later records are intact;"
+                        f"{path}: record {bad_number} is damaged but later records are intact;"
                         " refusing to resume from a corrupt journal (start over with --overwrite)"
                     )
-                count += 1
-                if on_record is not None:
-                    on_record(line, key)
-                good_end = offset + len(record)
+                log.warning(
+                    "%s: record %d (input line %d) is damaged: that row is sent again",
+                    path,
+                    bad_number,
+                    bad_line,
+                )
+            damaged.clear()
+            count += 1
+            if on_record is not None:
+                on_record(line_of(record), key_of(record))
             offset += len(record)
+            good_end = offset
     if offset > good_end:
         log.warning("%s: removing a torn tail of %d bytes left by a crash", path, offset - good_end)
         with open(path, "r+b") as f:
@@ -385,6 +434,16 @@ def _sorted_runs(path: str, workdir: str, chunk_bytes: int, fanin: int) -> list[
     return runs
 
 
+def _first_whole(records: Iterable[bytes], exclude: Container[int]) -> Iterator[bytes]:
+    """Yield the payload of each line's first whole record (none for lines in ``exclude``)."""
+    seen = LineSet()
+    for record in records:
+        if record_ok(record):
+            line = line_of(record)
+            if line >= 0 and line not in exclude and seen.add(line):
+                yield payload_of(record)
+
+
 def build_final(
     journal: PathLike,
     dest: PathLike,
@@ -393,10 +452,14 @@ def build_final(
     ordered: bool = False,
     chunk_bytes: int = 64 << 20,
     fanin: int = 64,
+    exclude: Container[int] = (),
 ) -> None:
     """Write the payloads of ``journal`` to ``dest`` (fsynced) in ``writer``'s format.
 
-    With ``ordered``, payloads come in input (line) order, in bounded memory.
+    Only whole records are published (a damaged one never reaches the final file), one per
+    line: the first in journal order (a record appended twice is published once), none for a
+    line in ``exclude``. With ``ordered``, payloads come in input (line) order, in bounded
+    memory.
     """
     path = os.fspath(journal)
     dest = os.fspath(dest)
@@ -414,13 +477,13 @@ def build_final(
 
             def payloads() -> Iterator[bytes]:
                 sources = [_read_range(p, start, end) for p, start, end in ranges]
-                return map(payload_of, _merge(sources))
+                return _first_whole(_merge(sources), exclude)
 
         else:
 
             def payloads() -> Iterator[bytes]:
                 with open(path, "rb") as f:
-                    yield from map(payload_of, f)
+                    yield from _first_whole(f, exclude)
 
         try:
             with open(dest, "wb") as out:
