@@ -10,8 +10,12 @@ included), peak RSS (``wait4``: the child's own maximum) and, for the CLI, when 
 output row reached its journal (measured from the process start and from the moment the job
 started, i.e. when its checkpoint appeared: the difference is Python start-up and imports).
 
-Targets (issue 4): peak RSS under 150 MB; the first row within one server latency (zero here)
-plus 0.5 s of start-up; at least 0.9 of the bare script's rows/s.
+It also reports what ``python -X importtime -m pipeline run --help`` imports (the start-up
+every job pays) and which heavy optional packages a plain JSONL job would import (none).
+
+Targets (issues 4 and 15): peak RSS under 150 MB; the first row within one server latency
+(zero here) plus 0.5 s of start-up; at least 0.95 of the bare script's rows/s at 20,000 rows
+(``--rows 20000``), start-up included.
 
 The bare script is what a careful user would write without a library: one aiohttp session
 (uvloop, like the CLI), a pool and ``N`` worker tasks fed by a bounded queue, stdlib ``json``,
@@ -150,6 +154,27 @@ def measure(argv: list[str], watch: Path | None, started_marker: Path | None) ->
     }
 
 
+def import_time() -> tuple[float, int, list[str]]:
+    """Return ``run --help``'s import time (s), module count, and the slowest top-level imports."""
+    child = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", "run", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = []
+    for line in child.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line.split("|")
+        rows.append((int(cumulative), name.rstrip()))
+    top = [name for _, name in rows if not name.startswith("  ")]  # level-one imports
+    total = sum(us for us, name in rows if name in top)
+    slow = sorted(((us, n.strip()) for us, n in rows if n in top), reverse=True)[:5]
+    return total / 1e6, len(rows), [f"{name} {us / 1e3:.0f} ms" for us, name in slow]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -203,7 +228,10 @@ def main() -> None:
     print(f"CLI output rows: {written:,}; job rows/s (summary, start-up excluded): {job_rate:,.0f}")
     print(f"CLI job started (checkpoint written) at {ours['job_start_s'] or 0:.2f} s;"
           f" first row {ours['first_row_s'] - (ours['job_start_s'] or 0):.3f} s later")  # fmt: skip
-    print(f"rows/s ratio CLI / bare: {ratio:.2f} (target >= 0.9)")
+    print(f"rows/s ratio CLI / bare: {ratio:.2f} (target >= 0.95 at 20,000 rows)")
+    seconds, modules, slow = import_time()
+    print(f"python -X importtime -m pipeline run --help: {seconds:.3f} s, {modules} modules;"
+          f" slowest: {', '.join(slow)}")  # fmt: skip
     print(f"peak RSS {ours['peak_rss_mb']:.0f} MB (target < 150 MB)")
     print(
         f"first row at {ours['first_row_s']:.2f} s from process start (target <= 0.5 s + latency)"

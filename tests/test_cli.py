@@ -25,6 +25,7 @@ from pipeline.cli._progress import (
     summary_table,
 )
 from pipeline.jobs import JobProgress, JobSummary
+from pipeline.jobs._journal import FORMAT_VERSION
 from pipeline.testing._sim import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,7 +309,9 @@ def test_leftovers_and_changed_settings_are_refused(
     src = write_rows(tmp_path / "in.jsonl", names(3))
     out = tmp_path / "o.jsonl"
     (tmp_path / "o.jsonl.checkpoint.json").write_text(
-        json.dumps({"version": 1, "state": "running", "job": {"settings": {"prompt": "old"}}})
+        json.dumps(
+            {"version": FORMAT_VERSION, "state": "running", "job": {"settings": {"prompt": "old"}}}
+        )
     )
     assert run_cli(tmp_path, sim, str(src), "-o", str(out), "--prompt", "{name}") == 2
     assert "use --resume to continue it or --overwrite" in capsys.readouterr().err

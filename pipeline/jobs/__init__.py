@@ -16,6 +16,8 @@ and ``_ray`` (the engines; ``_parts`` holds the Ray engine's files), ``_run``
 (:func:`estimate_job`: what a job would cost, before anything is sent).
 """
 
+from typing import Any as _Any
+
 from pipeline.jobs._caller import build_caller as build_caller
 from pipeline.jobs._caller import preflight as preflight
 from pipeline.jobs._caller import release_caller as release_caller
@@ -29,7 +31,6 @@ from pipeline.jobs._lock import JobLockedError as JobLockedError
 from pipeline.jobs._progress import JobFailedError as JobFailedError
 from pipeline.jobs._progress import JobProgress as JobProgress
 from pipeline.jobs._progress import JobSummary as JobSummary
-from pipeline.jobs._ray import run_job_on_ray as run_job_on_ray
 from pipeline.jobs._run import run_job as run_job
 from pipeline.jobs._settings import JobSettings as JobSettings
 from pipeline.jobs._settings import read_job_file as read_job_file
@@ -53,3 +54,13 @@ __all__ = [
     "run_job_on_ray",
     "setup_failure",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    """Load the Ray engine's entry point on first use (a local job never imports its modules)."""
+    if name != "run_job_on_ray":
+        raise AttributeError(f"module 'pipeline.jobs' has no attribute {name!r}")
+    from pipeline.jobs._ray import run_job_on_ray
+
+    globals()[name] = run_job_on_ray
+    return run_job_on_ray

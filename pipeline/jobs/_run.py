@@ -21,12 +21,10 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from pipeline.jobs._batch import run_batch
 from pipeline.jobs._checks import check_job
 from pipeline.jobs._local import run_local
 from pipeline.jobs._lock import JobLock, lock_path
 from pipeline.jobs._progress import JobSummary, ProgressHook, RunOptions, Waitable
-from pipeline.jobs._ray import run_on_ray
 from pipeline.jobs._settings import JobSettings, check_files
 from stages.llm._limits import Limiter
 
@@ -35,6 +33,21 @@ if TYPE_CHECKING:
 
 Engine = Callable[[JobSettings, RunOptions], Awaitable[JobSummary]]
 """Runs a job whose settings are checked and whose input and output are set."""
+
+
+async def run_on_ray(settings: JobSettings, options: RunOptions) -> JobSummary:
+    """The Ray engine, imported on first use (a local job never loads its modules)."""
+    from pipeline.jobs._ray import run_on_ray as engine
+
+    return await engine(settings, options)
+
+
+async def run_batch(settings: JobSettings, options: RunOptions) -> JobSummary:
+    """The batch engine, imported on first use (a local job never loads its modules)."""
+    from pipeline.jobs._batch import run_batch as engine
+
+    return await engine(settings, options)
+
 
 ENGINES: dict[str, Engine] = {"local": run_local, "ray": run_on_ray, "batch": run_batch}
 """The engines by the name ``JobSettings.engine`` gives (``batch`` when ``batch_api`` is set)."""

@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 
 from pipeline._envelope import Envelope
-from pipeline._errors import FatalError, ItemError
+from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._json import dumps, loads
 from pipeline._stage import Outbox
 from stages.files._records import JournalFile, Payloads
@@ -103,11 +103,15 @@ class ParquetSink(FileSink):
 
     Rows are journaled as they come and the file is built at publish: column types are
     inferred over all rows (a column whose values do not share a type is written as JSON
-    text), fields missing from a row are null.
+    text), fields missing from a row are null. A row group holds ``row_group_bytes`` of rows
+    (measured as their JSON) or ``row_group_rows`` rows, whichever comes first: only one row
+    group's rows are in memory at a time, so the publish's memory is flat whatever the file's
+    size and however wide its rows.
 
     Args:
         path: The output file, or a resumable job's ``journal.output`` (not stdout).
-        row_group_rows: Rows per row group.
+        row_group_rows: Rows per row group at most.
+        row_group_bytes: JSON bytes of the rows per row group at most (8 MiB).
         fsync_every: Fsync after this many rows...
         fsync_interval: ...or this many seconds, whichever comes first (and at the end).
         name: The stage's name.
@@ -122,6 +126,7 @@ class ParquetSink(FileSink):
         path: PathLike | JournalFile,
         *,
         row_group_rows: int = 65_536,
+        row_group_bytes: int = 8 << 20,
         fsync_every: int = 10_000,
         fsync_interval: float = 1.0,
         name: str | None = None,
@@ -131,7 +136,10 @@ class ParquetSink(FileSink):
         super().__init__(
             path, fsync_every=fsync_every, fsync_interval=fsync_interval, name=name, buffer=buffer
         )
+        if row_group_rows < 1 or row_group_bytes < 1:
+            raise ConfigError("row_group_rows and row_group_bytes must be at least 1")
         self.row_group_rows = row_group_rows
+        self.row_group_bytes = row_group_bytes
 
     def payload(self, env: Envelope[Any]) -> bytes:
         """Check that the item is a row (a mapping) and return it as JSON."""
@@ -143,11 +151,13 @@ class ParquetSink(FileSink):
 
     def _chunks(self, payloads: Payloads) -> Iterator[list[dict[str, Any]]]:
         chunk: list[dict[str, Any]] = []
+        size = 0
         for payload in payloads():
             chunk.append(loads(payload))
-            if len(chunk) >= self.row_group_rows:
+            size += len(payload)
+            if len(chunk) >= self.row_group_rows or size >= self.row_group_bytes:
                 yield chunk
-                chunk = []
+                chunk, size = [], 0
         if chunk:
             yield chunk
 
