@@ -115,10 +115,10 @@ import os, sys
 if os.environ.get("HOLD_PUBLISH"):
     import pipeline.jobs._journal as journal
     commit = journal.Journal.commit
-    def held_commit(self):
+    def held_commit(self, *args):
         print("publishing", flush=True)
         sys.stdin.read()
-        return commit(self)
+        return commit(self, *args)
     journal.Journal.commit = held_commit
 from pipeline.cli._main import main
 sys.exit(main(sys.argv[1:]))
