@@ -5,10 +5,11 @@
 
 For each row count and output format the script writes an input of that many JSONL rows with
 string ids (``"id": "row-0000012345-..."``) in a temporary directory, leaves a job **half
-done** (the journal of the first half's rows, written with the library's own journal and the
-exact settings the command line stores, so the checkpoint matches), then runs
-``python -m pipeline run ... --id-field id --resume`` against the simulated server (its own
-process, zero latency, no rate limit) and reports the resumed process's peak RSS (``wait4``),
+done** (``--done 0.99``: nearly done, to reach ten million rows on a slow machine): the
+journal of the first rows, written with the library's own journal and the exact settings the
+command line stores, so the checkpoint matches. It then runs ``python -m pipeline run ...
+--id-field id --resume`` against the simulated server (its own process, zero latency, no rate
+limit) and reports the resumed process's peak RSS (``wait4``),
 its wall time and the published rows. The resumed run reads every id once (duplicate ids are
 looked for over the whole input), skips the done half by line, sends the other half, checks
 every row is accounted for once and publishes.
@@ -56,8 +57,8 @@ def cli_args(inp: Path, out: Path, url: str, concurrency: int) -> list[str]:
     ]  # fmt: skip
 
 
-def leave_half_done(inp: Path, out: Path, url: str, concurrency: int) -> int:
-    """Write the journal of the first half of the rows, as an interrupted run leaves it."""
+def leave_half_done(inp: Path, out: Path, url: str, concurrency: int, done: float = 0.5) -> int:
+    """Write the journal of the first rows (half of them), as an interrupted run leaves it."""
     settings = JobSettings(
         input=str(inp),
         output=str(out),
@@ -76,7 +77,7 @@ def leave_half_done(inp: Path, out: Path, url: str, concurrency: int) -> int:
     chunk: list[bytes] = []
     with open(inp, "rb") as f:
         for line, raw in enumerate(f, 1):
-            if line > lines // 2:
+            if line > int(lines * done):
                 break
             row = json.loads(raw)
             row["response"] = f"Hello {row['name']}!"
@@ -130,6 +131,12 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["jsonl", "parquet"])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workdir", default=None, help="where the temporary files go")
+    parser.add_argument(
+        "--done",
+        type=float,
+        default=0.5,
+        help="fraction of the rows the interrupted run finished (0.5: resumed halfway)",
+    )
     args = parser.parse_args()
     server, url = start_server()
     results: list[dict[str, Any]] = []
@@ -140,7 +147,7 @@ def main() -> None:
                 make_input(inp, rows)
                 for fmt in args.formats:
                     out = Path(tmp) / f"out.{fmt}"
-                    half = leave_half_done(inp, out, url, args.concurrency)
+                    half = leave_half_done(inp, out, url, args.concurrency, args.done)
                     result = resume(inp, out, url, args.concurrency)
                     result.update(rows=rows, format=fmt, done_before=half)
                     result["published"] = count_output(out) if result["status"] == 0 else None

@@ -17,6 +17,7 @@ from pipeline.cli._report import latest_failures, render_html, report_data
 from pipeline.jobs import JobProgress
 from pipeline.jobs._timeline import Sample, TimelineRecorder, read_timeline, timeline_path
 from pipeline.testing._sim import SimConfig, Simulator
+from stages.files import encode_record
 
 ROWS = 150
 BAD = {7, 40}  # lines whose rows lack the prompt's field: dead-lettered
@@ -205,7 +206,8 @@ def test_report_of_a_job_without_timeline_says_so(
 def test_failures_are_read_from_the_journal_of_an_unfinished_job(tmp_path: Path) -> None:
     dead = tmp_path / "out.jsonl.failed.jsonl"
     record = {"key": "r1", "line": 1, "error": {"type": "LLMCallError", "message": "boom"}}
-    Path(str(dead) + ".partial").write_text(f'1\t"r1"\t{json.dumps(record)}\n')
+    whole = encode_record(1, "r1", json.dumps(record).encode())
+    Path(str(dead) + ".partial").write_bytes(whole + whole.replace(b"boom", b"bOOm"))
     assert latest_failures(str(dead), 5) == [record]
     assert latest_failures(str(tmp_path / "none"), 5) == []
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.jobs._timeline import Run, read_timeline, timeline_path
+from stages.files._records import record_payload
 
 PROG = "llm-pipeline report"
 MAX_SAMPLES = 2000  # per run: enough for any screen, small enough for a big job's report
@@ -56,7 +57,9 @@ def latest_failures(path: str | None, limit: int) -> list[dict[str, Any]]:
             raise ReportError(f"cannot read {candidate!r}: {error.strerror or error}") from None
         records = []
         for line in tail:
-            payload = line.split(b"\t", 2)[-1] if journal else line
+            payload = record_payload(line) if journal else line
+            if payload is None:  # a damaged journal record
+                continue
             try:
                 record = json.loads(payload)
             except ValueError:

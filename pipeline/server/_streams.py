@@ -20,6 +20,7 @@ import anyio
 
 from pipeline.server._job import FAILED, PARTIAL, Job
 from pipeline.server._settings import OUTPUT
+from stages.files._records import record_payload
 
 __all__ = ["job_events", "tail_rows"]
 
@@ -103,13 +104,12 @@ async def _read_plain(fd: int) -> AsyncGenerator[bytes, None]:
 
 
 def _payloads(records: bytes) -> bytes:
-    """Turn complete journal records (line, key, payload; tab-separated) into NDJSON lines."""
+    """Turn complete journal records into NDJSON lines (a damaged record is left out)."""
     out = io.BytesIO()
     for record in records.splitlines(keepends=True):
-        parts = record.split(b"\t", 2)
-        if len(parts) == 3 and parts[2].strip():
-            payload = parts[2]
-            out.write(payload if payload.endswith(b"\n") else payload + b"\n")
+        payload = record_payload(record)
+        if payload is not None and payload.strip():
+            out.write(payload)
     return out.getvalue()
 
 

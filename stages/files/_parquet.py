@@ -98,20 +98,26 @@ class ParquetSource(FileSource):
                     await self._row(outbox, row, line, row)
 
 
+_ROW_OVERHEAD = 512
+"""Bytes a row costs in memory beyond its JSON size (its dict, keys and values as objects)."""
+
+
 class ParquetSink(FileSink):
     """Write rows (mappings) to a Parquet file in row groups (needs the ``[parquet]`` extra).
 
     Rows are journaled as they come and the file is built at publish: column types are
     inferred over all rows (a column whose values do not share a type is written as JSON
     text), fields missing from a row are null. A row group holds ``row_group_bytes`` of rows
-    (measured as their JSON) or ``row_group_rows`` rows, whichever comes first: only one row
-    group's rows are in memory at a time, so the publish's memory is flat whatever the file's
-    size and however wide its rows.
+    or ``row_group_rows`` rows, whichever comes first, a row counting its JSON size plus 512
+    bytes (what a small row costs as Python objects): only one row group's rows are in memory
+    at a time, so the publish's memory is flat whatever the file's size and however narrow or
+    wide its rows.
 
     Args:
         path: The output file, or a resumable job's ``journal.output`` (not stdout).
         row_group_rows: Rows per row group at most.
-        row_group_bytes: JSON bytes of the rows per row group at most (8 MiB).
+        row_group_bytes: Bytes of rows per row group at most (8 MiB), each row counting its
+            JSON size plus 512.
         fsync_every: Fsync after this many rows...
         fsync_interval: ...or this many seconds, whichever comes first (and at the end).
         name: The stage's name.
@@ -154,7 +160,7 @@ class ParquetSink(FileSink):
         size = 0
         for payload in payloads():
             chunk.append(loads(payload))
-            size += len(payload)
+            size += len(payload) + _ROW_OVERHEAD
             if len(chunk) >= self.row_group_rows or size >= self.row_group_bytes:
                 yield chunk
                 chunk, size = [], 0

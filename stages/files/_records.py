@@ -150,6 +150,11 @@ def key_of(record: bytes) -> bytes:
     return record[first + 1 : record.index(b"\t", first + 1)]
 
 
+def record_payload(record: bytes) -> bytes | None:
+    """Return a whole record's payload (ending in a newline), ``None`` for a damaged one."""
+    return payload_of(record) if record_ok(record) else None
+
+
 def payload_of(record: bytes) -> bytes:
     """Return a whole record's payload, ending in a newline."""
     return record[record.index(b"\t", record.index(b"\t") + 1) + 1 : -_TAIL] + b"\n"
