@@ -57,8 +57,8 @@ class LineSet(Container[int]):
             raise ValueError(f"a line number cannot be negative ({line})")
         index, bit = line >> 3, 1 << (line & 7)
         bits = self._bits
-        if index >= len(bits):
-            bits.extend(bytes(max(index + 1 - len(bits), len(bits))))
+        if index >= len(bits):  # grow by a quarter at least: amortised, and no doubling
+            bits.extend(bytes(max(index + 1 - len(bits), len(bits) >> 2, 64)))
         if bits[index] & bit:
             return False
         bits[index] |= bit
