@@ -168,6 +168,10 @@ async def test_requests_above_the_operator_s_ceilings_are_refused(tmp_path: Path
             ({"max_concurrency": 9}, "ceiling of 8 requests in flight"),
             ({"rpm": 601}, "ceiling of 600 per minute (max_rpm)"),
             ({"tpm": 20_000}, "ceiling of 10000 per minute (max_tpm)"),
+            (
+                {"endpoints": [{"name": "a", "model": "sim-1", "rpm": 6000}]},
+                "endpoints[0]: rpm 6000 is above this server's ceiling of 600",
+            ),
         ]
         for ask, reason in asks:
             body = {"rows": rows(2), "settings": {**SETTINGS, **ask}}

@@ -32,14 +32,11 @@ def check_ceilings(config: ServerConfig, given: Mapping[str, Any]) -> None:
     Raises:
         RequestError: 422 naming the setting and the server's ceiling.
     """
-    for name, ceiling_name in _RATES:
-        value, ceiling = given.get(name), getattr(config, ceiling_name)
-        if isinstance(value, (int, float)) and ceiling is not None and value > ceiling:
-            raise RequestError(
-                422,
-                f"{name} {value:g} is above this server's ceiling of {ceiling:g} per minute "
-                f"({ceiling_name}); ask for less or leave it out",
-            )
+    _check_rates(config, given, "")
+    endpoints = given.get("endpoints")
+    for index, table in enumerate(endpoints if isinstance(endpoints, list) else []):
+        if isinstance(table, Mapping):
+            _check_rates(config, table, f"endpoints[{index}]: ")
     for name in _IN_FLIGHT:
         value = given.get(name)
         if isinstance(value, int) and value > config.max_concurrency:
@@ -47,6 +44,17 @@ def check_ceilings(config: ServerConfig, given: Mapping[str, Any]) -> None:
                 422,
                 f"{name} {value} is above this server's ceiling of {config.max_concurrency} "
                 "requests in flight per job (max_concurrency); ask for less or leave it out",
+            )
+
+
+def _check_rates(config: ServerConfig, given: Mapping[str, Any], where: str) -> None:
+    for name, ceiling_name in _RATES:
+        value, ceiling = given.get(name), getattr(config, ceiling_name)
+        if isinstance(value, (int, float)) and ceiling is not None and value > ceiling:
+            raise RequestError(
+                422,
+                f"{where}{name} {value:g} is above this server's ceiling of {ceiling:g} per "
+                f"minute ({ceiling_name}); ask for less or leave it out",
             )
 
 
