@@ -170,7 +170,7 @@ async def test_requests_above_the_operator_s_ceilings_are_refused(tmp_path: Path
             ({"tpm": 20_000}, "ceiling of 10000 per minute (max_tpm)"),
             (
                 {"endpoints": [{"name": "a", "model": "sim-1", "rpm": 6000}]},
-                "endpoints[0]: rpm 6000 is above this server's ceiling of 600",
+                "rpm 6000 is above this server's ceiling of 600",
             ),
         ]
         for ask, reason in asks:
