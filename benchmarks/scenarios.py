@@ -160,9 +160,10 @@ SCENARIOS: tuple[Scenario, ...] = (
             "everyone. Correct = the exact expected answer; wrong = an answer that differs (a "
             "truncated stream accepted as complete); failed = rows the contender reported as "
             "failed; missing = rows neither answered nor reported; wasted = requests beyond one "
-            "per correct row. llm-pipeline pauses all of its requests for the Retry-After of "
-            "a 429 or 503, as it would for a provider's quota; the hand-written clients delay "
-            "only the row that got it."
+            "per correct row. A 429 whose rate-limit headers show capacity left (or that has none) "
+            "delays only the row that got it, in llm-pipeline as in the hand-written clients; "
+            "llm-pipeline pauses every request only for a quota signal (headers showing the "
+            "bucket empty, or a long Retry-After)."
         ),
         sim={
             "latency_ms": 20,
