@@ -23,6 +23,7 @@ from ._errors import FatalError as FatalError
 from ._errors import ItemError as ItemError
 from ._errors import LedgerError as LedgerError
 from ._errors import MissingFieldError as MissingFieldError
+from ._errors import NotStartedError as NotStartedError
 from ._errors import PipelineError as PipelineError
 from ._errors import QuotaExhaustedError as QuotaExhaustedError
 from ._functions import filter as filter
@@ -49,6 +50,7 @@ __all__ = [
     "IterSource",
     "LedgerError",
     "MissingFieldError",
+    "NotStartedError",
     "Outbox",
     "Pipeline",
     "PipelineError",

@@ -10,20 +10,22 @@ the loop or delays cancellation. Both are context managers: a worker runs under
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
+import anyio
 from anyio import EndOfStream, WouldBlock
 from anyio.lowlevel import cancel_shielded_checkpoint
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._envelope import Envelope, Failed
-from ._errors import ConfigError
+from ._errors import ConfigError, NotStartedError
 from ._tracing import Tracing, span_context_of
 
 T = TypeVar("T")
@@ -165,13 +167,17 @@ class RunState:
         self.admit: Callable[[], Awaitable[None]] | None = None
         self.source_busy = False
         self.crashed = False
+        self.stop_waits: set[anyio.CancelScope] = set()
+        self.not_started: list[Envelope[Any]] = []
 
     def request_stop(self, reason: str) -> None:
-        """Stop reading input; items already in flight finish. The first reason wins."""
+        """Stop reading input and end the waits of unstarted items. The first reason wins."""
         if self.stop_reason is None:
             self.stop_reason = reason
             if self.on_stop is not None:
                 self.on_stop()
+            for scope in self.stop_waits:
+                scope.cancel()
 
 
 class SourceStopped(BaseException):
@@ -432,8 +438,53 @@ class Outbox(_End, Generic[T]):
         """Whether the run was asked to stop reading input."""
         return self._run.stop_reason is not None
 
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the run was asked to stop, if it was (the first reason given)."""
+        return self._run.stop_reason
+
+    def drop_not_started(self, env: Envelope[Any]) -> None:
+        """Drop an item the run stopped before its work began (no request was sent for it).
+
+        It is listed in :attr:`~pipeline.Results.not_started`: a resumed job reads it again, a
+        DataFrame gives it its error.
+        """
+        self.drop(env)
+        members = env.members if env.members is not None else (env,)
+        self._run.not_started.extend(members)
+
+    @contextlib.contextmanager
+    def unless_stopped(self) -> Iterator[None]:
+        """Run a wait that a stop ends: a stop (now or during it) raises NotStartedError.
+
+        For what an item waits for before its work begins (a rate limiter, a retry's
+        back-off): once the run is asked to stop, no new work starts and the item is dropped
+        (:meth:`handle_error` drops a :class:`~pipeline.NotStartedError`).
+
+        Raises:
+            NotStartedError: The run was asked to stop before or during the wait.
+        """
+        run = self._run
+        if run.stop_reason is not None:
+            raise NotStartedError(f"not started: the run is stopping ({run.stop_reason})")
+        with anyio.CancelScope() as scope:
+            run.stop_waits.add(scope)
+            try:
+                yield
+            finally:
+                run.stop_waits.discard(scope)
+        if scope.cancelled_caught:
+            raise NotStartedError(f"not started: the run is stopping ({run.stop_reason})")
+
     async def handle_error(self, env: Envelope[Any], error: Exception) -> None:
-        """Dead-letter ``env`` or re-raise ``error`` as fatal, per the stage's ``on_error``."""
+        """Drop, dead-letter or re-raise ``error`` as fatal, per the stage's ``on_error``.
+
+        A :class:`~pipeline.NotStartedError` drops the item: the run stopped before its work
+        began, so it has neither an answer nor a failure.
+        """
+        if isinstance(error, NotStartedError):
+            self.drop_not_started(env)
+            return
         if self.stage.should_dead_letter(error):
             await self.fail(env, error)
             return

@@ -5,6 +5,7 @@ The hierarchy::
     PipelineError                 base of everything the library raises on purpose
     ├── ItemError                 a problem with one item: always sent to the dead letter
     │   └── MissingFieldError     a prompt template names a field the record lacks
+    ├── NotStartedError           the run stopped before the item's work began: it is dropped
     ├── FatalError                stop the whole pipeline (never dead-lettered)
     │   └── QuotaExhaustedError   the provider says the account is out of money/quota
     ├── LedgerError               the runtime lost or duplicated an item (a bug, never expected)
@@ -48,6 +49,16 @@ class MissingFieldError(ItemError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class NotStartedError(PipelineError):
+    """The run was asked to stop before this item's work began (no request was sent for it).
+
+    The item is dropped, not dead-lettered: it has no answer and no failure, so a resumed job
+    reads it again. Raised by :meth:`~pipeline.Outbox.unless_stopped` for a wait that a stop
+    ends (a rate limiter, a retry's back-off) and by stages that check
+    :attr:`~pipeline.Outbox.stopping` before starting an item's work.
+    """
 
 
 class FatalError(PipelineError):

@@ -179,6 +179,11 @@ class Results(Generic[T]):
         self._run.state.request_stop(reason)
 
     @property
+    def not_started(self) -> list[Envelope[Any]]:
+        """Items dropped because the run stopped before their work began (no request sent)."""
+        return self._run.state.not_started
+
+    @property
     def stats(self) -> tuple[StageStats, ...]:
         """Live per-stage counters of the run."""
         return tuple(self._run.stats)

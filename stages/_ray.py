@@ -422,6 +422,8 @@ class _ActorRuntime:
                 async for env in results.envelopes():
                     source.release(env.seq)
                     batch.outputs.append(env)
+            # rows whose requests the run's stop (a budget) came before: not processed
+            batch.undone.extend(items[env.seq] for env in results.not_started)
         finally:
             self._running.discard(batch)
             source.release_all()

@@ -216,7 +216,7 @@ def test_ctrl_c_finishes_rows_in_flight_and_resumes_exactly_once(
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=30)
     assert child.returncode == 130, err
-    assert "SIGINT: stopping: no new rows are read" in err
+    assert "SIGINT: stopping: no new request is sent" in err
     assert "run the same command with --resume" in err
     summary = json.loads((tmp_path.parent / "s.json").read_text())
     assert summary["stopped"] == "interrupted" and summary["exit_status"] == 130

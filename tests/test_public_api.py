@@ -24,6 +24,7 @@ PINNED: dict[str, list[str]] = {
         "IterSource",
         "LedgerError",
         "MissingFieldError",
+        "NotStartedError",
         "Outbox",
         "Pipeline",
         "PipelineError",

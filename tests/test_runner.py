@@ -526,3 +526,37 @@ async def test_leaving_early_while_a_stage_was_just_woken_with_an_item_is_clean(
                 go.set()
                 break
     assert results.report is not None and not results.report.complete
+
+
+class _WaitsForATurn(pl.ItemStage[int, int]):
+    """Holds every item but the first at a wait only a stop ends (a limiter that never lets go)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="turns", workers=4)
+        self.started: list[int] = []
+        self.first_done = anyio.Event()
+
+    async def handle(self, env: Envelope[int], outbox: Outbox[int]) -> None:
+        if env.value != 0:
+            with outbox.unless_stopped():
+                await anyio.sleep_forever()
+        self.started.append(env.value)  # only item 0: the stop ends the others' wait by raising
+        await outbox.send(env)
+        self.first_done.set()
+
+
+async def test_a_stop_drops_the_items_whose_work_had_not_started() -> None:
+    stage = _WaitsForATurn()
+    with anyio.fail_after(10):
+        async with Pipeline(range(6), stage).open() as results:
+            got = []
+            async for value in results:
+                got.append(value)
+                await stage.first_done.wait()
+                results.stop("enough")
+        report = results.report
+    assert got == [0] and stage.started == [0]
+    assert report is not None and report.stopped == "enough" and report.failed == 0
+    dropped = sorted(env.value for env in results.not_started)
+    assert dropped and dropped == list(range(1, 1 + len(dropped)))  # none lost, none failed
+    assert next(s for s in report.stages if s.name == "turns").dropped == len(dropped)

@@ -327,7 +327,11 @@ def _running_arguments(parser: argparse.ArgumentParser) -> None:
         help="export OpenTelemetry spans to stderr, or to OTEL_EXPORTER_OTLP_ENDPOINT",
     )
     run.add_argument(
-        "--grace", type=_number, default=s, metavar="SECONDS", help="Ctrl-C wait for rows (30)"
+        "--grace",
+        type=_number,
+        default=s,
+        metavar="SECONDS",
+        help="after Ctrl-C/SIGTERM, how long requests in flight may finish (10)",
     )
     run.add_argument("--quiet", action="store_true", default=s, help="no progress or summary")
     run.add_argument("--debug", action="store_true", default=False, help="tracebacks, debug log")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -185,13 +186,18 @@ def _write_summary(path: str | None, summary: JobSummary, status: int, error: st
         print_error(f"cannot write the summary to {path!r}: {exc.strerror or exc}")
 
 
-async def _watch_signals(stop: anyio.Event, display: ProgressDisplay | None) -> None:
-    """First Ctrl-C (or SIGTERM): stop reading input, finish rows in flight. Second: exit."""
+async def _watch_signals(
+    stop: anyio.Event, display: ProgressDisplay | None, exit_now: Callable[[], None]
+) -> None:
+    """First Ctrl-C (or SIGTERM): no new request, rows in flight get the grace. Second: exit.
+
+    ``exit_now`` runs before the second signal's immediate exit (it writes what it can).
+    """
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if not stop.is_set():
                 text = (
-                    f"{signal.Signals(signum).name}: stopping: no new rows are read; rows in"
+                    f"{signal.Signals(signum).name}: stopping: no new request is sent; rows in"
                     " flight finish (Ctrl-C again to exit now; the job stays resumable)"
                 )
                 if display is not None:
@@ -206,7 +212,37 @@ async def _watch_signals(stop: anyio.Event, display: ProgressDisplay | None) -> 
                     " continue\n"
                 )
                 sys.stderr.flush()
+                exit_now()
                 os._exit(EXIT_INTERRUPTED)
+
+
+def _exit_summary(settings: JobSettings, observer: RunObserver) -> None:
+    """Write ``--summary-json`` (and end the timeline) on a second Ctrl-C.
+
+    The run exits at once without a summary of its own: the figures are the last progress
+    snapshot's (at most one progress interval old).
+    """
+    progress = observer.last
+    message = "interrupted again: exited at once (figures as of the last progress snapshot)"
+    summary = JobSummary(stopped="interrupted", output=settings.output, engine=settings.engine)
+    if progress is not None:
+        summary = dataclasses.replace(
+            summary,
+            rows_in=progress.ok + progress.failed,
+            ok=progress.ok,
+            failed=progress.failed,
+            requests=progress.requests,
+            retries=progress.retries,
+            prompt_tokens=progress.prompt_tokens,
+            completion_tokens=progress.completion_tokens,
+            cost_usd=progress.cost_usd,
+            elapsed_s=progress.elapsed_s,
+            rows_per_s=progress.rows_per_s,
+            resumed_skipped=progress.skipped,
+        )
+    _write_summary(settings.summary_json, summary, EXIT_INTERRUPTED, message)
+    with contextlib.suppress(Exception):  # the exit must not wait on a timeline problem
+        observer.finish(summary, exit_status=EXIT_INTERRUPTED, error=message)
 
 
 async def _run_async(
@@ -216,7 +252,7 @@ async def _run_async(
     failure: Exception | None = None
     summary: JobSummary | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch_signals, stop, display)
+        tg.start_soon(_watch_signals, stop, display, lambda: _exit_summary(settings, observer))
         try:
             summary = await run_job(
                 settings,

@@ -56,11 +56,13 @@ class RunObserver:
             interval=TIMELINE_INTERVAL,
         )
         self.summary: JobSummary | None = None
+        self.last: JobProgress | None = None
         self._started = False
         self._drawn_at: float | None = None
 
     def update(self, progress: JobProgress) -> None:
         """Take one progress snapshot (the job's ``on_progress``)."""
+        self.last = progress
         if not self._started:
             self._started = True
             self.recorder.start()

@@ -94,6 +94,7 @@ from pipeline._errors import ConfigError
 from pipeline.jobs._settings import JobSettings
 from stages.files import count_rows
 from stages.files._ids import DuplicateIds
+from stages.files._pipes import is_stream
 from stages.files._records import (
     PUBLISH_SUFFIX,
     JournalCorruptError,
@@ -122,10 +123,15 @@ class ResumeError(ConfigError):
 
 
 def input_fingerprint(path: PathLike) -> dict[str, Any]:
-    """Return an input's identity: absolute path, size, SHA-256 of its first and last MiB."""
+    """Return an input's identity: absolute path, size, SHA-256 of its first and last MiB.
+
+    Standard input, a pipe or a device is known by its path alone (resume trusts the user).
+    """
     text = os.fspath(path)
     if text == "-":
         return {"path": "-"}
+    if is_stream(text):  # a pipe or a device: reading it here would take the job's rows
+        return {"path": os.path.abspath(text)}
     with open(text, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = hashlib.sha256(f.read(_FINGERPRINT_BYTES)).hexdigest()

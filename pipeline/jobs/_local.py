@@ -53,6 +53,7 @@ from pipeline.jobs._progress import (
 )
 from pipeline.jobs._settings import JobSettings, check_files
 from stages.files import DeadLetterSink, FileSource, count_rows, open_sink, open_source
+from stages.files._pipes import is_stream
 from stages.llm._caller import LLMCaller
 
 if TYPE_CHECKING:
@@ -317,6 +318,8 @@ class LocalJob:
         """Count the input's rows in a thread, for the progress total."""
         path, fmt = self.settings.input, self.settings.input_format
         assert path is not None
+        if is_stream(path):  # stdin, a pipe, a device: counting would read it (or never end)
+            return
         try:
             self.total = await anyio.to_thread.run_sync(
                 lambda: count_rows(path, fmt=fmt, delimiter=self.settings.csv_delimiter),

@@ -76,9 +76,9 @@ async def run_job(
         settings: The job; its input and output must be set.
         on_progress: Called (sync or async) with a :class:`~pipeline.jobs.JobProgress` every
             ``progress_interval`` seconds and once at the end.
-        stop_event: An event (anyio or asyncio): once set, no new rows are read, rows in
-            flight get ``settings.grace`` seconds to finish, then the run stops. The job
-            stays resumable.
+        stop_event: An event (anyio or asyncio): once set, no new request is sent (rows
+            read but not sent are left for a resume), the requests in flight get
+            ``settings.grace`` seconds to finish, then the run stops. The job stays resumable.
         stop_reason: The summary's ``stopped`` text when ``stop_event`` stops the job.
         progress_interval: Seconds between progress snapshots.
         limiter: A rate limiter shared with other jobs on the same API key (the HTTP server

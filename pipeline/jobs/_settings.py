@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import os
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from pipeline._compat import tomllib
 from pipeline._config import check_fields, type_name
 from pipeline._errors import ConfigError
+from stages.files._pipes import is_stream
 from stages.llm._providers import SENSITIVE_HEADERS
 from stages.llm._routing import Deployment, Routing, deployment_from_mapping
 from stages.llm._template import PromptTemplate
@@ -138,7 +140,9 @@ class JobSettings:
         max_line_bytes: The longest JSON Lines input row (16 MiB): a longer line is read past
             in bounded memory and dead-lettered by its line number.
         batch_size: Rows per embeddings request.
-        grace: Seconds rows in flight may take to finish after a stop (Ctrl-C), then cancelled.
+        grace: Seconds the requests in flight may take to finish after a stop (Ctrl-C,
+            SIGTERM, a cancel), then they are abandoned (sent again on resume). No new
+            request is sent after a stop.
         batch_api: Send the requests through the provider's Batch API (half price, answered
             within 24 hours) instead of online; see ``docs/batch.md``.
         batch_max_rows: Most rows per batch (default: the provider's limit).
@@ -204,7 +208,7 @@ class JobSettings:
     output_format: FileFormat | None = None
     max_line_bytes: int = 16 << 20
     batch_size: int = 64
-    grace: float = 30.0
+    grace: float = 10.0
     batch_api: bool = False
     batch_max_rows: int | None = None
     batch_poll: float = 15.0
@@ -557,8 +561,12 @@ def check_files(settings: JobSettings) -> None:
         if os.path.isdir(settings.input):
             raise ConfigError(f"input {settings.input!r} is a directory, not a file")
         try:
-            with open(settings.input, "rb"):
-                pass
+            if is_stream(settings.input):  # opening a FIFO waits for its writer: only check
+                if not os.access(settings.input, os.R_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            else:
+                with open(settings.input, "rb"):
+                    pass
         except OSError as error:
             raise ConfigError(
                 f"cannot read input {settings.input!r}: {error.strerror or error}"

@@ -144,7 +144,9 @@ class CsvSource(FileSource):
             records = csv_records(f, self.delimiter)
             header: list[str] | None = None
             while True:
-                batch = await anyio.to_thread.run_sync(_take, records, CHUNK_ROWS)
+                batch = await anyio.to_thread.run_sync(
+                    _take, records, CHUNK_ROWS, abandon_on_cancel=True
+                )  # a stop does not wait for a pipe: closing the file ends that read
                 if not batch:
                     break
                 header = await self._records(outbox, header, batch)

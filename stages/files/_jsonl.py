@@ -80,7 +80,7 @@ class JsonlSource(FileSource):
             splitter = LineSplitter(f, self.max_line_bytes)
             line = 0
             while True:
-                lines = await anyio.to_thread.run_sync(splitter.lines)
+                lines = await anyio.to_thread.run_sync(splitter.lines, abandon_on_cancel=True)
                 if lines is None:
                     break
                 line = await self._lines(outbox, lines, line)

@@ -37,6 +37,7 @@ from pipeline._errors import FatalError
 from pipeline._stage import Inbox, Outbox, Source
 from stages.files._compression import open_input
 from stages.files._ids import DuplicateIds
+from stages.files._pipes import StreamReader, is_stream
 from stages.files._rows import BadRowError, PathLike, Row, id_key, label
 
 __all__ = ["FileSource"]
@@ -88,9 +89,9 @@ class FileSource(Source[Row]):
         return f"{type(self).__name__}({self.path!r}, id_field={self.id_field!r})"
 
     def _open(self) -> io.BufferedReader:
-        """Open the file (decompressing ``.gz`` and ``.zst``), or return standard input."""
-        if self.path == "-":
-            return cast(io.BufferedReader, sys.stdin.buffer)
+        """Open the file (decompressing ``.gz`` and ``.zst``), or a stream (stdin, a pipe)."""
+        if is_stream(self.path):  # stdin, a pipe, a device: read so that a stop ends the wait
+            return cast(io.BufferedReader, StreamReader.open(self.path))
         try:
             return open_input(self.path)
         except OSError as error:
@@ -108,7 +109,7 @@ class FileSource(Source[Row]):
         """Emit every row of the file (after finding its repeated ids, with an id field)."""
         self._start()
         self._repeats = None
-        if self.id_field is not None and self.path != "-":
+        if self.id_field is not None and not is_stream(self.path):  # a stream reads once
             finder = DuplicateIds()
             self._scan = finder
             try:

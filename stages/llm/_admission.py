@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 from opentelemetry import trace
 
-from pipeline._errors import ConfigError, FatalError
+from pipeline._errors import ConfigError, FatalError, NotStartedError
 from pipeline._stage import Outbox
 from stages.llm._limits import AdaptiveConcurrency, Limiter, RateLimiter, Verdict
 from stages.llm._output import CallerTotals
@@ -245,10 +245,15 @@ class Admission:
 
         ``input_tokens`` (the prompt's) go to the ``itpm`` bucket; the ``otpm`` bucket gets
         ``max_tokens`` (:attr:`completion_default`), returned in part by :meth:`settle`.
+
+        Raises:
+            NotStartedError: The run was asked to stop (Ctrl-C, a budget, a cancel) before the
+                limiter allowed the request: it is not sent.
         """
-        waited = await self.limiter.acquire(
-            tokens, input_tokens=input_tokens, output_tokens=self.completion_default or 0
-        )
+        with outbox.unless_stopped():  # a stop ends the wait: the request is not sent
+            waited = await self.limiter.acquire(
+                tokens, input_tokens=input_tokens, output_tokens=self.completion_default or 0
+            )
         if waited:
             self.totals.limiter_wait_s += waited
             outbox.stats.limiter_wait_s += waited
@@ -261,12 +266,18 @@ class Admission:
         """Hold a concurrency slot for one request; count the wait and the request.
 
         Once the run is stopping (:attr:`fatal`: a rejected key, no credit), a request that
-        gets its slot is not sent: it waits to be cancelled with the rest of the run.
+        gets its slot is not sent: it waits to be cancelled with the rest of the run. Once the
+        run was asked to stop (:attr:`~pipeline.Outbox.stopping`), it is not sent either.
+
+        Raises:
+            NotStartedError: The run was asked to stop before the request got its slot.
         """
         asked = _perf()
         async with self.concurrency.slot() as queued:
             if self.fatal is not None:
                 await anyio.sleep_forever()
+            if outbox.stopping:
+                raise NotStartedError("not started: the run is stopping")
             waited = _perf() - asked
             self.totals.slot_wait_s += waited
             self.totals.slot_waits += queued

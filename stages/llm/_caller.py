@@ -57,7 +57,7 @@ from typing import Any, TypeAlias
 import anyio
 
 from pipeline._envelope import Envelope
-from pipeline._errors import ConfigError, FatalError, MissingFieldError
+from pipeline._errors import ConfigError, FatalError, MissingFieldError, NotStartedError
 from pipeline._errors import QuotaExhaustedError as QuotaExhaustedError
 from pipeline._stage import Inbox, ItemStage, Outbox
 from stages._batch import split_batch
@@ -462,7 +462,9 @@ class LLMCaller(ItemStage[Any, Any]):
                 self.run_state.ledger.leave_unsent(member, outbox)
                 return
             except Exception as error:
-                if self.should_dead_letter(error):
+                if isinstance(error, NotStartedError):
+                    outbox.drop_not_started(member)  # the run stopped before its request
+                elif self.should_dead_letter(error):
                     await outbox.fail(member, error)
                 else:
                     fatal.append(error)

@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from pipeline._envelope import Envelope
-from pipeline._errors import FatalError, ItemError, QuotaExhaustedError
+from pipeline._errors import FatalError, ItemError, NotStartedError, QuotaExhaustedError
 from pipeline._stage import Outbox
 from stages.llm._admission import Admission
 from stages.llm._cache import ResponseCache, request_key
@@ -224,7 +224,12 @@ class Exchange:
         count: int,
         estimate: int,
     ) -> Answer:
-        """Make one HTTP attempt and return the answer; raise :class:`LLMCallError` if not."""
+        """Make one HTTP attempt and return the answer; raise :class:`LLMCallError` if not.
+
+        Once the run was asked to stop, no attempt starts: :class:`NotStartedError`.
+        """
+        if outbox.stopping:
+            raise NotStartedError(f"not started: the run is stopping ({outbox.stop_reason})")
         transport = self.transport
         assert transport is not None
         admission = self.admission

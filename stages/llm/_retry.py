@@ -27,6 +27,7 @@ Which exceptions of a user ``call=`` (an SDK's) are retryable is decided here to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -63,6 +64,12 @@ OVERLOAD_CODES = frozenset({"overloaded_error", "rate_limit_error", "rate_limit_
 
 def _keep(text: str) -> str:
     return text
+
+
+async def _back_off(outbox: Outbox[Any], seconds: float) -> None:
+    """Sleep before a retry; a stop of the run ends it (NotStartedError: no new attempt)."""
+    with outbox.unless_stopped():
+        await anyio.sleep(seconds)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,7 +165,7 @@ class Retry:
             stop=policy.stop,
             wait=policy.wait,
             retry=retry_if_exception(is_retryable),
-            sleep=anyio.sleep,
+            sleep=functools.partial(_back_off, outbox),
             before_sleep=policy.before_sleep,
             reraise=True,
         )
