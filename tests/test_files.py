@@ -14,7 +14,7 @@ import anyio.from_thread
 import pytest
 
 import pipeline as pl
-from pipeline import Envelope, Failed, FatalError, Pipeline
+from pipeline import ConfigError, Envelope, Failed, FatalError, Pipeline
 from pipeline.jobs._journal import JournalFile
 from stages.files import (
     CsvSink,
@@ -202,7 +202,8 @@ async def test_csv_rows_line_numbers_and_bad_rows(tmp_path: Path) -> None:
     ]
     assert by_message(report.failures) == {
         6: "row has 3 fields, the header has 2",
-        7: "invalid UTF-8 encoding on line 7",
+        7: "invalid UTF-8 on line 7 (if the file is not in that encoding, give its encoding:"
+        " --encoding latin-1, cp1252...)",
     }
     assert {f.key: f.item for f in report.failures}[6] == "c,too,many"
     assert count_rows(path) == 5
@@ -218,14 +219,29 @@ async def test_csv_id_field_and_tsv(tmp_path: Path) -> None:
     assert [f.key for f in report.failures] == [3]
 
 
-async def test_csv_bad_header_is_fatal(tmp_path: Path) -> None:
+async def test_csv_bad_header_is_an_input_error(tmp_path: Path) -> None:
     path = tmp_path / "in.csv"
     path.write_text("a,a\n1,2\n")
-    with pytest.raises(FatalError, match="header names column 'a' twice"):
+    with pytest.raises(ConfigError, match="header names column 'a' twice"):
         await Pipeline(CsvSource(path)).run()
     path.write_text("a,b\n1,2\n")
-    with pytest.raises(FatalError, match="id field 'id' is not a column"):
+    with pytest.raises(ConfigError, match="id field 'id' is not a column"):
         await Pipeline(CsvSource(path, id_field="id")).run()
+    path.write_bytes(b"n\xe4me,city\nJos\xe9,M\xfcnchen\n")  # Latin-1
+    with pytest.raises(ConfigError, match=r"invalid UTF-8 on line 1.*--encoding latin-1"):
+        await Pipeline(CsvSource(path)).run()
+    envs, _ = await collect(Pipeline(CsvSource(path, encoding="latin-1")))
+    assert [e.value for e in envs] == [{"näme": "José", "city": "München"}]
+
+
+async def test_csv_unterminated_quote_is_a_bad_row_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text('id,text\n1,fine\n2,"open\n3,swallowed\n4,too\n')
+    envs, report = await collect(Pipeline(CsvSource(path)))
+    assert [e.key for e in envs] == [2]
+    [failed] = report.failures
+    assert failed.key == 3 and "the quote opened on line 3 is never closed" in failed.message
+    assert "4,too" in failed.item  # the rest of the file is in the record, not lost
 
 
 async def test_big_integers_and_unicode_survive_a_round_trip(tmp_path: Path) -> None:

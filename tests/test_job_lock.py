@@ -160,7 +160,12 @@ def start_held_run(tmp_path: Path, sim: Simulator) -> subprocess.Popen[str]:
 
 
 def finish_held_run(first: subprocess.Popen[str]) -> None:
-    _, err = first.communicate(input="", timeout=60)  # stdin closes: the run publishes
+    try:
+        _, err = first.communicate(input="", timeout=60)  # stdin closes: the run publishes
+    except subprocess.TimeoutExpired:
+        first.kill()  # never leave it behind
+        first.communicate()
+        raise
     assert first.returncode == 0, err
 
 

@@ -251,8 +251,9 @@ def test_damage_before_good_records_is_refused(tmp_path: Path) -> None:
     journal.open()
     good = encode_record(1, 1, b"{}"), encode_record(3, 3, b"{}")
     Path(journal.output.path).write_bytes(good[0] + b"garbage\n" + good[1])
-    with pytest.raises(JournalCorruptError, match="record 2 is damaged"):
-        Journal(out, resume=True).open()
+    with pytest.raises(ResumeError, match="record 2 is damaged") as info:
+        Journal(out, resume=True).open()  # a ResumeError, as an unreadable checkpoint: exit 2
+    assert isinstance(info.value.__cause__, JournalCorruptError)
 
 
 # -- publish ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ against a hang.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,10 +28,20 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS = 300
 
 
+CHILDREN: list[subprocess.Popen[str]] = []
+
+
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
     with ThreadSim(SimConfig(latency_ms=20, jitter_ms=10, seed=3)) as server:
-        yield server
+        try:
+            yield server
+        finally:  # a child a failed test left running (a job that ignored its signal) ends here
+            for child in CHILDREN:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+            CHILDREN.clear()
 
 
 def write_rows(path: Path, n: int = ROWS) -> None:
@@ -45,9 +56,22 @@ def start(tmp_path: Path, sim: Simulator, *extra: str, source: str | None = None
         "--base-url", sim.url, *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
+    child = subprocess.Popen(
         argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+    CHILDREN.append(child)
+    return child
+
+
+@contextlib.contextmanager
+def supervised(child: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """Use the child; kill it if the block fails while it still runs (never leave it behind)."""
+    with child:
+        try:
+            yield child
+        finally:
+            if child.poll() is None:
+                child.kill()
 
 
 def journaled(tmp_path: Path) -> int:
@@ -76,7 +100,7 @@ def test_sigterm_mid_job_then_resume_gives_every_row_exactly_once(
     summary_path = tmp_path / "s.json"
     child = start(tmp_path, sim, "--quiet", "--concurrency", "8", "--summary-json",
                   str(summary_path))  # fmt: skip
-    with child:
+    with supervised(child):
         wait_until(lambda: journaled(tmp_path) >= 40, child, "40 journaled rows")
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=60)
@@ -99,7 +123,7 @@ def test_no_request_is_sent_after_ctrl_c_for_rows_waiting_for_the_limiter(
     # 2 requests a second: the job's other rows wait for the rate limiter, not for the server
     write_rows(tmp_path / "in.jsonl")
     child = start(tmp_path, sim, "--quiet", "--concurrency", "8", "--rpm", "120")
-    with child:
+    with supervised(child):
         wait_until(lambda: journaled(tmp_path) >= 3, child, "3 journaled rows")
         before = sim.counters()["requests"]
         child.send_signal(signal.SIGINT)
@@ -119,7 +143,7 @@ def test_a_second_ctrl_c_exits_at_once_and_still_writes_the_summary(
     summary_path = tmp_path / "s.json"
     child = start(tmp_path, sim, "--quiet", "--concurrency", "4", "--summary-json",
                   str(summary_path), "--progress-interval", "0.05")  # fmt: skip
-    with child:
+    with supervised(child):
         wait_until(lambda: journaled(tmp_path) >= 20, child, "20 journaled rows")
         sim.configure(SimConfig(latency_ms=600_000))  # rows in flight now never finish
         wait_until(lambda: sim.counters()["concurrent"] >= 4, child, "slow requests")
@@ -138,7 +162,7 @@ def test_a_second_ctrl_c_exits_at_once_and_still_writes_the_summary(
 
 def test_ctrl_c_ends_a_job_reading_an_idle_pipe(tmp_path: Path, sim: Simulator) -> None:
     child = start(tmp_path, sim, "--quiet", source="-", stdin=subprocess.PIPE)
-    with child:
+    with supervised(child):
         assert child.stdin is not None
         for i in range(5):  # five rows, then the writer stays silent with the pipe open
             child.stdin.write(json.dumps({"id": i, "name": f"n{i}"}) + "\n")
@@ -158,7 +182,7 @@ def test_a_signal_ends_a_job_reading_an_endless_device(
     tmp_path: Path, sim: Simulator, sig: signal.Signals
 ) -> None:
     child = start(tmp_path, sim, "--progress-interval", "0.05", source="/dev/zero")
-    with child:
+    with supervised(child):
         assert child.stderr is not None
         child.stderr.readline()  # the first progress line: the job reads its input
         child.send_signal(sig)

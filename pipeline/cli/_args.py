@@ -275,6 +275,9 @@ def _file_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHAR",
         help="CSV input's separator: , ; tab | (default: detected from the header)",
     )
+    files.add_argument(
+        "--encoding", default=s, metavar="NAME", help="CSV input's encoding (utf-8; latin-1...)"
+    )
     files.add_argument("--summary-json", default=s, metavar="PATH", help="write the summary here")
     files.add_argument("--config", default=s, metavar="job.toml", help="settings from a job file")
 

@@ -259,6 +259,7 @@ class BatchJob:
             id_field=settings.id_field,
             skip_lines=skip,
             delimiter=settings.csv_delimiter,
+            encoding=settings.encoding,
         )
         pipe = Pipeline(source, spooler, dead_letter=self._dead_letter_sink(), name="batch-spool")
         async with submit:

@@ -286,11 +286,22 @@ def setup_failure(failed: Failed) -> FatalError | None:
         )
     connection = ("connection error", "could not connect")
     if failed.status is None and any(word in failed.message for word in connection):
+        if not any(word in failed.message for word in _NOT_CONNECTED):
+            # connected, then the exchange broke: the server is there but its answers are not
+            return FatalError(
+                "the server accepted the connection but the first requests failed before any"
+                " succeeded: the connection was closed or reset, or the answer could not be"
+                f" read ({failed.message}); check the base URL points at an LLM API"
+            )
         return FatalError(
             f"the server cannot be reached: the first requests failed before any succeeded"
             f" ({failed.message})"
         )
     return None
+
+
+_NOT_CONNECTED = ("could not connect", "ClientConnector", "ClientProxyConnectionError", "refused")
+"""What the caller's message says when no connection was made (else the server answered)."""
 
 
 __all__ = [

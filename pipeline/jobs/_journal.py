@@ -275,7 +275,8 @@ class Journal:
         Raises:
             ResumeError: Leftovers of another run without ``resume``/``overwrite``, or a
                 fingerprint that differs from the checkpoint's.
-            JournalCorruptError: A journal is damaged beyond a torn tail.
+            ResumeError: A journal is damaged beyond a torn tail (as an unreadable
+                checkpoint is: the CLI exits 2 for both).
         """
         has_manifest = os.path.exists(self.manifest_path)
         leftovers = self._leftovers()
@@ -327,7 +328,10 @@ class Journal:
             if not os.path.exists(journal.path):
                 open(journal.path, "ab").close()
         self.done = LineSet()
-        self._scan(self.done)
+        try:
+            self._scan(self.done)
+        except JournalCorruptError as error:  # like an unreadable checkpoint: the user decides
+            raise ResumeError(str(error)) from error
         self.previous_ok, self.previous_failed = self._counts
         manifest["runs"] = int(manifest.get("runs", 1)) + 1
         atomic_write(self.manifest_path, _manifest_bytes(manifest))

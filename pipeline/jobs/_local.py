@@ -215,6 +215,7 @@ class LocalJob:
             id_field=settings.id_field,
             skip_lines=journal.done,
             max_line_bytes=settings.max_line_bytes,
+            encoding=settings.encoding,
         )
         if self.options.input_label is not None:
             self.source.label = self.options.input_label

@@ -244,10 +244,12 @@ class FileRows:
         skip: Any,
         rows_per_block: int,
         control: ControlDir | None = None,
+        encoding: str = "utf-8",
     ) -> None:
         self.path = path
         self.fmt = fmt
         self.delimiter = delimiter
+        self.encoding = encoding
         self.id_field = id_field
         self.skip = skip
         self.rows_per_block = rows_per_block
@@ -308,6 +310,7 @@ class FileRows:
             id_field=self.id_field,
             skip_lines=self.skip,
             delimiter=self.delimiter,
+            encoding=self.encoding,
         )
         pipe = Pipeline(source, dead_letter=failures.append, name="ray-read")
         size = self.rows_per_block

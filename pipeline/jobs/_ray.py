@@ -269,6 +269,7 @@ class _RayJob:
             skip=journal.done,
             rows_per_block=self.batch_size,
             control=self.control,
+            encoding=settings.encoding,
         )
         transform = self._transform()
 

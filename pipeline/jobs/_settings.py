@@ -9,6 +9,7 @@ an output that cannot be written.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import errno
@@ -139,6 +140,8 @@ class JobSettings:
         output_format: Force the output format instead of guessing from the extension.
         max_line_bytes: The longest JSON Lines input row (16 MiB): a longer line is read past
             in bounded memory and dead-lettered by its line number.
+        encoding: The text encoding of a CSV or TSV input (``utf-8``; ``latin-1``,
+            ``cp1252``... any ASCII-compatible one). JSONL is UTF-8 by definition.
         batch_size: Rows per embeddings request.
         grace: Seconds the requests in flight may take to finish after a stop (Ctrl-C,
             SIGTERM, a cancel), then they are abandoned (sent again on resume). No new
@@ -207,6 +210,7 @@ class JobSettings:
     input_format: FileFormat | None = None
     output_format: FileFormat | None = None
     max_line_bytes: int = 16 << 20
+    encoding: str = "utf-8"
     batch_size: int = 64
     grace: float = 10.0
     batch_api: bool = False
@@ -287,6 +291,7 @@ class JobSettings:
             positive(name)
         for name in ("max_retry_after", "burst", "max_retries", "grace"):
             positive(name, allow_zero=True)
+        _check_encoding(self.encoding)
         for name in ("model", "output_field", "id_field", "api_key_env"):
             value = getattr(self, name)
             if value is not None and not value.strip() and name != "model":
@@ -428,7 +433,10 @@ class JobSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """Return the settings that define the job's answers (stored in its checkpoint)."""
-        return {name: getattr(self, name) for name in FINGERPRINT_FIELDS}
+        found = {name: getattr(self, name) for name in FINGERPRINT_FIELDS}
+        if self.encoding != "utf-8":  # only then: checkpoints of earlier versions still match
+            found["encoding"] = self.encoding
+        return found
 
     def all_prices(self) -> dict[str, tuple[float, float]]:
         """Return the built-in price table updated with :attr:`prices`."""
@@ -547,6 +555,21 @@ def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if name in PATH_FIELDS and isinstance(value, str) and value != "-":
             data[key] = os.path.join(base, os.path.expanduser(value))
     return data
+
+
+def _check_encoding(encoding: str) -> None:
+    """Refuse an unknown encoding, or one in which a newline or a comma is not one byte."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(
+            f"setting 'encoding': unknown encoding {encoding!r} (utf-8, latin-1, cp1252...)"
+        ) from None
+    if "\n,\t;".encode(encoding, "replace") != b"\n,\t;":
+        raise ConfigError(
+            f"setting 'encoding': {encoding!r} is not ASCII-compatible; convert the file to"
+            " UTF-8 first (iconv -f ENCODING -t UTF-8)"
+        )
 
 
 def check_files(settings: JobSettings) -> None:

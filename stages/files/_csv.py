@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import itertools
@@ -12,7 +13,7 @@ import anyio
 import anyio.to_thread
 
 from pipeline._envelope import Envelope
-from pipeline._errors import FatalError, ItemError
+from pipeline._errors import ConfigError, ItemError
 from pipeline._json import dumps, loads
 from pipeline._stage import Outbox
 from stages.files._records import JournalFile, Payloads
@@ -41,23 +42,28 @@ def detect_delimiter(header: str) -> str:
 
 
 def csv_records(
-    f: io.BufferedReader, delimiter: str | None
+    f: io.BufferedReader, delimiter: str | None, encoding: str = "utf-8"
 ) -> Iterator[tuple[int, list[str] | None, str, str | None]]:
     """Yield ``(start line, fields, raw text, problem)`` for each CSV record (header first).
 
     With ``delimiter=None`` the separator is detected from the first line
-    (:func:`detect_delimiter`).
+    (:func:`detect_delimiter`). A record whose quoted field is still open at the end of the
+    file (an unterminated quote) has a problem naming the line where it starts: its "value"
+    would be the rest of the file.
     """
     consumed: list[str] = []
     bad_lines: list[int] = []
     number = 0
+    exhausted = False
 
     def lines() -> Iterator[str]:
+        nonlocal exhausted
         splitter = LineSplitter(f, None)
         while (found := splitter.lines()) is not None:
             for part in found:
                 assert isinstance(part, bytes)  # no LongLine without a maximum
                 yield decode(part if splitter.unterminated else part + b"\n")
+        exhausted = True  # reached only when the reader wants a line past the last one
 
     def decode(raw: bytes) -> str:
         nonlocal number
@@ -65,10 +71,10 @@ def csv_records(
         if number == 1 and raw.startswith(BOM):
             raw = raw[3:]
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode(encoding)
         except UnicodeDecodeError:
             bad_lines.append(number)
-            text = raw.decode("utf-8", "replace")
+            text = raw.decode(encoding, "replace")
         consumed.append(text)
         return text
 
@@ -89,11 +95,25 @@ def csv_records(
             fields, problem = None, f"invalid CSV: {error}"
         raw = "".join(consumed).rstrip("\r\n")
         consumed.clear()
+        if exhausted and fields is not None and problem is None:
+            problem = (
+                f"unterminated quoted field: the quote opened on line {start} is never closed,"
+                " so the rest of the file would be one value; close the quote"
+            )
         if bad_lines and problem is None:
-            problem = f"invalid UTF-8 encoding on line {bad_lines[0]}"
+            problem = (
+                f"invalid {encoding_name(encoding)} on line {bad_lines[0]} (if the file is not"
+                " in that encoding, give its encoding: --encoding latin-1, cp1252...)"
+            )
         bad_lines.clear()
         yield start, fields, raw, problem
         start = number + 1
+
+
+def encoding_name(encoding: str) -> str:
+    """Return how messages name an encoding (``UTF-8`` for any spelling of utf-8)."""
+    name = codecs.lookup(encoding).name
+    return "UTF-8" if name == "utf-8" else name
 
 
 def _take(records: Iterator[Any], n: int) -> list[Any]:
@@ -118,6 +138,8 @@ class CsvSource(FileSource):
         skip_lines: Lines of rows already done (a resumed job); they are not emitted.
         delimiter: The field separator (``"\t"`` for TSV); ``None`` (the default) detects it
             from the header: ``,`` unless the header has none and has ``;``, a tab or ``|``.
+        encoding: The file's text encoding (an ASCII-compatible one: ``utf-8``, ``latin-1``,
+            ``cp1252``...); a line that does not decode is a bad row.
         name: The stage's name.
         buffer: Capacity of the stage's inbox (unused by sources).
     """
@@ -131,17 +153,19 @@ class CsvSource(FileSource):
         id_field: str | None = None,
         skip_lines: Container[int] | None = None,
         delimiter: str | None = None,
+        encoding: str = "utf-8",
         name: str | None = None,
         buffer: int = 16,
     ) -> None:
         super().__init__(path, id_field=id_field, skip_lines=skip_lines, name=name, buffer=buffer)
         self.delimiter = delimiter
+        self.encoding = encoding
 
     async def _read(self, outbox: Outbox[Row]) -> None:
         """Emit every row of the file."""
         f = await anyio.to_thread.run_sync(self._open)
         try:
-            records = csv_records(f, self.delimiter)
+            records = csv_records(f, self.delimiter, self.encoding)
             header: list[str] | None = None
             while True:
                 batch = await anyio.to_thread.run_sync(
@@ -184,15 +208,16 @@ class CsvSource(FileSource):
             await self._row(outbox, dict(zip(header, fields, strict=True)), line, raw)
 
     def _header(self, fields: list[str] | None, problem: str | None) -> list[str]:
+        """Return the header's names; an unusable header is the input's fault (ConfigError)."""
         if fields is None or problem is not None:
-            raise FatalError(f"{self.label}:1: unreadable CSV header: {problem}")
+            raise ConfigError(f"{self.label}:1: unreadable CSV header: {problem}")
         names = set()
         for name in fields:
             if name in names:
-                raise FatalError(f"{self.label}:1: CSV header names column {name!r} twice")
+                raise ConfigError(f"{self.label}:1: CSV header names column {name!r} twice")
             names.add(name)
         if self.id_field is not None and self.id_field not in names:
-            raise FatalError(
+            raise ConfigError(
                 f"{self.label}:1: id field {self.id_field!r} is not a column"
                 f" (columns: {', '.join(fields)})"
             )

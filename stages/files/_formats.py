@@ -89,18 +89,25 @@ def open_source(
     skip_lines: Container[int] | None = None,
     delimiter: str | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
+    encoding: str = "utf-8",
 ) -> FileSource:
     """Return the source for a file, chosen by its extension (or ``fmt``).
 
     ``delimiter`` is the CSV field separator; by default a CSV file's is detected from its
     header (``,`` unless the header has none and has ``;``, a tab or ``|``).
-    ``max_line_bytes`` bounds a JSON Lines row (a longer line is a dead letter).
+    ``max_line_bytes`` bounds a JSON Lines row (a longer line is a dead letter). ``encoding``
+    is the text encoding of a CSV or TSV file (JSONL is UTF-8 by definition, Parquet carries
+    its own).
     """
     kind = file_format(path, fmt)
     if kind == "csv" or (kind == "tsv" and delimiter is not None):
-        return CsvSource(path, id_field=id_field, skip_lines=skip_lines, delimiter=delimiter)
+        return CsvSource(
+            path, id_field=id_field, skip_lines=skip_lines, delimiter=delimiter, encoding=encoding
+        )
     if kind == "tsv":
-        return CsvSource(path, id_field=id_field, skip_lines=skip_lines, delimiter="\t")
+        return CsvSource(
+            path, id_field=id_field, skip_lines=skip_lines, delimiter="\t", encoding=encoding
+        )
     if kind == "parquet":
         return ParquetSource(path, id_field=id_field, skip_lines=skip_lines)
     return JsonlSource(

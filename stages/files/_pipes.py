@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import os
 import stat
+import sys
 import threading
 from collections.abc import Callable
+from typing import BinaryIO
 
 from stages.files._rows import BLOCK
 
@@ -37,16 +39,30 @@ def is_stream(path: str) -> bool:
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
+def _stdin() -> tuple[BinaryIO, bool]:
+    """Standard input as an unbuffered file on its descriptor (closing it leaves fd 0 open).
+
+    Not ``sys.stdin.buffer`` itself: a daemon thread blocked in a buffered read holds the
+    buffer's lock, and Python aborts at exit when it cannot take that lock to close stdin.
+    """
+    buffer = sys.stdin.buffer
+    try:
+        fd = buffer.fileno()
+    except (OSError, ValueError):  # not a real file (a test's stand-in): read it as it is
+        return buffer, False
+    return open(fd, "rb", buffering=0, closefd=False), True
+
+
 class StreamReader:
     """A file-like reader (``read1``, ``read``, ``close``) fed by a daemon thread.
 
     Args:
-        opener: Called in the daemon thread; returns ``(fd, owned)``: the descriptor to read
-            and whether closing the reader closes it (not for stdin).
+        opener: Called in the daemon thread; returns ``(file, owned)``: a binary file to read
+            blocks from and whether the thread closes it at the end (not stdin).
         name: What the thread is called (the path).
     """
 
-    def __init__(self, opener: Callable[[], tuple[int, bool]], name: str) -> None:
+    def __init__(self, opener: Callable[[], tuple[BinaryIO, bool]], name: str) -> None:
         self._opener = opener
         self._blocks: collections.deque[bytes | OSError] = collections.deque()
         self._changed = threading.Condition()
@@ -60,19 +76,20 @@ class StreamReader:
     def open(cls, path: str) -> StreamReader:
         """Return a reader of ``path`` (``-`` for stdin); the open happens in the thread."""
         if path == "-":
-            return cls(lambda: (0, False), "<stdin>")
-        return cls(lambda: (os.open(path, os.O_RDONLY), True), path)
+            return cls(_stdin, "<stdin>")
+        return cls(lambda: (open(path, "rb", buffering=0), True), path)
 
     def _pump(self) -> None:
         try:
-            fd, owned = self._opener()
+            f, owned = self._opener()
         except OSError as error:
             self._put(error)
             return
+        read = getattr(f, "read1", f.read)
         try:
             while True:
                 try:
-                    block = os.read(fd, BLOCK)
+                    block = read(BLOCK)
                 except OSError as error:
                     self._put(error)
                     return
@@ -80,7 +97,7 @@ class StreamReader:
                     return
         finally:
             if owned:
-                os.close(fd)
+                f.close()
 
     def _put(self, item: bytes | OSError) -> bool:
         """Hand a block over, waiting for room; ``False`` once the reader is closed."""

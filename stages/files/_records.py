@@ -191,9 +191,11 @@ def atomic_write(path: PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = path  # "No space left on device" alone does not say where
         raise
     fsync_dir(dir_of(path))
 
@@ -262,7 +264,7 @@ class JournalFile:
             f.write(data)
             f.flush()
         except OSError as error:
-            raise FatalError(f"cannot write to {self.path!r}: {error}") from error
+            raise FatalError(f"cannot write to {self.path!r}: {error.strerror or error}") from error
         self.rows += rows
 
     def sync(self) -> None:
@@ -277,12 +279,16 @@ class JournalFile:
     def close(self) -> None:
         """Fsync and close the journal; safe to call twice."""
         f, self._file = self._file, None
-        if f is not None:
+        if f is None:
+            return
+        try:
             try:
                 f.flush()
                 os.fsync(f.fileno())
             finally:
                 f.close()
+        except OSError as error:  # a full disk, a file size limit: name the file
+            raise FatalError(f"cannot write to {self.path!r}: {error.strerror or error}") from error
 
     @property
     def is_open(self) -> bool:
