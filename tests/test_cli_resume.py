@@ -41,6 +41,11 @@ if point:
         journal.build_final = die
     elif point == "publish":  # files built, checkpoint says "publishing", nothing renamed yet
         journal.Journal._finish_publish = die
+    elif point == "sort":  # an --ordered publish sorting its journal in a temporary directory
+        import functools
+        import stages.files._records as records
+        journal.build_final = functools.partial(records.build_final, fanin=2)
+        records._sorted_runs = die
 from pipeline.cli._main import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -188,6 +193,19 @@ def test_sigkill_during_publish_then_resume(tmp_path: Path, sim: Simulator, poin
     summary = json.loads((tmp_path.parent / f"{point}.json").read_text())
     assert summary["complete"] and summary["total_failed"] == len(BAD_LINES)
     assert summary["total_ok"] == ROWS - len(BAD_LINES)
+
+
+def test_sigkill_while_sorting_an_ordered_publish_leaves_no_sort_directory(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    job = Job(tmp_path, sim, "--ordered")
+    child = job.start(kill_at="sort")
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert any(".sort-" in name for name in os.listdir(tmp_path))  # the killed sort's directory
+    done = job.finish("--resume")
+    assert done.returncode == 3, done.stderr
+    job.check_exactly_once(ordered=True)  # no leftover at all, the stale directory included
 
 
 def test_resume_refuses_a_different_job(tmp_path: Path, sim: Simulator) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import heapq
 import logging
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Container, Hashable, Iterable, Iterator
@@ -455,6 +456,14 @@ def _first_whole(records: Iterable[bytes], exclude: Container[int]) -> Iterator[
                 yield payload_of(record)
 
 
+def _remove_sort_dirs(directory: str, prefix: str) -> None:
+    """Remove the sort directories an earlier publish of the same file left (killed)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def build_final(
     journal: PathLike,
     dest: PathLike,
@@ -474,6 +483,8 @@ def build_final(
     """
     path = os.fspath(journal)
     dest = os.fspath(dest)
+    prefix = f".{os.path.basename(dest)}.sort-"  # this file's: the job's lock covers it
+    _remove_sort_dirs(dir_of(dest), prefix)  # a publish killed while sorting left one
     with contextlib.ExitStack() as stack:
         if ordered:
             runs = _ascending_runs(path)
@@ -481,7 +492,7 @@ def build_final(
                 ranges = [(path, start, end) for start, end in runs]
             else:
                 workdir = stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix=".sort-", dir=dir_of(dest))
+                    tempfile.TemporaryDirectory(prefix=prefix, dir=dir_of(dest))
                 )
                 files = _sorted_runs(path, workdir, chunk_bytes, fanin)
                 ranges = [(p, 0, os.path.getsize(p)) for p in files]
