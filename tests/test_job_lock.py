@@ -217,6 +217,29 @@ def test_a_run_takes_over_the_lock_of_a_run_killed_with_sigkill(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_batch_api_job_is_refused_while_another_process_runs_it(tmp_path: Path) -> None:
+    from pipeline.jobs import JobSettings, run_job
+
+    write_input(tmp_path / "in.jsonl", 3)
+    output = tmp_path / "out.jsonl"
+    settings = JobSettings(
+        input=str(tmp_path / "in.jsonl"), output=str(output), model="m", prompt="{name}",
+        batch_api=True, base_url="http://127.0.0.1:9/v1",
+    )  # fmt: skip
+    holder = start_holder(output)
+    try:
+        with pytest.raises(JobLockedError, match=f"pid {holder.pid}"):
+            await run_job(settings.replace(resume=True))
+    finally:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl.lock"]  # nothing touched
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_run_job_on_ray_is_refused_before_it_starts_ray(tmp_path: Path) -> None:
     from pipeline.jobs import JobSettings, run_job_on_ray
 
