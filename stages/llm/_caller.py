@@ -462,10 +462,8 @@ class LLMCaller(ItemStage[Any, Any]):
                 self.run_state.ledger.leave_unsent(member, outbox)
                 return
             except Exception as error:
-                if isinstance(error, NotStartedError):
-                    outbox.drop_not_started(member)  # the run stopped before its request
-                elif self.should_dead_letter(error):
-                    await outbox.fail(member, error)
+                if isinstance(error, NotStartedError) or self.should_dead_letter(error):
+                    await outbox.handle_error(member, error)  # a drop or a dead letter
                 else:
                     fatal.append(error)
                     tg.cancel_scope.cancel()
