@@ -181,10 +181,12 @@ def test_ctrl_c_ends_a_job_reading_an_idle_pipe(tmp_path: Path, sim: Simulator) 
 def test_a_signal_ends_a_job_reading_an_endless_device(
     tmp_path: Path, sim: Simulator, sig: signal.Signals
 ) -> None:
-    child = start(tmp_path, sim, "--progress-interval", "0.05", source="/dev/zero")
+    child = start(tmp_path, sim, "--progress-interval", "0.05", "--input-format", "jsonl",
+                  source="/dev/zero")  # fmt: skip
     with supervised(child):
         assert child.stderr is not None
-        child.stderr.readline()  # the first progress line: the job reads its input
+        while not child.stderr.readline().startswith("progress"):
+            pass  # the first progress line: the job runs, reading its input
         child.send_signal(sig)
         _, err = child.communicate(timeout=60)
     assert child.returncode == 130, err

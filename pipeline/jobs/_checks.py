@@ -19,6 +19,7 @@ from pipeline._errors import ConfigError
 from pipeline.jobs._journal import MANIFEST_SUFFIX
 from pipeline.jobs._settings import JobSettings, check_files
 from stages.files import count_rows, file_format, sample_fields
+from stages.files._pipes import is_stream
 from stages.llm._template import PromptTemplate
 
 __all__ = ["check_job", "prompt_template"]
@@ -47,8 +48,8 @@ def check_job(settings: JobSettings) -> None:
     file_format(settings.output, settings.output_format)
     _check_finished_output(settings)
     template = prompt_template(settings)
-    if template is None or settings.input == "-":
-        return
+    if template is None or is_stream(settings.input):
+        return  # a pipe or a device: reading a row here would take it from the job (or hang)
     try:
         sample = sample_fields(
             settings.input, fmt=settings.input_format, delimiter=settings.csv_delimiter

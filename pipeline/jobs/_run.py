@@ -25,7 +25,7 @@ from pipeline.jobs._checks import check_job
 from pipeline.jobs._local import run_local
 from pipeline.jobs._lock import JobLock, lock_path
 from pipeline.jobs._progress import JobSummary, ProgressHook, RunOptions, Waitable
-from pipeline.jobs._settings import JobSettings, check_files
+from pipeline.jobs._settings import JobSettings
 from stages.llm._limits import Limiter
 
 if TYPE_CHECKING:
@@ -125,8 +125,7 @@ async def run_job(
         if not lock.held or lock.path != lock_path(settings.output):
             raise ValueError(f"lock must be held on {lock_path(settings.output)!r}")
         return await ENGINES[engine](settings, options)
-    await anyio.to_thread.run_sync(check_files, settings)  # plain words before the lock's
-    own = JobLock(settings.output)
+    own = JobLock(settings.output)  # after check_job: its plain words come before the lock's
     await anyio.to_thread.run_sync(own.acquire)
     try:
         return await ENGINES[engine](settings, options)
