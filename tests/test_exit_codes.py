@@ -35,6 +35,7 @@ from pipeline.cli._main import main
 from pipeline.jobs import JobSettings
 from pipeline.jobs._journal import journal_for
 from pipeline.testing._sim import Simulator
+from stages.files._records import encode_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +75,8 @@ def test_a_damaged_journal_and_an_unreadable_checkpoint_exit_with_the_same_code(
     journal.open()
     journal.close()
     partial = tmp_path / "out.jsonl.partial"
-    partial.write_bytes(b'1\t1\t{"name": "n0"}\ngarbage\n3\t3\t{"name": "n2"}\n')
+    good = encode_record(1, 1, b'{"name": "n0"}'), encode_record(3, 3, b'{"name": "n2"}')
+    partial.write_bytes(good[0] + b"garbage\n" + good[1])
     assert run(sim.url, str(src), "-o", str(out), "--quiet", "--resume") == EXIT_USAGE
     err = capsys.readouterr().err
     assert "record 2 is damaged" in err and "out.jsonl.partial" in err and "--overwrite" in err

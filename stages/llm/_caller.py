@@ -420,7 +420,7 @@ class LLMCaller(ItemStage[Any, Any]):
                 try:
                     with outbox.span(env):
                         await handle(env, outbox)
-                except BudgetReachedError:
+                except (BudgetReachedError, NotStartedError):
                     self.run_state.ledger.leave_unsent(env, outbox)
                 except Exception as error:  # cancellation is BaseException: never caught here
                     await outbox.handle_error(env, error)
@@ -458,12 +458,12 @@ class LLMCaller(ItemStage[Any, Any]):
         async def one(member: Envelope[Any]) -> None:
             try:
                 value = await self._answer_row(member, outbox)
-            except BudgetReachedError:
+            except (BudgetReachedError, NotStartedError):
                 self.run_state.ledger.leave_unsent(member, outbox)
                 return
             except Exception as error:
-                if isinstance(error, NotStartedError) or self.should_dead_letter(error):
-                    await outbox.handle_error(member, error)  # a drop or a dead letter
+                if self.should_dead_letter(error):
+                    await outbox.handle_error(member, error)
                 else:
                     fatal.append(error)
                     tg.cancel_scope.cancel()

@@ -106,8 +106,8 @@ class CallerTotals:
         rate_limited: Responses that asked us to slow down (429, 503, 529).
         isolated_429s: Of those, 429s while the server reported plenty remaining: only their
             row backed off.
-        unsent: Rows read but left unsent because the budget was reached (neither answered
-            nor dead-lettered: a resumed job sends them).
+        unsent: Rows read but left unsent because the run stopped first (the budget, Ctrl-C,
+            SIGTERM, a cancel): neither answered nor dead-lettered, a resumed job sends them.
         unknown_usage: Answers whose token usage the server did not report.
         in_flight: HTTP attempts on the wire now.
         statuses: Responses by HTTP status (an attempt that got no response is not counted).
@@ -453,9 +453,13 @@ class Ledger:
         return worst
 
     def leave_unsent(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
-        """Leave a row the budget did not let go: no answer, no dead letter (resume sends it)."""
+        """Leave a row the run stopped before sending: no answer, no dead letter.
+
+        The budget or a stop (Ctrl-C, SIGTERM, a cancel) came before its request; it is listed
+        as not started, and a resumed job sends it.
+        """
         self.totals.unsent += env.count
-        outbox.drop(env)
+        outbox.drop_not_started(env)
 
     def release(self, reserved: float) -> None:
         """Give back the reservation of a request that was not billed (it failed)."""
