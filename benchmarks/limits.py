@@ -221,28 +221,20 @@ def fresh(sim: Server, peer: Peer | None, n: int) -> list[dict[str, Any]]:
             result = run_caller(server.url, n, **options)
             counters = server.counters()
             ideal = ideal_s(n, RPM, RPM, LATENCY_MS / 1000 if server is sim else 0.0)
-            ratio = ideal / result["elapsed_s"]
-            share_429 = counters["http_429"] / max(counters["requests"], 1)
             target = 0.95 if mode == "configured" else 0.90
-            ok = ratio >= target and share_429 <= 0.01 and result["answered"] == n
             out.append(
-                {
-                    "scenario": "fresh",
-                    "server": server_name,
-                    "mode": mode,
-                    "rows": n,
-                    "ideal_s": ideal,
-                    "ratio": ratio,
-                    "target": target,
-                    "requests": counters["requests"],
-                    "http_429": counters["http_429"],
-                    "share_429": share_429,
-                    "pass": ok,
-                    "per_second": counters.get("per_second"),
-                    **result,
-                }
+                _row(
+                    "fresh",
+                    mode,
+                    n,
+                    target,
+                    result,
+                    counters,
+                    ideal,
+                    server=server_name,
+                    shown=f"{server_name}, {mode}",
+                )
             )
-            _print(out[-1], f"{server_name}, {mode}")
     return out
 
 
@@ -267,6 +259,7 @@ def _sim_run(
 
 def _row(scenario: str, label: str, n: int, target: float, result: dict[str, Any],
          counters: dict[str, Any], ideal: float, *, max_429: float | None = 0.01,
+         server: str = "simulator", shown: str | None = None,
          **extra: Any) -> dict[str, Any]:  # fmt: skip
     ratio = ideal / result["elapsed_s"]
     share_429 = counters["http_429"] / max(counters["requests"], 1)
@@ -276,7 +269,7 @@ def _row(scenario: str, label: str, n: int, target: float, result: dict[str, Any
     run = {
         "scenario": scenario,
         "mode": label,
-        "server": "simulator",
+        "server": server,
         "rows": n,
         "ideal_s": ideal,
         "ratio": ratio,
@@ -289,7 +282,7 @@ def _row(scenario: str, label: str, n: int, target: float, result: dict[str, Any
         **extra,
         **result,
     }
-    _print(run, label)
+    _print(run, shown or label)
     return run
 
 

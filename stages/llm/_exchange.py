@@ -75,6 +75,26 @@ def key_problem(provider: Provider, http: HTTP, env: str | None) -> str | None:
     return f"no API key found for {provider.base_url}: {missing_key(env)}"
 
 
+def usable_answer(raw: bytes | None, endpoint: str, count: int) -> Answer | None:
+    """Decode a cached answer; ``None`` unless it is whole for ``endpoint`` and ``count`` inputs.
+
+    An undecodable entry, an answer without text, or embeddings for another number of inputs
+    is not used (the request is sent instead).
+    """
+    if raw is None:
+        return None
+    try:
+        answer = Answer.from_bytes(raw)
+    except (ValueError, TypeError):
+        return None
+    if endpoint == "embeddings":
+        if answer.embeddings is None or len(answer.embeddings) != count:
+            return None
+    elif answer.text is None:
+        return None
+    return answer
+
+
 class Exchange:
     """What all workers of one caller share during a run, and the path of each request.
 
@@ -188,17 +208,8 @@ class Exchange:
         self, env: Envelope[Any], cache: ResponseCache, key: str, count: int
     ) -> Answer | None:
         """Return the cached answer for ``key`` if there is a usable one."""
-        raw = await cache.get(key)
-        if raw is None:
-            return None
-        try:
-            answer = Answer.from_bytes(raw)
-        except (ValueError, TypeError):
-            return None
-        if self.endpoint == "embeddings":
-            if answer.embeddings is None or len(answer.embeddings) != count:
-                return None
-        elif answer.text is None:
+        answer = usable_answer(await cache.get(key), self.endpoint, count)
+        if answer is None:
             return None
         self.totals.cache_hits += 1
         on_delta = self.output.on_delta
@@ -384,4 +395,4 @@ class Exchange:
 RESERVED: contextvars.ContextVar[float] = contextvars.ContextVar("llm_reserved", default=0.0)
 """The budget reservation of the calling task's last successful attempt, until accounted."""
 
-__all__ = ["RESERVED", "Exchange", "key_problem", "missing_key"]
+__all__ = ["RESERVED", "Exchange", "key_problem", "missing_key", "usable_answer"]

@@ -62,7 +62,7 @@ from pipeline._stage import Outbox
 from stages.llm._admission import Admission, Limits
 from stages.llm._cache import ResponseCache, request_key
 from stages.llm._errors import LLMCallError
-from stages.llm._exchange import RESERVED, Exchange
+from stages.llm._exchange import RESERVED, Exchange, usable_answer
 from stages.llm._lane import Lane, falls_back
 from stages.llm._output import CallerTotals, Completion, Ledger, Output
 from stages.llm._providers import Answer, Endpoint
@@ -385,19 +385,7 @@ class Router:
     async def _cached(
         self, cache: ResponseCache, group: str, content: Mapping[str, Any], count: int
     ) -> Answer | None:
-        raw = await cache.get(_cache_key(group, content))
-        if raw is None:
-            return None
-        try:
-            answer = Answer.from_bytes(raw)
-        except (ValueError, TypeError):
-            return None
-        if self.endpoint == "embeddings":
-            if answer.embeddings is None or len(answer.embeddings) != count:
-                return None
-        elif answer.text is None:
-            return None
-        return answer
+        return usable_answer(await cache.get(_cache_key(group, content)), self.endpoint, count)
 
     async def _on_model(
         self,
