@@ -239,14 +239,13 @@ async def test_stall_sends_nothing_for_stall_s_then_closes() -> None:
 
 
 async def test_stalled_response_does_not_delay_server_shutdown() -> None:
-    started = time.perf_counter()
-    async with (
-        server(stall=1.0, stall_s=60) as (sim, session),
-        session.post(sim.url + "/chat/completions", json=chat(stream=True)) as r,
-    ):
-        await asyncio.wait_for(r.content.readany(), 5)
-        r.close()
-    assert time.perf_counter() - started < 5
+    async with asyncio.timeout(30):  # a hang guard below the 60 s stall shutdown must not wait
+        async with (
+            server(stall=1.0, stall_s=60) as (sim, session),
+            session.post(sim.url + "/chat/completions", json=chat(stream=True)) as r,
+        ):
+            await asyncio.wait_for(r.content.readany(), 5)
+            r.close()
 
 
 async def test_malformed_chunk_in_stream_and_in_json_body() -> None:
