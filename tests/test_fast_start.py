@@ -28,6 +28,22 @@ HEAVY = (
 )
 """Packages a plain JSONL job must not import (each belongs to an extra it does not use)."""
 
+DEFERRED = (
+    "tenacity",  # the retry loop: imported at the first retry (it may import tornado too)
+    "tornado",
+    "sqlite3",  # the response cache (--cache)
+    "tomllib",  # job files (--config)
+    "csv",  # CSV and TSV files
+    "stages.files._csv",
+    "stages.files._parquet",
+    "stages.llm._redis_limiter",  # --limiter
+    "stages._langchain",
+    "stages._ray",
+    "pipeline.jobs._estimate",  # --estimate
+    "pipeline.jobs._metrics",  # --metrics-port
+)
+"""Modules a plain JSONL job does not use and imports only when it does (each costs start-up)."""
+
 PROBE = """
 import json, sys
 from pipeline.cli._main import main
@@ -58,3 +74,7 @@ def test_a_plain_jsonl_job_imports_no_heavy_optional_package(tmp_path: Path) -> 
     # the engines a local job does not use stay unloaded too
     assert "pipeline.jobs._ray" not in found["modules"]
     assert "pipeline.jobs._batch" not in found["modules"]
+    deferred = [
+        m for m in found["modules"] if any(m == d or m.startswith(d + ".") for d in DEFERRED)
+    ]
+    assert deferred == []

@@ -44,7 +44,6 @@ from pipeline.jobs import (
     JobFailedError,
     JobSettings,
     JobSummary,
-    estimate_job,
     read_job_file,
     run_job,
 )
@@ -272,6 +271,8 @@ async def _run_async(
 
 def _estimate(settings: JobSettings) -> int:
     """Print the job's preflight cost estimate (``--estimate``); send nothing."""
+    from pipeline.jobs._estimate import estimate_job  # only --estimate needs it
+
     try:
         estimate = anyio.run(estimate_job, settings)
     except ConfigError as error:

@@ -16,24 +16,65 @@ and ``_ray`` (the engines; ``_parts`` holds the Ray engine's files), ``_run``
 (:func:`estimate_job`: what a job would cost, before anything is sent).
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
-from pipeline.jobs._caller import build_caller as build_caller
-from pipeline.jobs._caller import preflight as preflight
-from pipeline.jobs._caller import release_caller as release_caller
-from pipeline.jobs._caller import setup_failure as setup_failure
-from pipeline.jobs._estimate import JobEstimate as JobEstimate
-from pipeline.jobs._estimate import estimate_job as estimate_job
-from pipeline.jobs._journal import Journal as Journal
-from pipeline.jobs._journal import ResumeError as ResumeError
-from pipeline.jobs._lock import JobLock as JobLock
-from pipeline.jobs._lock import JobLockedError as JobLockedError
-from pipeline.jobs._progress import JobFailedError as JobFailedError
-from pipeline.jobs._progress import JobProgress as JobProgress
-from pipeline.jobs._progress import JobSummary as JobSummary
-from pipeline.jobs._run import run_job as run_job
-from pipeline.jobs._settings import JobSettings as JobSettings
-from pipeline.jobs._settings import read_job_file as read_job_file
+if _TYPE_CHECKING:
+    from ._caller import build_caller as build_caller
+    from ._caller import preflight as preflight
+    from ._caller import release_caller as release_caller
+    from ._caller import setup_failure as setup_failure
+    from ._estimate import JobEstimate as JobEstimate
+    from ._estimate import estimate_job as estimate_job
+    from ._journal import Journal as Journal
+    from ._journal import ResumeError as ResumeError
+    from ._lock import JobLock as JobLock
+    from ._lock import JobLockedError as JobLockedError
+    from ._progress import JobFailedError as JobFailedError
+    from ._progress import JobProgress as JobProgress
+    from ._progress import JobSummary as JobSummary
+    from ._ray import run_job_on_ray as run_job_on_ray
+    from ._run import run_job as run_job
+    from ._settings import JobSettings as JobSettings
+    from ._settings import read_job_file as read_job_file
+
+_LAZY = {
+    "build_caller": "pipeline.jobs._caller",
+    "preflight": "pipeline.jobs._caller",
+    "release_caller": "pipeline.jobs._caller",
+    "setup_failure": "pipeline.jobs._caller",
+    "estimate_job": "pipeline.jobs._estimate",
+    "JobEstimate": "pipeline.jobs._estimate",
+    "Journal": "pipeline.jobs._journal",
+    "ResumeError": "pipeline.jobs._journal",
+    "JobLock": "pipeline.jobs._lock",
+    "JobLockedError": "pipeline.jobs._lock",
+    "JobFailedError": "pipeline.jobs._progress",
+    "JobProgress": "pipeline.jobs._progress",
+    "JobSummary": "pipeline.jobs._progress",
+    "run_job_on_ray": "pipeline.jobs._ray",
+    "run_job": "pipeline.jobs._run",
+    "JobSettings": "pipeline.jobs._settings",
+    "read_job_file": "pipeline.jobs._settings",
+}
+"""Where each public name is defined; the module is imported when the name is first used."""
+
+
+def __getattr__(name: str) -> _Any:
+    """Import the module that defines ``name`` on first use, then keep the name here."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "JobEstimate",
@@ -54,13 +95,3 @@ __all__ = [
     "run_job_on_ray",
     "setup_failure",
 ]
-
-
-def __getattr__(name: str) -> _Any:
-    """Load the Ray engine's entry point on first use (a local job never imports its modules)."""
-    if name != "run_job_on_ray":
-        raise AttributeError(f"module 'pipeline.jobs' has no attribute {name!r}")
-    from pipeline.jobs._ray import run_job_on_ray
-
-    globals()[name] = run_job_on_ray
-    return run_job_on_ray

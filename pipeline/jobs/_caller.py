@@ -26,7 +26,6 @@ from stages._batch import Batcher
 from stages.llm._cache import ResponseCache
 from stages.llm._caller import HTTP, Limits, LLMCaller, Output, Retry
 from stages.llm._limits import Limiter
-from stages.llm._redis_limiter import RedisRateLimiter
 from stages.llm._routing import Routing
 
 
@@ -43,6 +42,8 @@ def create_limiter(settings: JobSettings, caller: LLMCaller | None = None) -> Li
     """
     if not settings.limiter:
         return None
+    from stages.llm._redis_limiter import RedisRateLimiter  # only a job with a limiter loads it
+
     key_env = settings.api_key_env or (caller.key_env() if caller is not None else None)
     return RedisRateLimiter.from_url(
         settings.limiter,
@@ -153,6 +154,8 @@ def _routing(
         return settings.routing(list(given))
     if not (open_resources and settings.limiter):
         return settings.routing()
+    from stages.llm._redis_limiter import RedisRateLimiter
+
     limiters = [
         RedisRateLimiter.from_url(
             settings.limiter,

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pipeline._compat import tomllib
+from pipeline._compat import load_toml
 from pipeline._config import check_fields, type_name
 from pipeline._errors import ConfigError
 from stages.files._pipes import is_stream
@@ -543,10 +543,10 @@ def read_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     text = os.fspath(path)
     try:
         with open(text, "rb") as f:
-            data = tomllib.load(f)
+            data = load_toml(f)
     except OSError as error:
         raise ConfigError(f"cannot read job file {text!r}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
+    except ValueError as error:  # tomllib.TOMLDecodeError
         raise ConfigError(f"job file {text!r} is not valid TOML: {error}") from None
     base = os.path.dirname(os.path.abspath(text))
     for key in list(data):

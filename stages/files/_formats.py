@@ -4,6 +4,9 @@ Known extensions: ``.jsonl``, ``.ndjson``, ``.json`` (JSON Lines), ``.csv``, ``.
 ``.parquet``, ``.pq``; JSON Lines, CSV and TSV may end in ``.gz`` or ``.zst`` as well
 (``data.jsonl.gz``: see :mod:`stages.files._compression`). Any other extension is refused with
 this list, unless the format is given (``fmt=``); ``-`` (stdin, stdout) is JSON Lines.
+
+The CSV and Parquet modules are imported when a CSV or Parquet file is opened, counted or
+sampled: a JSON Lines job loads neither.
 """
 
 from __future__ import annotations
@@ -15,9 +18,7 @@ from typing import Any, BinaryIO
 from pipeline._errors import ConfigError
 from pipeline._json import loads
 from stages.files._compression import COMPRESSIONS, compression_of, open_input
-from stages.files._csv import CsvSink, CsvSource, csv_records
 from stages.files._jsonl import JsonlSink, JsonlSource
-from stages.files._parquet import ParquetSink, ParquetSource
 from stages.files._records import JournalFile
 from stages.files._rows import BLOCK, BOM, MAX_LINE_BYTES, PathLike, import_parquet
 from stages.files._sinks import FileSink
@@ -32,22 +33,20 @@ __all__ = [
     "sample_fields",
 ]
 
-_SOURCES: dict[str, type[FileSource]] = {
-    ".jsonl": JsonlSource,
-    ".ndjson": JsonlSource,
-    ".json": JsonlSource,
-    ".csv": CsvSource,
-    ".tsv": CsvSource,
-    ".parquet": ParquetSource,
-    ".pq": ParquetSource,
+_FORMATS: dict[str, str] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
 }
+"""Each known extension (before a compression's) and the format it names."""
 
 
-KNOWN_EXTENSIONS = tuple(_SOURCES) + tuple(
-    f"{ext}{zipped}"
-    for ext in _SOURCES
-    if _SOURCES[ext] is not ParquetSource
-    for zipped in COMPRESSIONS
+KNOWN_EXTENSIONS = tuple(_FORMATS) + tuple(
+    f"{ext}{zipped}" for ext in _FORMATS if _FORMATS[ext] != "parquet" for zipped in COMPRESSIONS
 )
 """Every extension a format is recognised by (compressed ones included)."""
 
@@ -70,15 +69,15 @@ def file_format(path: PathLike, fmt: str | None = None) -> str:
         return "jsonl"
     root, compression = compression_of(text)
     ext = os.path.splitext(root)[1].lower()
-    cls = _SOURCES.get(ext)
-    if cls is None or (compression is not None and cls is ParquetSource):
+    kind = _FORMATS.get(ext)
+    if kind is None or (compression is not None and kind == "parquet"):
         shown = ext + os.path.splitext(text)[1] if compression is not None else ext
         raise ConfigError(
             f"{text!r}: unknown file extension {shown or '(none)'!r}; known: "
-            f"{', '.join(_SOURCES)}, and .gz or .zst after a JSON Lines, CSV or TSV one"
+            f"{', '.join(_FORMATS)}, and .gz or .zst after a JSON Lines, CSV or TSV one"
             " (data.jsonl.gz); or name the format (--input-format/--output-format)"
         )
-    return "tsv" if ext == ".tsv" else cls.format
+    return kind
 
 
 def open_source(
@@ -100,18 +99,22 @@ def open_source(
     its own).
     """
     kind = file_format(path, fmt)
-    if kind == "csv" or (kind == "tsv" and delimiter is not None):
+    if kind == "parquet":
+        from stages.files._parquet import ParquetSource
+
+        return ParquetSource(path, id_field=id_field, skip_lines=skip_lines)
+    if kind == "jsonl":
+        return JsonlSource(
+            path, id_field=id_field, skip_lines=skip_lines, max_line_bytes=max_line_bytes
+        )
+    from stages.files._csv import CsvSource
+
+    if kind == "csv" or delimiter is not None:
         return CsvSource(
             path, id_field=id_field, skip_lines=skip_lines, delimiter=delimiter, encoding=encoding
         )
-    if kind == "tsv":
-        return CsvSource(
-            path, id_field=id_field, skip_lines=skip_lines, delimiter="\t", encoding=encoding
-        )
-    if kind == "parquet":
-        return ParquetSource(path, id_field=id_field, skip_lines=skip_lines)
-    return JsonlSource(
-        path, id_field=id_field, skip_lines=skip_lines, max_line_bytes=max_line_bytes
+    return CsvSource(
+        path, id_field=id_field, skip_lines=skip_lines, delimiter="\t", encoding=encoding
     )
 
 
@@ -132,6 +135,8 @@ def count_rows(
         return int(parquet.ParquetFile(path).metadata.num_rows)
     with open_input(path) as f:
         if kind in ("csv", "tsv"):
+            from stages.files._csv import csv_records
+
             sep = "\t" if kind == "tsv" and delimiter is None else delimiter
             records = csv_records(f, sep)
             count = sum(1 for _, fields, _, _ in records if fields != [])
@@ -177,6 +182,8 @@ def sample_fields(
         return [str(name) for name in parquet.ParquetFile(path).schema_arrow.names]
     with open_input(path) as f:
         if kind in ("csv", "tsv"):
+            from stages.files._csv import csv_records
+
             sep = "\t" if kind == "tsv" and delimiter is None else delimiter
             for _, fields, _, problem in csv_records(f, sep):
                 if fields != []:
@@ -196,10 +203,14 @@ def open_sink(path: PathLike | JournalFile, *, fmt: str | None = None, **options
     """Return the sink for an output file, chosen by its extension (or ``fmt``)."""
     target = path.final if isinstance(path, JournalFile) else path
     kind = file_format(target, fmt)
-    if kind == "csv":
-        return CsvSink(path, **options)
+    if kind == "jsonl":
+        return JsonlSink(path, **options)
+    if kind == "parquet":
+        from stages.files._parquet import ParquetSink
+
+        return ParquetSink(path, **options)
+    from stages.files._csv import CsvSink
+
     if kind == "tsv":
         return CsvSink(path, delimiter="\t", **options)
-    if kind == "parquet":
-        return ParquetSink(path, **options)
-    return JsonlSink(path, **options)
+    return CsvSink(path, **options)

@@ -11,6 +11,9 @@ no whitespace): two requests share an entry exactly when they ask the same endpo
 thing with the same model and parameters, whatever the order of their keys. The API key is
 never part of it: it travels in headers, and credential-like query parameters and URL
 user-info are dropped before hashing, so a cache can be shared between keys.
+
+:mod:`sqlite3` is imported when a cache is opened: the request key is computed for any job, a
+job without a cache never loads SQLite.
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ import contextlib
 import hashlib
 import json
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 import anyio.to_thread
 
 from pipeline._errors import ConfigError, FatalError
+
+if TYPE_CHECKING:
+    import sqlite3
 
 _SECRET_PARAMS = frozenset(
     {
@@ -114,6 +119,8 @@ class ResponseCache:
     request_key = staticmethod(request_key)
 
     def __init__(self, directory: str | os.PathLike[str], *, timeout: float = 30.0) -> None:
+        import sqlite3
+
         self.directory = os.fspath(directory)
         self.path = os.path.join(self.directory, self.FILENAME)
         self.timeout = timeout
@@ -143,6 +150,8 @@ class ResponseCache:
         await self.aclose()
 
     def _connect(self) -> sqlite3.Connection:
+        import sqlite3
+
         if self._closed:
             raise RuntimeError(f"the response cache {self.path!r} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -190,6 +199,8 @@ class ResponseCache:
         Raises:
             FatalError: The database cannot be read (a broken or foreign file).
         """
+        import sqlite3
+
         try:
             return await anyio.to_thread.run_sync(self.get_sync, key, limiter=self._limiter)
         except sqlite3.Error as error:
@@ -201,6 +212,8 @@ class ResponseCache:
         Raises:
             FatalError: The database cannot be written (disk full, read-only directory).
         """
+        import sqlite3
+
         try:
             await anyio.to_thread.run_sync(self.put_sync, key, value, limiter=self._limiter)
         except sqlite3.Error as error:
@@ -212,6 +225,8 @@ class ResponseCache:
 
     def close(self) -> None:
         """Close every connection (blocking); the cache cannot be used afterwards."""
+        import sqlite3
+
         self._closed = True
         with self._lock:
             connections, self._connections = self._connections, []

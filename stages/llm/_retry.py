@@ -15,7 +15,8 @@ and the policy the caller runs every row's attempts through (:meth:`Retry.run`):
   (a daily quota's ``86400``) dead-letters the row at once, saying what the server asked.
 
 The first attempt runs bare (most rows need none of this, and tenacity costs tens of
-microseconds per row); only its failure starts a tenacity loop, which replays that failure as
+microseconds per row, and tens of milliseconds to import: a job that never retries never
+imports it); only its failure starts a tenacity loop, which replays that failure as
 its attempt 1 so the stop and wait strategies see every attempt. While a row waits for its
 next attempt its worker gives up its seat (:data:`stages.llm._admission.CURRENT_SEAT`), so a
 spare worker keeps the request slot busy.
@@ -32,12 +33,11 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import anyio
 from opentelemetry import trace
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, QuotaExhaustedError
@@ -52,6 +52,9 @@ from stages.llm._errors import (
 from stages.llm._limits import parse_retry_after
 from stages.llm._providers import QUOTA_CODES, RETRY_STATUSES, HTTPFailure
 from stages.llm._sse import StreamError, StreamErrorEvent
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 R = TypeVar("R")
 Scrub = Callable[[str], str]
@@ -154,6 +157,8 @@ class Retry:
         scrub: Scrub = _keep,
     ) -> R:
         """Retry after a failed first attempt (``error``) with tenacity, or give up now."""
+        from tenacity import AsyncRetrying, retry_if_exception  # a job with no retry never loads it
+
         policy = RowPolicy(self, deadline, log=log, scrub=scrub)
         if not error.retryable:
             raise self.final(error, env, policy) from None
