@@ -312,6 +312,36 @@ async def test_parquet_round_trip_with_types_and_ids(tmp_path: Path) -> None:
     assert envs[4].origin == f"{out}:5" and envs[4].value["tags"] == ["a"]
 
 
+async def test_parquet_from_stdin_and_from_a_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": range(3000), "text": [f"t{i}" for i in range(3000)]}), path)
+    data = path.read_bytes()
+
+    class FakeStdin:
+        buffer = io.BufferedReader(io.BytesIO(data))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sys, "stdin", FakeStdin())
+    envs, _ = await collect(Pipeline(ParquetSource("-", id_field="id")))
+    assert [e.value["id"] for e in envs] == list(range(3000))
+    assert envs[3].origin == "<stdin>:4"
+    fifo = tmp_path / "pipe.parquet"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:  # blocks until the source opens the pipe
+            f.write(data)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, feed)
+        envs, _ = await collect(Pipeline(ParquetSource(fifo)))
+    assert [e.value["id"] for e in envs] == list(range(3000))
+
+
 async def test_parquet_rejects_stdout_and_non_parquet_input(tmp_path: Path) -> None:
     with pytest.raises(pl.ConfigError, match="needs a file path"):
         ParquetSink("-")

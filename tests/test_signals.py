@@ -192,3 +192,21 @@ def test_a_signal_ends_a_job_reading_an_endless_device(
     assert child.returncode == 130, err
     assert "Traceback" not in err
     assert sim.counters()["requests"] == 0
+
+
+def test_sigterm_ends_a_parquet_job_spooling_an_idle_pipe(tmp_path: Path, sim: Simulator) -> None:
+    pytest.importorskip("pyarrow")
+    child = start(tmp_path, sim, "--progress-interval", "0.05", "--input-format", "parquet",
+                  source="-", stdin=subprocess.PIPE)  # fmt: skip
+    with supervised(child):
+        assert child.stdin is not None and child.stderr is not None
+        child.stdin.write("PAR1")  # the start of a Parquet file, then the writer stays silent
+        child.stdin.flush()
+        while not child.stderr.readline().startswith("progress"):
+            pass  # the first progress line: the job runs, spooling its input
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=60)  # stdin stays open (communicate would close it)
+        err = child.stderr.read()
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    assert sim.counters()["requests"] == 0

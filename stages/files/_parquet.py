@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import shutil
-import sys
 import tempfile
 from collections.abc import Container, Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import anyio
 import anyio.to_thread
@@ -20,6 +18,8 @@ from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._json import dumps, loads
 from pipeline._stage import Outbox
+from stages.files._columns import Columns
+from stages.files._pipes import StreamReader, is_stream
 from stages.files._records import JournalFile, Payloads
 from stages.files._rows import BLOCK, PathLike, Row, cell, import_parquet
 from stages.files._sinks import FileSink
@@ -31,8 +31,8 @@ __all__ = ["ParquetSink", "ParquetSource"]
 class ParquetSource(FileSource):
     """Read a Parquet file one record batch at a time (needs the ``[parquet]`` extra).
 
-    A row's line number is its index plus one. Standard input is spooled to a temporary file
-    first (Parquet needs to seek).
+    A row's line number is its index plus one. Standard input (or a pipe) is spooled to a
+    temporary file first (Parquet needs to seek), read so that a stop ends the wait at once.
 
     Args:
         path: The file to read, or ``-`` for standard input.
@@ -59,13 +59,7 @@ class ParquetSource(FileSource):
         self.batch_rows = batch_rows
         self._pq = import_parquet()
 
-    def _open_parquet(self, stack: contextlib.ExitStack) -> Any:
-        source: Any = self.path
-        if self.path == "-":
-            spool = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
-            shutil.copyfileobj(sys.stdin.buffer, spool, BLOCK)
-            spool.seek(0)
-            source = spool
+    def _open_parquet(self, source: Any, stack: contextlib.ExitStack) -> Any:
         try:
             parquet = stack.enter_context(self._pq.ParquetFile(source))
         except OSError as error:
@@ -79,10 +73,32 @@ class ParquetSource(FileSource):
             )
         return parquet.iter_batches(batch_size=self.batch_rows)
 
+    async def _spool(self, stack: contextlib.ExitStack) -> BinaryIO:
+        """Copy a stream (stdin, a pipe) to a temporary file: Parquet needs to seek.
+
+        The stream is read by a daemon thread (:class:`~stages.files._pipes.StreamReader`), so
+        a run cancelled while the writer is silent (Ctrl-C, SIGTERM) stops waiting at once.
+        """
+        spool = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+        reader = StreamReader.open(self.path)
+        try:
+            while True:
+                block = await anyio.to_thread.run_sync(reader.read1, BLOCK, abandon_on_cancel=True)
+                if not block:
+                    break
+                await anyio.to_thread.run_sync(spool.write, block)
+        except OSError as error:
+            raise FatalError(f"cannot read {self.path!r}: {error.strerror or error}") from error
+        finally:
+            reader.close()
+        spool.seek(0)
+        return cast(BinaryIO, spool)
+
     async def _read(self, outbox: Outbox[Row]) -> None:
         """Emit every row of the file."""
         with contextlib.ExitStack() as stack:
-            batches = await anyio.to_thread.run_sync(self._open_parquet, stack)
+            source: Any = await self._spool(stack) if is_stream(self.path) else self.path
+            batches = await anyio.to_thread.run_sync(self._open_parquet, source, stack)
 
             def next_rows() -> list[Row] | None:
                 batch = next(batches, None)
@@ -99,7 +115,8 @@ class ParquetSource(FileSource):
 
 
 _ROW_OVERHEAD = 512
-"""Bytes a row costs in memory beyond its JSON size (its dict, keys and values as objects)."""
+"""Bytes a row counts beyond its JSON size when row groups are cut (keeps small rows' groups
+small, as they were when rows were built as Python objects; the layout stays the same)."""
 
 
 class ParquetSink(FileSink):
@@ -109,9 +126,9 @@ class ParquetSink(FileSink):
     inferred over all rows (a column whose values do not share a type is written as JSON
     text), fields missing from a row are null. A row group holds ``row_group_bytes`` of rows
     or ``row_group_rows`` rows, whichever comes first, a row counting its JSON size plus 512
-    bytes (what a small row costs as Python objects): only one row group's rows are in memory
-    at a time, so the publish's memory is flat whatever the file's size and however narrow or
-    wide its rows.
+    bytes; pyarrow's JSON reader builds each group from the rows' JSON text: only one row
+    group is in memory at a time, so the publish's memory is flat whatever the file's size
+    and however narrow or wide its rows, and pandas is never imported.
 
     Args:
         path: The output file, or a resumable job's ``journal.output`` (not stdout).
@@ -155,11 +172,12 @@ class ParquetSink(FileSink):
             )
         return dumps(env.value)
 
-    def _chunks(self, payloads: Payloads) -> Iterator[list[dict[str, Any]]]:
-        chunk: list[dict[str, Any]] = []
+    def _chunks(self, payloads: Payloads) -> Iterator[list[bytes]]:
+        """Cut the payloads into row groups: ``row_group_rows`` or ``row_group_bytes``."""
+        chunk: list[bytes] = []
         size = 0
         for payload in payloads():
-            chunk.append(loads(payload))
+            chunk.append(payload)
             size += len(payload) + _ROW_OVERHEAD
             if len(chunk) >= self.row_group_rows or size >= self.row_group_bytes:
                 yield chunk
@@ -168,50 +186,41 @@ class ParquetSink(FileSink):
             yield chunk
 
     def write_final(self, payloads: Payloads, dest: BinaryIO) -> None:
-        """Infer the schema over every row, then write row groups."""
+        """Infer the schema over every row, then write row groups.
+
+        The types are inferred in Python (:class:`~stages.files._columns.Columns`) and each
+        row group is built by pyarrow's JSON reader from the rows' JSON text with that schema:
+        no Python object goes through ``pyarrow.array``, which would import pandas.
+        """
         pa = importlib.import_module("pyarrow")
-        names: dict[str, None] = {}
-        types: dict[str, Any] = {}
-        as_json: set[str] = set()
-        for chunk in self._chunks(payloads):
-            for row in chunk:
-                names.update(dict.fromkeys(row))
-            for name in names:
-                if name not in as_json and not _infer(pa, types, name, chunk):
-                    as_json.add(name)
-        schema = pa.schema(
-            [(n, pa.string() if n in as_json else types.get(n, pa.null())) for n in names]
-        )
-        with self._pq.ParquetWriter(dest, schema) as writer:
+        pa_json = importlib.import_module("pyarrow.json")
+        columns = Columns()
+        for payload in payloads():
+            columns.add(loads(payload))
+        schema, as_json = columns.schema(pa)
+        parse = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
+        # the C allocator returns a row group's memory when it is written; pyarrow's default
+        # pool (mimalloc) keeps about 25 MB it has used
+        pool = pa.system_memory_pool()
+        with self._pq.ParquetWriter(dest, schema, memory_pool=pool) as writer:
             for chunk in self._chunks(payloads):
-                columns = []
-                for field in schema:
-                    values = [row.get(field.name) for row in chunk]
-                    if field.name in as_json:
-                        values = [
-                            None if v is None else v if isinstance(v, str) else cell(v)
-                            for v in values
-                        ]
-                    columns.append(pa.array(values, type=field.type))
-                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+                if as_json:
+                    chunk = [_text_columns(payload, as_json) for payload in chunk]
+                data = b"\n".join(chunk)
+                read = pa_json.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 20))
+                table = pa_json.read_json(
+                    pa.BufferReader(data), read_options=read, parse_options=parse, memory_pool=pool
+                )
+                writer.write_table(table)
+                del table
+                pa.default_memory_pool().release_unused()
 
 
-def _infer(pa: Any, types: dict[str, Any], name: str, chunk: list[dict[str, Any]]) -> bool:
-    """Widen ``types[name]`` by a chunk's values; ``False`` if they share no Arrow type."""
-    try:
-        kind = pa.array([row.get(name) for row in chunk]).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        return False
-    known = types.get(name)
-    if known is None or pa.types.is_null(known):
-        types[name] = kind
-    elif not pa.types.is_null(kind) and kind != known:
-        try:
-            merged = pa.unify_schemas(
-                [pa.schema([(name, known)]), pa.schema([(name, kind)])],
-                promote_options="permissive",
-            )
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            return False
-        types[name] = merged.field(name).type
-    return True
+def _text_columns(payload: bytes, names: list[str]) -> bytes:
+    """Return a row's JSON with the values of ``names`` that are not strings as JSON text."""
+    row = loads(payload)
+    for name in names:
+        value = row.get(name)
+        if value is not None and not isinstance(value, str):
+            row[name] = cell(value)
+    return dumps(row)
