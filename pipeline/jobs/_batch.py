@@ -108,6 +108,7 @@ class BatchJob:
         self._spooling_done = False
         self._budget_hit: str | None = None
         self._read_all = False
+        self._input_rows: int | None = None
         self.total: int | None = None
         self._spool_results: Any = None
         self._output_payload: Any = None
@@ -227,8 +228,8 @@ class BatchJob:
         if not self._read_all:  # the budget stopped the input before its end
             self.stopped = self.stopped or self._budget_hit
         complete = self.stopped is None and not batch_log.open_chunks()
-        if complete:
-            await anyio.to_thread.run_sync(journal.commit)
+        if complete:  # every input row read must have its record: commit checks the count
+            await anyio.to_thread.run_sync(journal.commit, self._input_rows)
             batch_log.remove()
         else:
             await anyio.to_thread.run_sync(journal.close)
@@ -270,6 +271,8 @@ class BatchJob:
             report = results.report
             self.rows_in += report.rows_in if report else 0
             self._read_all = report is not None and report.complete and report.stopped is None
+            if self._read_all:  # every row of the input, the done and claimed ones included
+                self._input_rows = source.emitted + source.rejected + source.skipped
             self._spooling_done = True
             self._wake.set()
 
