@@ -293,6 +293,34 @@ async def test_a_second_run_is_refused_while_a_ray_job_runs_it(
     assert sorted(r["id"] for r in read_jsonl(out)) == list(range(n))  # each row exactly once
 
 
+async def test_a_row_lost_before_the_journal_is_reported_not_published(
+    local_ray: Any, sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final check counts the rows the reader read: a row the engine lost stops the publish."""
+    import pyarrow.compute as pc
+
+    from pipeline.jobs import _parts
+
+    fold_table = _parts._fold_table
+
+    def lose_line_3(table: Any, journal: Journal, tally: Any) -> None:  # an engine bug
+        line = table.column("line")
+        fold_table(
+            table.filter(pc.or_kleene(pc.is_null(line), pc.not_equal(line, 3))), journal, tally
+        )
+
+    monkeypatch.setattr(_parts, "_fold_table", lose_line_3)
+    src = write_rows(tmp_path / "in.jsonl", [{"id": i, "text": f"row {i}"} for i in range(30)])
+    out = tmp_path / "out.jsonl"
+    settings = JobSettings(
+        input=str(src), output=str(out), model="m", prompt="{text}", base_url=sim.url,
+        api_key_env=KEY_ENV, engine="ray", concurrency=2,
+    )  # fmt: skip
+    with pytest.raises(JobFailedError, match="input has 30 rows but the journals account for 29"):
+        await run_job(settings)
+    assert not out.exists() and (tmp_path / "out.jsonl.partial").exists()  # still resumable
+
+
 # -- folding part files (no Ray needed) ------------------------------------------------------
 
 

@@ -329,9 +329,10 @@ class FileRows:
                 out.add("row", env.key, line_of(env.origin), env.origin, dumps(env.value))
             while failures:
                 out.add_failed(failures.popleft())
-            if last:
-                skipped = getattr(source, "skipped", 0)
-                out.add("stats", None, None, None, dumps({"skipped": skipped}))
+            if last:  # the rows read, done ones included: what the final check expects
+                rows = source.emitted + source.rejected + source.skipped
+                stats = {"skipped": source.skipped, "rows": rows}
+                out.add("stats", None, None, None, dumps(stats))
             return out.table()
 
         with (
@@ -354,17 +355,22 @@ class PartsTally(JobTally):
         stopped: Why an actor stopped taking rows (a budget share, a stop, a fatal error).
         duplicates: Rows already in the journal (a part folded before a crash deleted it).
         reader_skipped: Rows the reader skipped as done by an earlier run, once it said so.
+        reader_rows: The input's rows (done, bad and skipped ones included), once the reader
+            read to the end and said so: the number the journal's final check expects.
     """
 
     stopped: str | None = None
     duplicates: int = 0
     reader_skipped: int | None = None
+    reader_rows: int | None = None
 
     def add_stats(self, stats: Mapping[str, Any]) -> None:
         """Add one ``stats`` row (a batch's counters, or the reader's)."""
         self.stopped = self.stopped or stats.get("stopped")
         if "skipped" in stats:
             self.reader_skipped = (self.reader_skipped or 0) + int(stats["skipped"])
+        if "rows" in stats:  # every whole read counts the same rows (a retried read too)
+            self.reader_rows = max(self.reader_rows or 0, int(stats["rows"]))
         self.add_counters(stats)
 
 

@@ -44,7 +44,7 @@ import anyio.to_thread
 
 from pipeline._channels import Outbox
 from pipeline._envelope import Envelope
-from pipeline._errors import ConfigError, ItemError
+from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._stage import ItemStage, Stage
 from pipeline.jobs._caller import answer_stages, build_caller, preflight, setup_failure
 from pipeline.jobs._journal import Journal, journal_for, published_counts
@@ -301,7 +301,7 @@ class _RayJob:
             raise JobFailedError(_fatal_message(fatal, failure), summary) from failure
         stopped = self.stopped_by or self.tally.stopped
         if stopped is None:
-            await anyio.to_thread.run_sync(journal.commit)
+            await self._publish(journal)
             await anyio.to_thread.run_sync(self._remove_parts)
         else:
             await anyio.to_thread.run_sync(journal.close)
@@ -310,6 +310,26 @@ class _RayJob:
         )
         await self._report(final=True)
         return summary
+
+    async def _publish(self, journal: Journal) -> None:
+        """Check that every row the reader read has its record once, then publish.
+
+        Raises:
+            JobFailedError: The reader did not say how many rows it read, or the journals do
+                not account for them (the journal stays: ``--resume`` sends what is missing).
+        """
+        expected = self.tally.reader_rows
+        try:
+            if expected is None:  # the reader never said it read to the end
+                raise FatalError(
+                    f"{self.settings.output!r} was not published: the input reader did not"
+                    " report how many rows it read; run again with --resume"
+                )
+            await anyio.to_thread.run_sync(journal.commit, expected)
+        except FatalError as error:
+            await anyio.to_thread.run_sync(journal.close)
+            summary = self._summary(self.tally, previous=self._previous(journal))
+            raise JobFailedError(str(error), summary) from error
 
     # -- watching ----------------------------------------------------------------------------
 
