@@ -30,8 +30,7 @@ import collections
 import contextvars
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -261,8 +260,7 @@ class Admission:
             if span.is_recording():
                 span.add_event("llm.limiter_wait", {"seconds": waited, "tokens": tokens})
 
-    @asynccontextmanager
-    async def slot(self, outbox: Outbox[Any]) -> AsyncIterator[None]:
+    def slot(self, outbox: Outbox[Any]) -> AdmissionSlot:
         """Hold a concurrency slot for one request; count the wait and the request.
 
         Once the run is stopping (:attr:`fatal`: a rejected key, no credit), a request that
@@ -272,23 +270,7 @@ class Admission:
         Raises:
             NotStartedError: The run was asked to stop before the request got its slot.
         """
-        asked = _perf()
-        async with self.concurrency.slot() as queued:
-            if self.fatal is not None:
-                await anyio.sleep_forever()
-            if outbox.stopping:
-                raise NotStartedError("not started: the run is stopping")
-            waited = _perf() - asked
-            self.totals.slot_wait_s += waited
-            self.totals.slot_waits += queued
-            stats = outbox.stats
-            stats.limiter_wait_s += waited
-            if waited > 0.001:
-                span = trace.get_current_span()
-                if span.is_recording():
-                    span.add_event("llm.slot_wait", {"seconds": waited})
-            stats.requests += 1
-            yield
+        return AdmissionSlot(self, outbox)
 
     def observe(self, headers: Mapping[str, str], raw: Sequence[tuple[bytes, bytes]]) -> None:
         """Let the limiter learn from a response's rate-limit headers, if it has any."""
@@ -346,6 +328,49 @@ class Admission:
             self.limiter.settle(prompt_tokens, completion_tokens)
 
 
+class AdmissionSlot:
+    """``async with admission.slot(outbox)``: see :meth:`Admission.slot`.
+
+    A class rather than an ``asynccontextmanager``: it is entered once per request, and a
+    generator-based context manager costs several times as much.
+    """
+
+    __slots__ = ("admission", "outbox")
+
+    def __init__(self, admission: Admission, outbox: Outbox[Any]) -> None:
+        self.admission = admission
+        self.outbox = outbox
+
+    async def __aenter__(self) -> None:
+        admission = self.admission
+        outbox = self.outbox
+        concurrency = admission.concurrency
+        asked = _perf()
+        queued = await concurrency.acquire()
+        try:
+            if admission.fatal is not None:
+                await anyio.sleep_forever()
+            if outbox.stopping:
+                raise NotStartedError("not started: the run is stopping")
+        except BaseException:
+            concurrency.release()
+            raise
+        waited = _perf() - asked
+        totals = admission.totals
+        totals.slot_wait_s += waited
+        totals.slot_waits += queued
+        stats = outbox.stats
+        stats.limiter_wait_s += waited
+        if waited > 0.001:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.add_event("llm.slot_wait", {"seconds": waited})
+        stats.requests += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.admission.concurrency.release()
+
+
 def states_limits(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """Return whether a response carries rate-limit headers (cheaper than parsing them)."""
     for name, _ in raw_headers:
@@ -362,6 +387,7 @@ __all__ = [
     "CURRENT_SEAT",
     "LEARN_AFTER",
     "Admission",
+    "AdmissionSlot",
     "Limits",
     "Seat",
     "Seats",

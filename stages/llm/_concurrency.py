@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 
@@ -59,33 +57,36 @@ class AdaptiveConcurrency:
         """Slots held right now."""
         return self._in_use
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[bool]:
+    def slot(self) -> ConcurrencySlot:
         """Hold one concurrency slot for the body of the ``async with``.
 
-        Yields:
-            Whether the slot had to be waited for (``False``: one was free at once).
+        The ``async with`` gives whether the slot had to be waited for (``False``: one was
+        free at once).
         """
-        queued = not (self._in_use < self._limit and not self._waiters)
-        if not queued:
-            self._in_use += 1
-        else:
-            granted = anyio.Event()
-            self._waiters.append(granted)
-            try:
-                await granted.wait()
-            except BaseException:
-                if granted.is_set():
-                    self._release()
-                else:
-                    self._waiters.remove(granted)
-                raise
-        try:
-            yield queued
-        finally:
-            self._release()
+        return ConcurrencySlot(self)
 
-    def _release(self) -> None:
+    async def acquire(self) -> bool:
+        """Take a slot, waiting in arrival order if none is free; return whether it waited.
+
+        Every slot taken is given back with :meth:`release` (``slot()`` does both).
+        """
+        if self._in_use < self._limit and not self._waiters:
+            self._in_use += 1
+            return False
+        granted = anyio.Event()
+        self._waiters.append(granted)
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():
+                self.release()
+            else:
+                self._waiters.remove(granted)
+            raise
+        return True
+
+    def release(self) -> None:
+        """Give a slot back (and admit the waiters the limit allows)."""
         self._in_use -= 1
         if self._holdoff:
             self._holdoff -= 1
@@ -114,3 +115,22 @@ class AdaptiveConcurrency:
         self._limit = max(self.minimum, self._limit // 2)
         self._successes = 0
         self._holdoff = self._in_use
+
+
+class ConcurrencySlot:
+    """``async with concurrency.slot() as queued``: one slot held for the body.
+
+    A class rather than an ``asynccontextmanager``: it is entered once per request, and a
+    generator-based context manager costs several times as much.
+    """
+
+    __slots__ = ("concurrency",)
+
+    def __init__(self, concurrency: AdaptiveConcurrency) -> None:
+        self.concurrency = concurrency
+
+    async def __aenter__(self) -> bool:
+        return await self.concurrency.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.concurrency.release()
