@@ -6,11 +6,12 @@ accounted for (answered or dead-lettered, never lost); the API key never leaks.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -194,6 +195,41 @@ class _RecordingLimiter(RateLimiter):
     def pause(self, seconds: float) -> None:
         self.pauses.append((time.monotonic(), seconds))
         super().pause(seconds)
+
+
+class _LifecycleLimiter(RateLimiter):
+    """A real limiter that notes, per request, when it was let through, sent and answered."""
+
+    def __init__(self) -> None:
+        super().__init__(rpm=60_000)
+        self.events: list[tuple[str, int]] = []
+        self._request: contextvars.ContextVar[int] = contextvars.ContextVar("request")
+
+    async def acquire(self, tokens: int = 0, **costs: Any) -> float:
+        waited = await super().acquire(tokens, **costs)
+        self._request.set(len([kind for kind, _ in self.events if kind == "acquire"]))
+        self.events.append(("acquire", self._request.get()))
+        return waited
+
+    def sent(self, *, dropped: bool = False) -> None:
+        self.events.append(("dropped" if dropped else "sent", self._request.get()))
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        self.events.append(("observe", self._request.get()))
+        super().observe(headers)
+
+
+async def test_the_limiter_hears_when_each_request_leaves_before_its_answer() -> None:
+    # a limiter shared between processes counts a request ticketed but not sent against the
+    # capacity others' answers report (RedisRateLimiter): the caller must say when it leaves
+    limiter = _LifecycleLimiter()
+    async with serve(SimConfig(rpm=60_000)) as sim:  # headers on every answer
+        caller = _caller(sim.url, limits=Limits(limiter=limiter, concurrency=2))
+        results, _ = await _run(caller)
+        requests = sim.counters()["requests"]
+    assert [r["response"] for r in results] == _expected()
+    per_request = [[kind for kind, n in limiter.events if n == i] for i in range(requests)]
+    assert per_request == [["acquire", "sent", "observe"]] * requests
 
 
 async def test_an_isolated_429_backs_off_its_row_only() -> None:

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import fakeredis
@@ -29,6 +30,7 @@ from stages.llm._redis_limiter import (
     key_fingerprint,
     redact_url,
 )
+from stages.llm._redis_script import KEEP_S
 
 pytestmark = pytest.mark.anyio
 
@@ -87,11 +89,19 @@ async def test_state_lives_under_the_namespaced_key(make, server: fakeredis.Fake
     client = fakeredis.FakeAsyncRedis(server=server)
     try:
         keys = await client.keys("*")
-        assert keys == [limiter.key.encode()]
+        # the state, and the request ticketed but not sent yet ("id taken c1 c2 c3 c4")
+        assert sorted(keys) == [limiter.key.encode(), f"{limiter.key}:unsent".encode()]
         state = await client.hgetall(limiter.key)
         fields = {f"{name}{i}".encode() for name in "tnkr" for i in range(1, 5)}
         assert set(state) == {b"pause", b"smooth", *fields}
-        assert 0 < await client.pttl(limiter.key) <= 62_000  # idle state expires
+        [unsent] = await client.zrange(f"{limiter.key}:unsent", 0, -1)
+        assert unsent.split()[0] == b"1" and unsent.split()[2:] == [b"1.000"] + [b"0.000"] * 3
+        limiter.sent()
+        await limiter.flush()
+        assert await client.zcard(f"{limiter.key}:unsent") == 0
+        assert await client.zrange(f"{limiter.key}:sent", 0, -1) == [unsent]
+        for key in (limiter.key, f"{limiter.key}:sent"):
+            assert 0 < await client.pttl(key) <= (KEEP_S + 2) * 1000  # idle state expires
     finally:
         await client.aclose()
     assert SECRET not in repr(limiter)
@@ -310,6 +320,66 @@ async def test_what_other_processes_sent_after_the_answered_request_is_subtracte
     waits = [await second.acquire() for _ in range(7)]
     assert max(waits[:6]) < 0.05  # 10 - 4 = 6 left
     assert waits[6] >= 0.05
+
+
+async def _due_in(limiter: RedisRateLimiter) -> float:
+    """Seconds until one more request may go, as the script computes it (nothing taken)."""
+    reply = await limiter._call((1.0, 0.0, 0.0, 0.0), take=False)
+    assert reply is not None
+    return reply.wait
+
+
+async def test_requests_ticketed_earlier_but_sent_later_are_subtracted(make) -> None:
+    """Neither the server's ``remaining`` nor the tickets taken after the answered request
+    count a request another process ticketed *before* it but sent *after* it (or not yet): a
+    process waiting for a free connection, or descheduled, does that all the time."""
+    answered, other = make(rpm=60, burst_s=60), make(rpm=60, burst_s=60)  # 1/s, bucket of 60
+    before, after, done = anyio.Event(), anyio.Event(), anyio.Event()
+    sent = [anyio.Event() for _ in range(5)]
+
+    async def request(index: int, go: anyio.Event | None, *, task_status: Any) -> None:
+        await other.acquire()  # this task's ticket (tickets live in the task's context)
+        task_status.started()
+        if go is None:  # still waiting for a connection when the answer comes
+            await done.wait()
+            return
+        await go.wait()
+        other.sent()
+        sent[index].set()
+
+    async with anyio.create_task_group() as tg:
+        for index, go in enumerate((before, before, after, after, None)):
+            await tg.start(request, index, go)  # tickets 1-5, in order
+        before.set()  # tickets 1 and 2 leave before the answered request...
+        await sent[0].wait()
+        await sent[1].wait()
+        await answered.acquire()  # ticket 6
+        answered.sent()
+        after.set()  # ...tickets 3 and 4 after it, ticket 5 not yet
+        await sent[2].wait()
+        await sent[3].wait()
+        await other.flush()  # what the other process knows reaches Redis first
+        answered.observe(_fresh(10, "59s"))  # 10 left when the server counted ticket 6
+        await answered.flush()
+        done.set()
+    # 10 - 3 (tickets 3, 4 and 5: not counted by the server when it said 10) = 7 left now
+    for _ in range(7):
+        assert await _due_in(answered) == 0
+        await answered.acquire()
+    assert await _due_in(answered) > 0.5  # the 8th waits for the refill (1 s)
+
+
+async def test_a_dropped_request_leaves_no_trace(make, server: fakeredis.FakeServer) -> None:
+    limiter = make(rpm=60)
+    await limiter.acquire()
+    limiter.sent(dropped=True)  # cancelled before it was sent: it will never reach the server
+    limiter.sent()  # a second word about the same request changes nothing
+    await limiter.flush()
+    client = fakeredis.FakeAsyncRedis(server=server)
+    try:
+        assert await client.exists(f"{limiter.key}:unsent", f"{limiter.key}:sent") == 0
+    finally:
+        await client.aclose()
 
 
 async def test_short_window_mode_is_shared(make, caplog: pytest.LogCaptureFixture) -> None:

@@ -272,6 +272,14 @@ class Admission:
         """
         return AdmissionSlot(self, outbox)
 
+    def sent(self, *, dropped: bool = False) -> None:
+        """The request the calling task was admitted for leaves now (``dropped``: never).
+
+        A limiter shared between processes counts a request ticketed but not yet sent against
+        the capacity other processes' answers report (see :class:`RedisRateLimiter`).
+        """
+        self.limiter.sent(dropped=dropped)
+
     def observe(self, headers: Mapping[str, str], raw: Sequence[tuple[bytes, bytes]]) -> None:
         """Let the limiter learn from a response's rate-limit headers, if it has any."""
         if self.limited or states_limits(raw):

@@ -249,11 +249,16 @@ class Exchange:
             outbox, prompt_tokens, admission.completion_default or 0
         )
         totals = self.totals
+        admitted = False  # the limiter gave a turn the request has not used yet
         try:
             if admission.limited:
                 await admission.acquire(outbox, estimate, input_tokens=prompt_tokens)
+                admitted = True
             # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
             async with admission.slot(outbox):
+                if admitted:
+                    admission.sent()
+                    admitted = False
                 totals.in_flight += 1
                 try:
                     answer = await transport.post(url, payload, self._receive, env, count)
@@ -262,6 +267,8 @@ class Exchange:
                 finally:
                     totals.in_flight -= 1
         except BaseException:
+            if admitted:
+                admission.sent(dropped=True)
             self.ledger.release(reserved)  # a failed attempt is not billed
             raise
         RESERVED.set(reserved)
@@ -365,21 +372,35 @@ class Exchange:
         estimate = admission.estimate(len(str(record)))
 
         async def attempt() -> Any:
-            if admission.limited:
-                await admission.acquire(outbox, estimate)
-            async with admission.slot(outbox):
-                try:
-                    result = await call(record)
-                except (ItemError, FatalError):
-                    raise
-                except Exception as exc:
-                    raise self._foreign(exc) from exc
+            admitted = False
+            try:
+                if admission.limited:
+                    await admission.acquire(outbox, estimate)
+                    admitted = True
+                async with admission.slot(outbox):
+                    if admitted:
+                        admission.sent()
+                        admitted = False
+                    result = await self._call_foreign(call, record)
+            except BaseException:
+                if admitted:
+                    admission.sent(dropped=True)
+                raise
             admission.concurrency.success()
             self.succeeded = True
             return result
 
         raw = await self.retry.run(env, outbox, attempt, deadline, log=self.log, scrub=self.scrub)
         return raw, estimate
+
+    async def _call_foreign(self, call: Callable[[Any], Awaitable[Any]], record: Any) -> Any:
+        """Return ``call(record)``; an exception it raises is classified (:meth:`_foreign`)."""
+        try:
+            return await call(record)
+        except (ItemError, FatalError):
+            raise
+        except Exception as exc:
+            raise self._foreign(exc) from exc
 
     def _foreign(self, exc: Exception) -> Exception:
         """Classify an exception of the user's ``call``; slow down on 429, 503 and 529."""

@@ -97,27 +97,24 @@ class Limiter(Protocol):
             input_tokens: Its prompt tokens (``itpm``); ``tokens`` when not given.
             output_tokens: Output tokens reserved (``otpm``): ``max_tokens``.
         """
-        ...
 
     def reconcile(self, estimated: int, actual: int) -> None:
         """Correct the token bucket once the real usage of a request is known."""
-        ...
 
     def settle(self, input_tokens: int, output_tokens: int) -> None:
         """Correct every token bucket to the real usage of the task's last request."""
-        ...
 
     def pause(self, seconds: float) -> None:
         """Hold every later request back for ``seconds`` (a 429's Retry-After)."""
-        ...
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Learn from a response's rate-limit headers."""
-        ...
+
+    def sent(self, *, dropped: bool = False) -> None:
+        """The task's request leaves for the server now (``dropped``: it never will)."""
 
     def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
         """Classify a 429 and act on it (pause on a quota 429); return the verdict."""
-        ...
 
 
 class LimiterStatistics(NamedTuple):
@@ -563,6 +560,9 @@ class RateLimiter:
         self._wake()
 
     # -- the server's word -----------------------------------------------------------------
+
+    def sent(self, *, dropped: bool = False) -> None:
+        """Nothing to do: one process's requests leave in the order of their tickets."""
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Follow a response's ``x-ratelimit-*`` or ``anthropic-ratelimit-*`` headers.

@@ -11,16 +11,29 @@ from typing import Any
 
 from stages.llm._limits import Costs
 
-__all__ = ["SCRIPT", "Reply"]
+__all__ = ["FIXED_ARGS", "KEEP_S", "PER_BUCKET", "SCRIPT", "Reply"]
 
 # KEYS[1]: the limiter's hash. ARGV[1..7]: take a turn (1/0), slack, pause seconds, switch to
-# short windows (1/0), guess seconds, smooth seconds, burst seconds (-1: the server's). Then 8
+# short windows (1/0), guess seconds, smooth seconds, burst seconds (-1: the server's). Then 11
 # values per bucket (requests, tokens, input, output): rate/s (0: none), cost, correction,
 # sync (1/0), remaining, ticket (-1: none), capacity (-1: unknown), authoritative (1/0), reset
-# seconds (-1: unknown).
+# seconds (-1: unknown), the synced request's id (-1: none) and when it was sent (wall clock,
+# -1: unknown). Then pairs (request id, when it was sent; -1: dropped unsent) for the requests
+# this process sent since its last call.
 # Fields: t1..t4 (theoretical arrival times), n1..n4 (units ever taken), k1..k4 (capacities the
 # server revealed), r1..r4 (rates per second in force), pause (paused until), smooth (1 once
 # short windows were detected).
+# Beside the hash, two sorted sets of requests ("id taken c1 c2 c3 c4"): KEYS[1]..':unsent'
+# (ticketed, not yet sent; by id) and KEYS[1]..':sent' (by when they were sent, kept KEEP_S).
+# A request ticketed before the one whose headers are synced, but sent after it (or not yet),
+# is in neither the server's count nor the tickets taken after: it is subtracted as "late".
+KEEP_S = 120.0
+"""How long a sent request stays in the sent set, and an unsent one in the unsent set (its
+process is gone, or it was abandoned without a word)."""
+
+FIXED_ARGS = 7
+PER_BUCKET = 11
+
 SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local key = KEYS[1]
@@ -31,6 +44,9 @@ local go_smooth = tonumber(ARGV[4])
 local guess = tonumber(ARGV[5])
 local smooth_s = tonumber(ARGV[6])
 local burst = tonumber(ARGV[7])
+local unsent_key = key .. ':unsent'
+local sent_key = key .. ':sent'
+local keep = KEEP_S
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local names = {'pause', 'smooth', 't1', 't2', 't3', 't4', 'n1', 'n2', 'n3', 'n4',
@@ -45,7 +61,7 @@ for i = 1, 4 do
   cnt[i] = tonumber(got[6 + i]) or 0
   cap[i] = tonumber(got[10 + i]) or -1
   -- a process that knows no rate uses the one another process configured or learned
-  rates[i] = tonumber(ARGV[8 + (i - 1) * 9])
+  rates[i] = tonumber(ARGV[8 + (i - 1) * 11])
   if rates[i] <= 0 then rates[i] = tonumber(got[14 + i]) or 0 end
 end
 if pause_s > 0 then pause_until = math.max(pause_until, now + pause_s) end
@@ -66,9 +82,46 @@ local function size(rate, capacity)
   return math.max(units, 1)
 end
 
+-- requests this process sent (or dropped) since its last call leave the unsent set
+for j = 52, #ARGV, 2 do
+  local id = tonumber(ARGV[j])
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', unsent_key, id, id)) do
+    redis.call('ZREM', unsent_key, m)
+    if tonumber(ARGV[j + 1]) >= 0 then redis.call('ZADD', sent_key, ARGV[j + 1], m) end
+  end
+end
+redis.call('ZREMRANGEBYSCORE', sent_key, '-inf', now - keep)
+
+-- the units of requests ticketed before request `id` but sent after it (at `at`), or not yet
+local lates = {}
+local function late(id, at)
+  local memo = id .. ' ' .. at
+  if lates[memo] then return lates[memo] end
+  local sum = {0, 0, 0, 0}
+  local function add(m, stale)
+    local f = {}
+    for x in string.gmatch(m, '%S+') do f[#f + 1] = tonumber(x) end
+    if stale and f[2] < now - keep then
+      redis.call('ZREM', unsent_key, m)  -- its process is gone
+    elseif f[1] < id then
+      for i = 1, 4 do sum[i] = sum[i] + f[2 + i] end
+    end
+  end
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', unsent_key, '-inf', '(' .. id)) do
+    add(m, true)
+  end
+  if at >= 0 then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', sent_key, '(' .. at, '+inf')) do
+      add(m, false)
+    end
+  end
+  lates[memo] = sum
+  return sum
+end
+
 local start = math.max(now, pause_until)
 for i = 1, 4 do
-  local b = 8 + (i - 1) * 9
+  local b = 8 + (i - 1) * 11
   local rate = rates[i]
   if rate > 0 then
     local cost = tonumber(ARGV[b + 1])
@@ -80,7 +133,11 @@ for i = 1, 4 do
       local units = size(rate, cap[i])
       local after = 0
       if tonumber(ARGV[b + 5]) >= 0 then after = cnt[i] - tonumber(ARGV[b + 5]) end
-      local level = math.min(tonumber(ARGV[b + 4]) - after, units)
+      local early = 0
+      if tonumber(ARGV[b + 9]) >= 0 then
+        early = late(tonumber(ARGV[b + 9]), tonumber(ARGV[b + 10]))[i]
+      end
+      local level = math.min(tonumber(ARGV[b + 4]) - after - early, units)
       local synced = now + (units - level) / rate
       local reset = tonumber(ARGV[b + 8])
       if reset >= 0 then synced = math.min(synced, now + reset + after / rate) end
@@ -98,12 +155,16 @@ local taken = 0
 if take == 1 and wait <= slack then
   taken = 1
   for i = 1, 4 do
-    local b = 8 + (i - 1) * 9
+    local b = 8 + (i - 1) * 11
     local rate = rates[i]
     local cost = tonumber(ARGV[b + 1])
     cnt[i] = cnt[i] + cost
     if rate > 0 then tat[i] = math.max(tat[i], start) + cost / rate end
   end
+  local costs = {}
+  for i = 1, 4 do costs[i] = string.format('%.3f', tonumber(ARGV[8 + (i - 1) * 11 + 1])) end
+  redis.call('ZADD', unsent_key, cnt[1],
+    string.format('%d %.3f %s %s %s %s', math.floor(cnt[1] + 0.5), now, unpack(costs)))
 end
 
 local function fmt(x) return string.format('%.6f', x) end
@@ -113,13 +174,15 @@ redis.call('HSET', key, 'pause', fmt(pause_until), 'smooth', tostring(smooth),
   'k1', fmt(cap[1]), 'k2', fmt(cap[2]), 'k3', fmt(cap[3]), 'k4', fmt(cap[4]),
   'r1', fmt(rates[1]), 'r2', fmt(rates[2]), 'r3', fmt(rates[3]), 'r4', fmt(rates[4]))
 local horizon = math.max(tat[1], tat[2], tat[3], tat[4], pause_until) - now
-redis.call('PEXPIRE', key, math.ceil((math.max(horizon, 0) + 60) * 1000))
+redis.call('PEXPIRE', key, math.ceil((math.max(horizon, 0) + keep) * 1000))
+redis.call('PEXPIRE', unsent_key, math.ceil((math.max(horizon, 0) + keep) * 1000))
+redis.call('PEXPIRE', sent_key, math.ceil((math.max(horizon, 0) + keep) * 1000))
 local burst1 = -1
 if rates[1] > 0 then burst1 = size(rates[1], cap[1]) end
 return {fmt(wait), tostring(taken), fmt(cnt[1]), fmt(cnt[2]), fmt(cnt[3]), fmt(cnt[4]),
   tostring(smooth), fmt(pause_until - now), fmt(burst1),
   fmt(rates[1]), fmt(rates[2]), fmt(rates[3]), fmt(rates[4])}
-"""
+""".replace("KEEP_S", repr(KEEP_S))
 
 
 class Reply:
