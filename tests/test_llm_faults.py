@@ -198,7 +198,7 @@ class _RecordingLimiter(RateLimiter):
 
 
 class _LifecycleLimiter(RateLimiter):
-    """A real limiter that notes, per request, when it was let through, sent and answered."""
+    """A real limiter that notes, per request, when it was let through, answered and ended."""
 
     def __init__(self) -> None:
         super().__init__(rpm=60_000)
@@ -211,25 +211,27 @@ class _LifecycleLimiter(RateLimiter):
         self.events.append(("acquire", self._request.get()))
         return waited
 
-    def sent(self, *, dropped: bool = False) -> None:
-        self.events.append(("dropped" if dropped else "sent", self._request.get()))
+    def ended(self, *, sent: bool = True) -> None:
+        self.events.append(("ended" if sent else "never sent", self._request.get()))
 
     def observe(self, headers: Mapping[str, str]) -> None:
         self.events.append(("observe", self._request.get()))
         super().observe(headers)
 
 
-async def test_the_limiter_hears_when_each_request_leaves_before_its_answer() -> None:
-    # a limiter shared between processes counts a request ticketed but not sent against the
-    # capacity others' answers report (RedisRateLimiter): the caller must say when it leaves
+async def test_the_limiter_hears_when_each_request_ends() -> None:
+    # a limiter shared between processes counts a request ticketed and not ended against the
+    # capacity a later request's answer reports (RedisRateLimiter): the caller must say when
+    # each one ends, also when its answer is an error
     limiter = _LifecycleLimiter()
-    async with serve(SimConfig(rpm=60_000)) as sim:  # headers on every answer
+    async with serve(SimConfig(rpm=60_000, error_5xx=0.2, seed=3)) as sim:  # headers, 5xx
         caller = _caller(sim.url, limits=Limits(limiter=limiter, concurrency=2))
         results, _ = await _run(caller)
         requests = sim.counters()["requests"]
     assert [r["response"] for r in results] == _expected()
+    assert requests > len(ROWS)  # some were retried
     per_request = [[kind for kind, n in limiter.events if n == i] for i in range(requests)]
-    assert per_request == [["acquire", "sent", "observe"]] * requests
+    assert per_request == [["acquire", "observe", "ended"]] * requests
 
 
 async def test_an_isolated_429_backs_off_its_row_only() -> None:

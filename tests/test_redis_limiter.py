@@ -89,18 +89,18 @@ async def test_state_lives_under_the_namespaced_key(make, server: fakeredis.Fake
     client = fakeredis.FakeAsyncRedis(server=server)
     try:
         keys = await client.keys("*")
-        # the state, and the request ticketed but not sent yet ("id taken c1 c2 c3 c4")
-        assert sorted(keys) == [limiter.key.encode(), f"{limiter.key}:unsent".encode()]
+        # the state, and the request ticketed but not ended yet ("id taken c1 c2 c3 c4")
+        assert sorted(keys) == [limiter.key.encode(), f"{limiter.key}:open".encode()]
         state = await client.hgetall(limiter.key)
         fields = {f"{name}{i}".encode() for name in "tnkr" for i in range(1, 5)}
         assert set(state) == {b"pause", b"smooth", *fields}
-        [unsent] = await client.zrange(f"{limiter.key}:unsent", 0, -1)
-        assert unsent.split()[0] == b"1" and unsent.split()[2:] == [b"1.000"] + [b"0.000"] * 3
-        limiter.sent()
+        [request] = await client.zrange(f"{limiter.key}:open", 0, -1)
+        assert request.split()[0] == b"1" and request.split()[2:] == [b"1.000"] + [b"0.000"] * 3
+        limiter.ended()
         await limiter.flush()
-        assert await client.zcard(f"{limiter.key}:unsent") == 0
-        assert await client.zrange(f"{limiter.key}:sent", 0, -1) == [unsent]
-        for key in (limiter.key, f"{limiter.key}:sent"):
+        assert await client.zcard(f"{limiter.key}:open") == 0
+        assert await client.zrange(f"{limiter.key}:ended", 0, -1) == [request]
+        for key in (limiter.key, f"{limiter.key}:ended"):
             assert 0 < await client.pttl(key) <= (KEEP_S + 2) * 1000  # idle state expires
     finally:
         await client.aclose()
@@ -322,62 +322,81 @@ async def test_what_other_processes_sent_after_the_answered_request_is_subtracte
     assert waits[6] >= 0.05
 
 
-async def _due_in(limiter: RedisRateLimiter) -> float:
-    """Seconds until one more request may go, as the script computes it (nothing taken)."""
-    reply = await limiter._call((1.0, 0.0, 0.0, 0.0), take=False)
+async def _due_in(limiter: RedisRateLimiter, requests: int = 1) -> float:
+    """Seconds until ``requests`` more may go at once, as the script computes it (nothing taken)."""
+    reply = await limiter._call((float(requests), 0.0, 0.0, 0.0), take=False)
     assert reply is not None
     return reply.wait
 
 
-async def test_requests_ticketed_earlier_but_sent_later_are_subtracted(make) -> None:
-    """Neither the server's ``remaining`` nor the tickets taken after the answered request
-    count a request another process ticketed *before* it but sent *after* it (or not yet): a
-    process waiting for a free connection, or descheduled, does that all the time."""
-    answered, other = make(rpm=60, burst_s=60), make(rpm=60, burst_s=60)  # 1/s, bucket of 60
+async def test_requests_ticketed_earlier_but_still_open_are_subtracted(make) -> None:
+    """A request another process ticketed *before* the answered one but that was still open
+    when that answer came may have reached the server after it (its process waited for a
+    connection, or the server took its connections in another order): neither the server's
+    ``remaining`` nor the tickets taken after count it. The bucket is raised only to what is
+    left without them, and raised further as it turns out they ended before that answer."""
+    answered, other = make(rpm=60), make(rpm=60)  # 1/s; the server says it has 60
+    stated = {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "50",
+        "x-ratelimit-reset-requests": "10s",
+    }
     before, after, done = anyio.Event(), anyio.Event(), anyio.Event()
-    sent = [anyio.Event() for _ in range(5)]
+    ended = [anyio.Event() for _ in range(5)]
 
-    async def request(index: int, go: anyio.Event | None, *, task_status: Any) -> None:
+    async def request(index: int, go: anyio.Event, *, task_status: Any) -> None:
         await other.acquire()  # this task's ticket (tickets live in the task's context)
         task_status.started()
-        if go is None:  # still waiting for a connection when the answer comes
-            await done.wait()
-            return
         await go.wait()
-        other.sent()
-        sent[index].set()
+        other.ended()  # its answer came
+        ended[index].set()
+        await done.wait()
 
     async with anyio.create_task_group() as tg:
-        for index, go in enumerate((before, before, after, after, None)):
+        for index, go in enumerate((before, before, after, after, before)):
             await tg.start(request, index, go)  # tickets 1-5, in order
-        before.set()  # tickets 1 and 2 leave before the answered request...
-        await sent[0].wait()
-        await sent[1].wait()
+        before.set()  # tickets 1, 2 and 5 are answered before ticket 6...
+        for index in (0, 1, 4):
+            await ended[index].wait()
         await answered.acquire()  # ticket 6
-        answered.sent()
-        after.set()  # ...tickets 3 and 4 after it, ticket 5 not yet
-        await sent[2].wait()
-        await sent[3].wait()
-        await other.flush()  # what the other process knows reaches Redis first
-        answered.observe(_fresh(10, "59s"))  # 10 left when the server counted ticket 6
-        await answered.flush()
+        answered.observe(stated)  # 50 left when the server counted ticket 6
+        after.set()  # ...tickets 3 and 4 after it
+        await ended[2].wait()
+        await ended[3].wait()
+        await answered.flush()  # the other process has not told Redis yet: 1-5 are open
+        assert await _due_in(answered, 45) == 0  # 50 - 5
+        assert await _due_in(answered, 46) > 0.5
+        await other.flush()  # 1, 2 and 5 ended before ticket 6's answer, 3 and 4 after
+        assert await _due_in(answered, 48) == 0  # 50 - 2
+        assert await _due_in(answered, 49) > 0.5
         done.set()
-    # 10 - 3 (tickets 3, 4 and 5: not counted by the server when it said 10) = 7 left now
-    for _ in range(7):
-        assert await _due_in(answered) == 0
-        await answered.acquire()
-    assert await _due_in(answered) > 0.5  # the 8th waits for the refill (1 s)
 
 
-async def test_a_dropped_request_leaves_no_trace(make, server: fakeredis.FakeServer) -> None:
+async def test_a_header_never_raises_the_bucket_past_the_server_s_word(make) -> None:
+    answered, other = make(rpm=60), make(rpm=60)
+    stated = {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "50",
+        "x-ratelimit-reset-requests": "10s",
+    }
+    await answered.acquire()
+    answered.observe(stated)
+    await answered.flush()
+    for _ in range(3):
+        await other.acquire()  # tickets after the answered one, by another process
+    assert await _due_in(other, 47) == 0  # 50 - 3
+    assert await _due_in(other, 48) > 0.5
+
+
+async def test_a_request_never_sent_leaves_no_trace(make, server: fakeredis.FakeServer) -> None:
     limiter = make(rpm=60)
     await limiter.acquire()
-    limiter.sent(dropped=True)  # cancelled before it was sent: it will never reach the server
-    limiter.sent()  # a second word about the same request changes nothing
+    limiter.ended(sent=False)  # cancelled before it was sent: it will never reach the server
+    limiter.ended()  # a second word about the same request changes nothing
     await limiter.flush()
     client = fakeredis.FakeAsyncRedis(server=server)
     try:
-        assert await client.exists(f"{limiter.key}:unsent", f"{limiter.key}:sent") == 0
+        assert await client.exists(f"{limiter.key}:open", f"{limiter.key}:ended") == 0
     finally:
         await client.aclose()
 

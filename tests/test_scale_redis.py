@@ -213,11 +213,11 @@ async def test_four_processes_through_the_caller_share_one_limit(
     assert achieved >= 0.9 * rate, (achieved, rate)
 
 
-async def test_the_caller_tells_the_shared_limiter_when_each_request_leaves(
+async def test_the_caller_tells_the_shared_limiter_when_each_request_ends(
     sim: Simulator, api_key: str
 ) -> None:
-    """Other processes lower a header's ``remaining`` by the requests ticketed but not sent;
-    the caller must say when each one leaves, or they would count as late for two minutes."""
+    """Other processes lower a header's ``remaining`` by the requests ticketed before it and
+    not ended: each must be reported ended, or it would count as late for two minutes."""
     from redis.asyncio import Redis
 
     rows = 40
@@ -230,13 +230,13 @@ async def test_the_caller_tells_the_shared_limiter_when_each_request_leaves(
         assert report.ok == rows
         client = Redis.from_url(redis.url)
         try:
-            assert await client.zcard(f"{limiter.key}:unsent") == 0
-            sent = await client.zrange(f"{limiter.key}:sent", 0, -1)
+            assert await client.zcard(f"{limiter.key}:open") == 0
+            ended = await client.zrange(f"{limiter.key}:ended", 0, -1)
         finally:
             await client.aclose()
     requests = sim.counters()["requests"]  # retries included: each takes a turn of its own
     assert requests >= rows
-    assert sorted(int(member.split()[0]) for member in sent) == list(range(1, requests + 1))
+    assert sorted(int(member.split()[0]) for member in ended) == list(range(1, requests + 1))
 
 
 async def test_redis_lost_mid_job_stops_the_run_with_a_clear_error(

@@ -99,9 +99,9 @@ class JobLimiter:
         """The provider's headers describe the key: the shared limiter learns from them."""
         self.shared.observe(headers)
 
-    def sent(self, *, dropped: bool = False) -> None:
-        """The request leaves (or never will): the shared limiter tracks it for the key."""
-        self.shared.sent(dropped=dropped)
+    def ended(self, *, sent: bool = True) -> None:
+        """The request ended: the shared limiter tracks it for the key."""
+        self.shared.ended(sent=sent)
 
     def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
         """A 429 is judged by the shared limiter (it is about the key)."""

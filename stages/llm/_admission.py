@@ -272,13 +272,14 @@ class Admission:
         """
         return AdmissionSlot(self, outbox)
 
-    def sent(self, *, dropped: bool = False) -> None:
-        """The request the calling task was admitted for leaves now (``dropped``: never).
+    def ended(self, *, sent: bool = True) -> None:
+        """The request the calling task was admitted for ended (``sent=False``: never sent).
 
-        A limiter shared between processes counts a request ticketed but not yet sent against
-        the capacity other processes' answers report (see :class:`RedisRateLimiter`).
+        A limiter shared between processes counts a request not yet answered against the
+        capacity an answer to a later one reports (see :class:`RedisRateLimiter`). After the
+        answer's headers were observed this changes nothing.
         """
-        self.limiter.sent(dropped=dropped)
+        self.limiter.ended(sent=sent)
 
     def observe(self, headers: Mapping[str, str], raw: Sequence[tuple[bytes, bytes]]) -> None:
         """Let the limiter learn from a response's rate-limit headers, if it has any."""

@@ -249,16 +249,14 @@ class Exchange:
             outbox, prompt_tokens, admission.completion_default or 0
         )
         totals = self.totals
-        admitted = False  # the limiter gave a turn the request has not used yet
+        admitted = started = False  # the limiter gave a turn; the request was started
         try:
             if admission.limited:
                 await admission.acquire(outbox, estimate, input_tokens=prompt_tokens)
                 admitted = True
             # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
             async with admission.slot(outbox):
-                if admitted:
-                    admission.sent()
-                    admitted = False
+                started = True
                 totals.in_flight += 1
                 try:
                     answer = await transport.post(url, payload, self._receive, env, count)
@@ -267,10 +265,11 @@ class Exchange:
                 finally:
                     totals.in_flight -= 1
         except BaseException:
-            if admitted:
-                admission.sent(dropped=True)
             self.ledger.release(reserved)  # a failed attempt is not billed
             raise
+        finally:
+            if admitted:
+                admission.ended(sent=started)  # once its answer was observed, a no-op
         RESERVED.set(reserved)
         admission.concurrency.success()
         self.succeeded = True
@@ -372,20 +371,17 @@ class Exchange:
         estimate = admission.estimate(len(str(record)))
 
         async def attempt() -> Any:
-            admitted = False
+            admitted = started = False
             try:
                 if admission.limited:
                     await admission.acquire(outbox, estimate)
                     admitted = True
                 async with admission.slot(outbox):
-                    if admitted:
-                        admission.sent()
-                        admitted = False
+                    started = True
                     result = await self._call_foreign(call, record)
-            except BaseException:
+            finally:
                 if admitted:
-                    admission.sent(dropped=True)
-                raise
+                    admission.ended(sent=started)
             admission.concurrency.success()
             self.succeeded = True
             return result

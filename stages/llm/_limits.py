@@ -110,8 +110,8 @@ class Limiter(Protocol):
     def observe(self, headers: Mapping[str, str]) -> None:
         """Learn from a response's rate-limit headers."""
 
-    def sent(self, *, dropped: bool = False) -> None:
-        """The task's request leaves for the server now (``dropped``: it never will)."""
+    def ended(self, *, sent: bool = True) -> None:
+        """The task's request ended: answered, or failed (``sent=False``: it never left)."""
 
     def throttled(self, headers: Mapping[str, str], retry_after: float | None) -> Verdict:
         """Classify a 429 and act on it (pause on a quota 429); return the verdict."""
@@ -561,8 +561,8 @@ class RateLimiter:
 
     # -- the server's word -----------------------------------------------------------------
 
-    def sent(self, *, dropped: bool = False) -> None:
-        """Nothing to do: one process's requests leave in the order of their tickets."""
+    def ended(self, *, sent: bool = True) -> None:
+        """Nothing to do: one process knows the order of its own requests."""
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Follow a response's ``x-ratelimit-*`` or ``anthropic-ratelimit-*`` headers.

@@ -13,13 +13,16 @@ how long to wait. Needs no Redis module (managed Redis works).
 Shared state: each bucket's theoretical arrival time, its count of units ever taken (the
 tickets that make a header's ``remaining`` exact: what any process sent after the answered
 request is subtracted), the capacity the server's headers revealed, the pause, and the
-short-window mode. Beside it, the requests ticketed but not yet sent, and those sent in the
-last :data:`~stages.llm._redis_script.KEEP_S` seconds with when they left (:meth:`sent`): a
-request ticketed before the answered one but sent after it is subtracted from its
-``remaining`` as well, since neither the server nor the later tickets counted it. Within a process callers queue in arrival order and only the first of them
-talks to Redis; it sleeps until its turn is near, or until this process learns something
-(headers, a pause), and at most :data:`RECHECK_S` so that what other processes learned is
-seen too.
+short-window mode. Beside it, the requests ticketed and not ended yet, and those that ended
+in the last :data:`~stages.llm._redis_script.KEEP_S` seconds with when (:meth:`ended`): a
+request ticketed before the answered one but still open when its answer came may have
+reached the server after it, so it is subtracted from that answer's ``remaining`` as well
+(neither the server nor the later tickets counted it).
+
+Within a process callers queue in arrival order and only the first of them talks to Redis;
+it sleeps until its turn is near, or until this process learns something (headers, a pause,
+a request ended), and at most :data:`RECHECK_S` so that what other processes learned is seen
+too.
 
 :meth:`RedisRateLimiter.pause`, :meth:`~RedisRateLimiter.settle`,
 :meth:`~RedisRateLimiter.observe` and :meth:`~RedisRateLimiter.throttled` are synchronous, as
@@ -116,7 +119,7 @@ class _Sync:
     capacity: float
     authoritative: bool
     request: float
-    sent_at: float
+    answered_at: float
 
 
 class RedisRateLimiter:
@@ -199,13 +202,13 @@ class RedisRateLimiter:
         self._ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
             f"redis-limiter-ticket-{id(self)}", default=None
         )
-        # When the calling task's request was sent (wall clock, comparable across processes
-        # on one machine), and the sends not yet reported to Redis: (request id, when; -1 for
-        # a request dropped unsent).
-        self._sent_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-            f"redis-limiter-sent-{id(self)}", default=None
+        # When the calling task's request ended (wall clock, comparable across processes on
+        # one machine), and the ends not yet reported to Redis: (request id, when; -1 for a
+        # request never sent).
+        self._ended_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+            f"redis-limiter-ended-{id(self)}", default=None
         )
-        self._pending_sent: list[tuple[int, float]] = []
+        self._pending_ends: list[tuple[int, float]] = []
         self._judge = ThrottleJudge()
         self._acquired = 0
         self._waited = 0.0
@@ -289,7 +292,7 @@ class RedisRateLimiter:
             )
         self._acquired += 1
         self._ticket.set(Ticket(costs, reply.counts))
-        self._sent_at.set(None)
+        self._ended_at.set(None)
         self._judge.sent(time.monotonic(), costs)
         target = max(time.monotonic() + reply.wait, self._paused_until)
         self._reserved_until = max(self._reserved_until, target)
@@ -298,7 +301,7 @@ class RedisRateLimiter:
                 await anyio.sleep(delay)
                 target = max(target, self._paused_until)
         except BaseException:
-            self.sent(dropped=True)  # cancelled before its turn: it will never be sent
+            self.ended(sent=False)  # cancelled before its turn: it will never be sent
             raise
         waited = time.monotonic() - started
         self._waited += waited
@@ -349,7 +352,7 @@ class RedisRateLimiter:
 
     def _pending(self) -> bool:
         return (
-            bool(self._pending_sent)
+            bool(self._pending_ends)
             or self._pending_pause is not None
             or self._pending_smooth
             or any(self._pending_tokens)
@@ -364,7 +367,7 @@ class RedisRateLimiter:
         pause_s = 0.0 if pause_deadline is None else max(pause_deadline - time.monotonic(), 0.0)
         corrections = list(self._pending_tokens)
         syncs = list(self._pending_sync)
-        reported = len(self._pending_sent)
+        reported = len(self._pending_ends)
         smooth = self._pending_smooth
         args: list[float | int] = [
             1 if take else 0,
@@ -390,16 +393,16 @@ class RedisRateLimiter:
                     int(sync.authoritative),
                     sync.reset,
                     sync.request,
-                    sync.sent_at,
+                    sync.answered_at,
                 ]
-        for request, sent_at in self._pending_sent[:reported]:
-            args += [request, sent_at]
+        for request, ended_at in self._pending_ends[:reported]:
+            args += [request, ended_at]
         try:
             raw: Any = await self._script(keys=[self.key], args=args)
         except (ConnectionError, TimeoutError, OSError) as error:
             self._unreachable(error)
             return None
-        del self._pending_sent[:reported]
+        del self._pending_ends[:reported]
         if self._pending_pause == pause_deadline:
             self._pending_pause = None
         for i, correction in enumerate(corrections):
@@ -454,22 +457,22 @@ class RedisRateLimiter:
 
     # -- corrections and the server's word -------------------------------------------------
 
-    def sent(self, *, dropped: bool = False) -> None:
-        """Say that the calling task's request leaves for the server now (or, ``dropped``, never).
+    def ended(self, *, sent: bool = True) -> None:
+        """Say that the calling task's request ended now: answered, or failed (or never sent).
 
-        Until then the request counts as *late* for every process: the server has not counted
-        it, yet it was ticketed before requests that may reach the server first, so a header's
-        ``remaining`` from one of those is lowered by it. Reaches Redis with the next script
-        call. Call it once per acquire; later calls change nothing.
+        Until then the request counts as *late* for every process: the server may not have
+        counted it when it answered a request ticketed after it, so that answer's
+        ``remaining`` is lowered by it. :meth:`observe` calls this (an answer's headers end
+        the wait); the first word per acquire counts. Reaches Redis with the next script call.
         """
         if self._local is not None:
             return
         ticket = self._ticket.get()
-        if ticket is None or self._sent_at.get() is not None:
+        if ticket is None or self._ended_at.get() is not None:
             return
-        at = -1.0 if dropped else time.time()
-        self._sent_at.set(at)
-        self._pending_sent.append((round(ticket.counts[0]), at))
+        at = time.time() if sent else -1.0
+        self._ended_at.set(at)
+        self._pending_ends.append((round(ticket.counts[0]), at))
         self._wake()
 
     def reconcile(self, estimated: int, actual: int) -> None:
@@ -526,9 +529,9 @@ class RedisRateLimiter:
         info = parse_rate_limit_headers(headers)
         if info is None:
             return
-        self.sent()  # an answer proves it was sent, at the latest now
+        self.ended()  # the answer is here
         ticket = self._ticket.get()
-        sent_at = self._sent_at.get()
+        answered_at = self._ended_at.get()
         for i, kind in enumerate(KINDS):
             limit, remaining, reset = info.kind(kind)
             if limit is None and remaining is None:
@@ -551,7 +554,7 @@ class RedisRateLimiter:
                 capacity=capacity,
                 authoritative=self._burst_s is None and current == limit,
                 request=-1.0 if ticket is None else ticket.counts[0],
-                sent_at=-1.0 if sent_at is None or sent_at < 0 else sent_at,
+                answered_at=-1.0 if answered_at is None else answered_at,
             )
             pending = self._pending_sync[i]
             if pending is None or sync.ticket >= pending.ticket:
