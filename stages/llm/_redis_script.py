@@ -11,7 +11,7 @@ from typing import Any
 
 from stages.llm._limits import Costs
 
-__all__ = ["FIXED_ARGS", "KEEP_S", "PER_BUCKET", "SCRIPT", "Reply"]
+__all__ = ["KEEP_S", "SCRIPT", "Reply"]
 
 # KEYS[1]: the limiter's hash. ARGV[1..7]: take a turn (1/0), slack, pause seconds, switch to
 # short windows (1/0), guess seconds, smooth seconds, burst seconds (-1: the server's). Then 11
@@ -35,9 +35,6 @@ __all__ = ["FIXED_ARGS", "KEEP_S", "PER_BUCKET", "SCRIPT", "Reply"]
 KEEP_S = 120.0
 """How long an ended request stays in the ended set, and an open one in the open set (its
 process is gone, or it was abandoned without a word)."""
-
-FIXED_ARGS = 7
-PER_BUCKET = 11
 
 SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
