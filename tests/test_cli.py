@@ -414,10 +414,13 @@ def test_limiter_shares_limits_through_redis(
         assert status == 0
         client = redis.Redis.from_url(server.url)
         try:
-            keys = [k.decode() for k in client.keys("llmpipe:*")]
+            keys = sorted(k.decode() for k in client.keys("llmpipe:*"))
+            ended = client.zcard(keys[-1])
         finally:
             client.close()
-        assert len(keys) == 1 and keys[0].startswith("llmpipe:openai:") and keys[0].endswith(":m")
+        # the shared state, and the 5 requests that ended (none is left open)
+        assert len(keys) == 2 and keys[0].startswith("llmpipe:openai:") and keys[0].endswith(":m")
+        assert keys[1] == f"{keys[0]}:ended" and ended == 5
         port = server.port
     finally:
         server.stop()
