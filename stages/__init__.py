@@ -8,6 +8,8 @@ Names from optional extras (LangChain, Ray) load on first use, so ``import stage
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from pipeline._lazy import load as _load
+
 if _TYPE_CHECKING:
     from ._batch import Batcher as Batcher
     from ._batch import Unbatch as Unbatch
@@ -125,14 +127,7 @@ _LAZY = {
 
 def __getattr__(name: str) -> _Any:
     """Import the module that defines ``name`` on first use, then keep the name here."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return _load(name, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -19,6 +19,8 @@ and ``_ray`` (the engines; ``_parts`` holds the Ray engine's files), ``_run``
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from pipeline._lazy import load as _load
+
 if _TYPE_CHECKING:
     from ._caller import build_caller as build_caller
     from ._caller import preflight as preflight
@@ -62,14 +64,7 @@ _LAZY = {
 
 def __getattr__(name: str) -> _Any:
     """Import the module that defines ``name`` on first use, then keep the name here."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return _load(name, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -9,6 +9,8 @@ fields) and ``_records`` (the journal file primitives).
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from pipeline._lazy import load as _load
+
 if _TYPE_CHECKING:
     from ._csv import CsvSink as CsvSink
     from ._csv import CsvSource as CsvSource
@@ -58,14 +60,7 @@ _LAZY = {
 
 def __getattr__(name: str) -> _Any:
     """Import the module that defines ``name`` on first use, then keep the name here."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return _load(name, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -3,6 +3,8 @@
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from pipeline._lazy import load as _load
+
 if _TYPE_CHECKING:
     from ._admission import Limits as Limits
     from ._cache import ResponseCache as ResponseCache
@@ -78,14 +80,7 @@ _LAZY = {
 
 def __getattr__(name: str) -> _Any:
     """Import the module that defines ``name`` on first use, then keep the name here."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    return _load(name, _LAZY, globals())
 
 
 def __dir__() -> list[str]:
