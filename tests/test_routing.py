@@ -13,7 +13,8 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from time import perf_counter
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -32,6 +33,10 @@ from stages.llm import (
     Retry,
     Routing,
 )
+from stages.llm._errors import LLMCallError
+from stages.llm._exchange import Exchange
+from stages.llm._lane import Lane
+from stages.llm._providers import Answer
 from stages.llm._routing import deployment_from_mapping, parse_route
 
 
@@ -187,6 +192,35 @@ async def test_repeated_5xx_cool_an_endpoint_down_and_a_probe_brings_it_back() -
     assert figures["a"]["answered"] >= 1 and figures["a"]["state"] == "up"
     assert report.failures == []  # the failed attempts were answered elsewhere
     assert len({r["name"] for r in out}) == len(out)
+
+
+def test_failures_of_requests_sent_before_a_change_of_health_move_nothing() -> None:
+    # Requests in flight when an endpoint is cooled down, or when a probe brings it back, end
+    # later; their failures are counted but must not cool it down again.
+    lane = Lane(
+        _deployment("a", "http://127.0.0.1:1/v1"),
+        cast(Exchange, None),
+        Routing(endpoints=[_deployment("a", "http://127.0.0.1:1/v1")], cooldown_s=60.0, failures=3),
+    )
+    boom = LLMCallError("HTTP 503", status=503)
+    sent_up = lane.epoch
+    for _ in range(3):
+        lane.failed(boom, sent_up)
+    assert lane.figures.cooldowns == 1 and lane.state(perf_counter()) == "cooling"
+    for _ in range(5):  # sent before the cool-down, failing during it
+        lane.failed(boom, sent_up)
+    assert lane.figures.cooldowns == 1 and lane.figures.errors == 8
+    lane.cool_until = perf_counter() - 1.0  # the cool-down is over: one probe is let through
+    assert lane.state(perf_counter()) == "probing"
+    lane.answered(0.01, Answer(text="hi"), 0.0)  # the probe answered
+    assert lane.state(perf_counter()) == "up"
+    for _ in range(5):  # still more from before the cool-down, failing after the recovery
+        lane.failed(boom, sent_up)
+    assert lane.state(perf_counter()) == "up" and lane.figures.cooldowns == 1
+    sent_now = lane.epoch
+    for _ in range(3):  # requests sent now fail: that is news
+        lane.failed(boom, sent_now)
+    assert lane.state(perf_counter()) == "cooling" and lane.figures.cooldowns == 2
 
 
 async def test_an_endpoint_refusing_connections_cools_down_and_rows_go_to_the_other() -> None:

@@ -4,7 +4,10 @@ The router (:mod:`stages.llm._router`) keeps a :class:`Lane` per endpoint. A lan
 its endpoint did (:class:`EndpointFigures`, the summary's per-endpoint rows) and decides when
 the endpoint is unwell: after ``failures`` faults in a row (5xx, 529, no connection, a
 timeout) it is out for a cool-down that doubles after each failed probe; an answer brings it
-back. :func:`falls_back` says which failures of a row send it on to a fallback model.
+back. Only attempts sent since the endpoint's last change of health (its *epoch*: a cool-down
+or a recovery) move it: a request sent before a cool-down that fails during it, or one sent
+before the endpoint recovered that fails after, says nothing new and is only counted.
+:func:`falls_back` says which failures of a row send it on to a fallback model.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class Lane:
         self.cool_until = -math.inf
         self.probing = False
         self.out = False
+        self.epoch = 0  # changes of health so far (cool-downs and recoveries)
         self.scopes: set[anyio.CancelScope] = set()
         self.figures = EndpointFigures(name=self.name, model=self.model, serves=self.group)
         self._latency_total = 0.0
@@ -153,23 +157,32 @@ class Lane:
             figures.prompt_tokens += answer.usage.prompt_tokens
             figures.completion_tokens += answer.usage.completion_tokens
         self.streak = 0
-        if self.level and not self.out:
-            log.info("endpoint %r answers again: back in", self.name)
+        if self.level:
+            self.epoch += 1  # earlier attempts' failures no longer count against it
+            if not self.out:
+                log.info("endpoint %r answers again: back in", self.name)
         self.level = 0
         self.probing = False
         figures.state = "out" if self.out else "up"
         figures.reason = figures.reason if self.out else None
 
-    def failed(self, error: LLMCallError) -> None:
-        """An attempt failed: count it; cool the endpoint down if it fails repeatedly."""
+    def failed(self, error: LLMCallError, epoch: int) -> None:
+        """An attempt failed: count it; cool the endpoint down if it fails repeatedly.
+
+        Args:
+            error: Why it failed.
+            epoch: The lane's :attr:`epoch` when the attempt was sent. An attempt sent before
+                the latest cool-down or recovery is counted but moves nothing.
+        """
         figures = self.figures
+        current = epoch == self.epoch
         if error.status == 429:
             figures.rate_limited += 1
-            self.probing = False
             return
         figures.errors += 1
+        if not current:
+            return
         if not _endpoint_fault(error):
-            self.probing = False
             return
         self.streak += 1
         if self.probing or self.streak >= self.routing.failures:
@@ -179,6 +192,7 @@ class Lane:
         routing = self.routing
         seconds = min(routing.max_cooldown_s, routing.cooldown_s * 2**self.level)
         self.level += 1
+        self.epoch += 1
         self.streak = 0
         self.probing = False
         self.cool_until = _perf() + seconds

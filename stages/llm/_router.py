@@ -437,6 +437,7 @@ class Router:
             estimate = exchange.admission.estimate(len(payload))
             lane.figures.requests += 1
             lane.pending += 1
+            epoch, probe = lane.epoch, lane.probing  # pick() set probing if this is the probe
             started = _perf()
             answer: Answer | None = None
             try:
@@ -453,7 +454,7 @@ class Router:
                     self.retire(lane, error)
                     continue
                 was = lane.state(_perf())
-                lane.failed(error)
+                lane.failed(error, epoch)
                 tried.add(lane)
                 if lane.state(_perf()) != was:
                     self._notify()
@@ -461,7 +462,7 @@ class Router:
             finally:
                 lane.scopes.discard(scope)
                 lane.pending -= 1
-                if answer is None:  # no answer (failed, cut at the deadline): not probing now
+                if answer is None and probe:  # the probe failed or was cut: not probing now
                     lane.probing = False
             if answer is None:  # cancelled because the endpoint was retired: go elsewhere
                 continue
