@@ -34,7 +34,7 @@ from ._channels import (
 )
 from ._compat import BaseExceptionGroup
 from ._envelope import Envelope, Failed
-from ._errors import LedgerError
+from ._errors import FatalError, LedgerError
 from ._logging import current_stage
 from ._report import RunReport
 from ._tracing import Metrics, Tracing, metrics_configured
@@ -260,7 +260,11 @@ def warn_if_nothing_succeeded(report: RunReport) -> None:
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """Return the one real error of a task group (ignoring cancellations), else the group."""
+    """Return the one real error of a task group (ignoring cancellations), else the group.
+
+    Of several real errors, the first :class:`FatalError` is returned, the others added to it
+    as notes: stages that stop a run together mostly saw one cause twice (a full disk).
+    """
     cancelled = anyio.get_cancelled_exc_class()
     leaves: list[BaseException] = []
 
@@ -276,8 +280,19 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     # comes up short: consequences, not causes.
     consequences = (anyio.BrokenResourceError, LedgerError)
     causes = [e for e in leaves if not isinstance(e, consequences)] or leaves
-    found: BaseException = causes[0] if len(causes) == 1 else group
-    return found
+    if len(causes) == 1:
+        return causes[0]
+    # Several stages stopped the run at once: when they stopped it on purpose (a full disk seen
+    # by two writers, a rejected key seen by several workers), the first says why; the others
+    # ride along as notes.
+    fatal = [e for e in causes if isinstance(e, FatalError)]
+    if not fatal:
+        return group
+    first = fatal[0]
+    for other in causes:
+        if other is not first:
+            first.add_note(f"also: {type(other).__name__}: {other}")
+    return first
 
 
 def _imbalance(report: RunReport) -> str:

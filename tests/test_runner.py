@@ -560,3 +560,23 @@ async def test_a_stop_drops_the_items_whose_work_had_not_started() -> None:
     dropped = sorted(env.value for env in results.not_started)
     assert dropped and dropped == list(range(1, 1 + len(dropped)))  # none lost, none failed
     assert next(s for s in report.stages if s.name == "turns").dropped == len(dropped)
+
+
+async def test_two_stages_stopping_the_run_at_once_raise_the_first_reason_not_a_group() -> None:
+    # A full disk is seen by the output writer and, while it unwinds, by a second writer: the
+    # run stops with one FatalError a caller can catch and print, the other kept as a note.
+    class Writer(Stage[int, int]):
+        async def run(self, inbox: Inbox[int], outbox: Outbox[int]) -> None:
+            async for env in inbox:
+                raise pl.FatalError(f"cannot write to 'out.jsonl': File too large (row {env.seq})")
+
+    class Flusher(Stage[int, int]):
+        async def run(self, inbox: Inbox[int], outbox: Outbox[int]) -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                raise pl.FatalError("cannot write to 'failed.jsonl': File too large")
+
+    with anyio.fail_after(5), pytest.raises(pl.FatalError, match=r"out\.jsonl") as caught:
+        await Pipeline(Writer(), Flusher()).run([1, 2, 3])
+    assert any("failed.jsonl" in note for note in getattr(caught.value, "__notes__", []))
