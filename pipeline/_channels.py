@@ -265,9 +265,15 @@ class Inbox(_End, Generic[T]):
 
 
 class Outbox(_End, Generic[T]):
-    """The sending end of a stage, and its handle on the run (dead letter, spans, logging)."""
+    """The sending end of a stage, and its handle on the run (dead letter, spans, logging).
 
-    __slots__ = ("_index", "_run", "_stats", "_stream", "blocked_s", "log", "stage")
+    Attributes:
+        stats: The stage's counters (shared by its workers).
+        stage: The stage this end belongs to.
+        log: The stage's logger.
+    """
+
+    __slots__ = ("_index", "_run", "_stream", "blocked_s", "log", "stage", "stats")
 
     def __init__(
         self,
@@ -278,17 +284,12 @@ class Outbox(_End, Generic[T]):
         stage: StageLike,
     ) -> None:
         self._stream = stream
-        self._stats = stats
+        self.stats = stats
         self._run = run
         self._index = index
         self.stage = stage
         self.log = stage.log
         self.blocked_s = 0.0  # this worker's share of stats.blocked_s
-
-    @property
-    def stats(self) -> StageStats:
-        """The stage's counters (shared by its workers)."""
-        return self._stats
 
     @property
     def tracing_enabled(self) -> bool:
@@ -312,17 +313,20 @@ class Outbox(_End, Generic[T]):
             await stream.send(env)
             waited = _perf() - started
             self.blocked_s += waited
-            self._stats.blocked_s += waited
-        self._stats.emitted += 1 if env.members is None else len(env.members)
+            self.stats.blocked_s += waited
+        self.stats.emitted += 1 if env.members is None else len(env.members)
 
     async def emit(
         self, value: T, *, key: Hashable | None = None, origin: str | None = None
     ) -> Envelope[T]:
         """Create the envelope of a new input item (sources only) and send it."""
-        env = await self._enter(value, key, origin)
+        run = self._run
+        if run.stop_reason is None and run.admit is None:  # what _enter() does, one call less
+            env = self.new(value, key=key, origin=origin)
+        else:
+            env = await self._enter(value, key, origin)
         # Once entered, an item is delivered: a stop never cancels a source mid-send (a cancelled
         # send cannot tell whether the receiver already took the item).
-        run = self._run
         run.source_busy = True
         try:
             await self.send(env)
@@ -343,7 +347,7 @@ class Outbox(_End, Generic[T]):
         self, value: T, *, key: Hashable | None = None, origin: str | None = None
     ) -> Envelope[T]:
         """Register a new input item (sources only) and return its envelope, unsent."""
-        self._stats.received += 1
+        self.stats.received += 1
         run = self._run
         seq = run.next_seq
         run.next_seq = seq + 1
@@ -400,7 +404,7 @@ class Outbox(_End, Generic[T]):
                 origin=member.origin,
                 status=status if isinstance(status, int) else None,
             )
-            self._stats.failed += 1
+            self.stats.failed += 1
             self._run.ledger.leave(member.seq, self._index)
             await self._run.dead_letter.send(member.replace(failed))
 
@@ -408,12 +412,12 @@ class Outbox(_End, Generic[T]):
         """Discard ``env`` on purpose (a filter); it counts as dropped, not lost."""
         members = env.members if env.members is not None else (env,)
         for member in members:
-            self._stats.dropped += 1
+            self.stats.dropped += 1
             self._run.ledger.leave(member.seq, self._index)
 
     def grow(self, env: Envelope[Any], extra: int) -> None:
         """Declare that ``env`` turned into ``1 + extra`` items (``flat_map``)."""
-        self._stats.created += extra
+        self.stats.created += extra
         self._run.ledger.grow(env.seq, extra, self._index)
 
     def span(

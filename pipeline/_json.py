@@ -102,6 +102,25 @@ def loads(data: bytes | str) -> Any:
         ) from None
 
 
+def loads_api(data: bytes) -> Any:
+    """Parse a provider's answer: like :func:`loads`, without looking for big integers.
+
+    An answer's integers are token counts, indexes and timestamps, all within 64 bits (its
+    texts are strings, read exactly either way), so the scan :func:`loads` makes for long
+    runs of digits is skipped: it is a row's ids that must keep every digit.
+
+    Raises:
+        NestingError: The text nests deeper than the parser can follow (a ``ValueError``).
+        ValueError: The text is not valid JSON.
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.loads(data)
+        except ValueError:
+            pass  # the stdlib says why (or reads what orjson refuses, such as NaN)
+    return loads(data)
+
+
 class NestingError(ValueError):
     """A JSON text nests arrays or objects deeper than the parser can follow.
 

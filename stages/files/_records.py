@@ -101,7 +101,8 @@ def encode_record(line: int, key: Hashable, payload: bytes) -> bytes:
     The CRC-32 (eight hex digits) covers everything before its tab, so a damaged record (a
     cut-off payload, flipped bytes) is told from a whole one without parsing the payload.
     """
-    body = b"%d\t%b\t%b" % (line, key_json(key), payload)
+    encoded = b"%d" % key if type(key) is int else key_json(key)  # a line number, mostly
+    body = b"%d\t%b\t%b" % (line, encoded, payload)
     return b"%b\t%08x\n" % (body, zlib.crc32(body))
 
 

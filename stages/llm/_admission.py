@@ -272,6 +272,35 @@ class Admission:
         """
         return AdmissionSlot(self, outbox)
 
+    async def take_slot(self, outbox: Outbox[Any]) -> None:
+        """Take the slot :meth:`slot` holds; give it back with ``concurrency.release()``.
+
+        Raises:
+            NotStartedError: The run was asked to stop before the request got its slot.
+        """
+        concurrency = self.concurrency
+        if not concurrency.try_acquire():  # none free: wait in line, and count the wait
+            asked = _perf()
+            await concurrency.acquire()
+            waited = _perf() - asked
+            totals = self.totals
+            totals.slot_wait_s += waited
+            totals.slot_waits += 1
+            outbox.stats.limiter_wait_s += waited
+            if waited > 0.001:
+                span = trace.get_current_span()
+                if span.is_recording():
+                    span.add_event("llm.slot_wait", {"seconds": waited})
+        try:
+            if self.fatal is not None:
+                await anyio.sleep_forever()
+            if outbox.stopping:
+                raise NotStartedError("not started: the run is stopping")
+        except BaseException:
+            concurrency.release()
+            raise
+        outbox.stats.requests += 1
+
     def ended(self, *, sent: bool = True) -> None:
         """The request the calling task was admitted for ended (``sent=False``: never sent).
 
@@ -351,30 +380,7 @@ class AdmissionSlot:
         self.outbox = outbox
 
     async def __aenter__(self) -> None:
-        admission = self.admission
-        outbox = self.outbox
-        concurrency = admission.concurrency
-        asked = _perf()
-        queued = await concurrency.acquire()
-        try:
-            if admission.fatal is not None:
-                await anyio.sleep_forever()
-            if outbox.stopping:
-                raise NotStartedError("not started: the run is stopping")
-        except BaseException:
-            concurrency.release()
-            raise
-        waited = _perf() - asked
-        totals = admission.totals
-        totals.slot_wait_s += waited
-        totals.slot_waits += queued
-        stats = outbox.stats
-        stats.limiter_wait_s += waited
-        if waited > 0.001:
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.add_event("llm.slot_wait", {"seconds": waited})
-        stats.requests += 1
+        await self.admission.take_slot(self.outbox)
 
     async def __aexit__(self, *exc: object) -> None:
         self.admission.concurrency.release()

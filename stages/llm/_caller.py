@@ -208,6 +208,8 @@ class LLMCaller(ItemStage[Any, Any]):
         self.model = model
         self.template = PromptTemplate(prompt) if isinstance(prompt, str) else prompt
         self._first_checked = False
+        self._traced = True  # whether the run records a span per row (set as it starts)
+        self._one_message = False  # whether rows may go as one unchecked message (ditto)
         self.system = system
         self.params = dict(params or {})
         if self.provider is not None and endpoint == "chat" and routing is None:
@@ -402,14 +404,23 @@ class LLMCaller(ItemStage[Any, Any]):
         limit grows. So each row finds a request slot free instead of queueing for one.
         """
         seats = self.run_state.admission.seats
+        concurrency = seats.concurrency
         seat = Seat(seats)
         token = CURRENT_SEAT.set(seat)
         stats = outbox.stats
         handle = self.handle
+        answer_row = self._answer_row
+        traced = self._traced = outbox.tracing_enabled
+        self._one_message = (
+            self.router is None
+            and self.output.validator is None
+            and self.run_state.chat_parts is not None
+        )
+        plain = type(self).handle is LLMCaller.handle  # else a subclass handles rows its way
         try:
             while True:
-                if seat.held:  # the adaptive limit may have moved since the last row
-                    seats.rebalance(seat)
+                if seat.held and (seats.waiting or seats.taken > concurrency.limit):
+                    seats.rebalance(seat)  # the adaptive limit moved since the last row
                 if not seat.held:
                     await seat.take()
                 try:
@@ -418,7 +429,17 @@ class LLMCaller(ItemStage[Any, Any]):
                     return
                 started = _perf()
                 try:
-                    with outbox.span(env):
+                    if traced:
+                        with outbox.span(env):
+                            await handle(env, outbox)
+                    elif plain and env.members is None:  # handle(), one call less per row
+                        try:
+                            value = await answer_row(env, outbox)
+                        except FatalError as error:
+                            await self._fatal(error)
+                            raise
+                        await outbox.send(env.replace(value))
+                    else:
                         await handle(env, outbox)
                 except (BudgetReachedError, NotStartedError):
                     self.run_state.ledger.leave_unsent(env, outbox)
@@ -440,16 +461,20 @@ class LLMCaller(ItemStage[Any, Any]):
             else:
                 await self._each_member(env, outbox)
         except FatalError as error:
-            run = self._run
-            if run is not None:
-                admission = run.admission
-                if admission.fatal is not None and admission.fatal is not error:
-                    # Another worker already stopped the job for the same reason (requests in
-                    # flight together all see the rejected key or the empty account): one error
-                    # is enough. The run's task group is cancelling this worker.
-                    await anyio.sleep_forever()
-                admission.fatal = error
+            await self._fatal(error)
             raise
+
+    async def _fatal(self, error: FatalError) -> None:
+        """Record the error stopping the run (the caller re-raises it), unless one already is."""
+        run = self._run
+        if run is not None:
+            admission = run.admission
+            if admission.fatal is not None and admission.fatal is not error:
+                # Another worker already stopped the job for the same reason (requests in
+                # flight together all see the rejected key or the empty account): one error
+                # is enough. The run's task group is cancelling this worker.
+                await anyio.sleep_forever()
+            admission.fatal = error
 
     async def _each_member(self, env: Envelope[Any], outbox: Outbox[Any]) -> None:
         """Answer the members of a batch concurrently, each failing on its own."""
@@ -495,7 +520,17 @@ class LLMCaller(ItemStage[Any, Any]):
             return self.value_of(
                 env, answer, vector, started=started, cost=cost, cached=cached, vector=vector
             )
-        answer, parsed, cost, cached = await self._chat(env, outbox, deadline)
+        one = prompt_text(self.template, env.value) if self._one_message else None
+        if one is not None:  # what _chat() does for one message, unchecked: one call less
+            run = self.run_state
+            assert run.chat_parts is not None
+            payload = one_message_payload(run.chat_parts, one)
+            answer, cost, cached = await run.request(
+                env, outbox, run.chat_url, None, 1, deadline, payload
+            )
+            parsed = None
+        else:
+            answer, parsed, cost, cached = await self._chat(env, outbox, deadline)
         result = parsed if checked else answer.text
         return self.value_of(
             env, answer, result, started=started, cost=cost, cached=cached, parsed=parsed
@@ -528,6 +563,7 @@ class LLMCaller(ItemStage[Any, Any]):
             cached=cached,
             vector=vector,
             parsed=parsed,
+            traced=self._traced,
         )
         if self.routing is None:
             return value

@@ -23,6 +23,9 @@ class AdaptiveConcurrency:
         minimum: The limit never goes below this.
         maximum: The limit never goes above this.
         adaptive: With ``False`` the limit stays fixed (a plain semaphore).
+
+    Attributes:
+        limit: The current number of slots (read it; ``success`` and ``overload`` move it).
     """
 
     def __init__(
@@ -32,7 +35,7 @@ class AdaptiveConcurrency:
             raise ConfigError(
                 f"need 1 <= minimum <= limit <= maximum, got {minimum=}, {limit=}, {maximum=}"
             )
-        self._limit = limit
+        self.limit = limit
         self.minimum = minimum
         self.maximum = maximum
         self.adaptive = adaptive
@@ -43,14 +46,9 @@ class AdaptiveConcurrency:
 
     def __repr__(self) -> str:
         return (
-            f"AdaptiveConcurrency(limit={self._limit}, minimum={self.minimum}, "
+            f"AdaptiveConcurrency(limit={self.limit}, minimum={self.minimum}, "
             f"maximum={self.maximum}, adaptive={self.adaptive})"
         )
-
-    @property
-    def limit(self) -> int:
-        """The current number of slots."""
-        return self._limit
 
     @property
     def in_use(self) -> int:
@@ -65,12 +63,19 @@ class AdaptiveConcurrency:
         """
         return ConcurrencySlot(self)
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits for it; return whether it was taken."""
+        if self._in_use < self.limit and not self._waiters:
+            self._in_use += 1
+            return True
+        return False
+
     async def acquire(self) -> bool:
         """Take a slot, waiting in arrival order if none is free; return whether it waited.
 
         Every slot taken is given back with :meth:`release` (``slot()`` does both).
         """
-        if self._in_use < self._limit and not self._waiters:
+        if self._in_use < self.limit and not self._waiters:
             self._in_use += 1
             return False
         granted = anyio.Event()
@@ -90,10 +95,11 @@ class AdaptiveConcurrency:
         self._in_use -= 1
         if self._holdoff:
             self._holdoff -= 1
-        self._admit()
+        if self._waiters:
+            self._admit()
 
     def _admit(self) -> None:
-        while self._waiters and self._in_use < self._limit:
+        while self._waiters and self._in_use < self.limit:
             self._in_use += 1
             self._waiters.popleft().set()
 
@@ -102,17 +108,17 @@ class AdaptiveConcurrency:
         if not self.adaptive:
             return
         self._successes += 1
-        if self._successes >= self._limit:
+        if self._successes >= self.limit:
             self._successes = 0
-            if self._limit < self.maximum:
-                self._limit += 1
+            if self.limit < self.maximum:
+                self.limit += 1
                 self._admit()
 
     def overload(self) -> None:
         """Record an overload (429/503/529): halve the limit, once per burst of overloads."""
         if not self.adaptive or self._holdoff:
             return
-        self._limit = max(self.minimum, self._limit // 2)
+        self.limit = max(self.minimum, self.limit // 2)
         self._successes = 0
         self._holdoff = self._in_use
 

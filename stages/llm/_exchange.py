@@ -223,7 +223,8 @@ class Exchange:
         if usage is not None:
             self.admission.settle(estimate, usage.prompt_tokens, usage.completion_tokens)
         reserved = RESERVED.get()
-        RESERVED.set(0.0)
+        if reserved:
+            RESERVED.set(0.0)
         return self.ledger.account(outbox, answer, reserved)
 
     async def send(
@@ -245,9 +246,12 @@ class Exchange:
         assert transport is not None
         admission = self.admission
         prompt_tokens = max(1, len(payload) // 4)
-        reserved = await self.ledger.reserve(
-            outbox, prompt_tokens, admission.completion_default or 0
-        )
+        ledger = self.ledger
+        reserved = 0.0
+        if ledger.budget is not None:  # a spending limit: reserve the worst case first
+            reserved = await ledger.reserve(
+                outbox, prompt_tokens, admission.completion_default or 0
+            )
         totals = self.totals
         admitted = started = False  # the limiter gave a turn; the request was started
         try:
@@ -255,22 +259,25 @@ class Exchange:
                 await admission.acquire(outbox, estimate, input_tokens=prompt_tokens)
                 admitted = True
             # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
-            async with admission.slot(outbox):
-                started = True
-                totals.in_flight += 1
-                try:
-                    answer = await transport.post(url, payload, self._receive, env, count)
-                except StreamError as exc:
-                    raise self._stream_failed(exc) from None
-                finally:
-                    totals.in_flight -= 1
+            await admission.take_slot(outbox)
+            started = True
+            totals.in_flight += 1
+            try:
+                answer = await transport.post(url, payload, self._receive, env, count)
+            except StreamError as exc:
+                raise self._stream_failed(exc) from None
+            finally:
+                totals.in_flight -= 1
+                admission.concurrency.release()
         except BaseException:
-            self.ledger.release(reserved)  # a failed attempt is not billed
+            if reserved:
+                ledger.release(reserved)  # a failed attempt is not billed
             raise
         finally:
             if admitted:
                 admission.ended(sent=started)  # once its answer was observed, a no-op
-        RESERVED.set(reserved)
+        if reserved:
+            RESERVED.set(reserved)
         admission.concurrency.success()
         self.succeeded = True
         return answer

@@ -316,13 +316,15 @@ class Output:
         cached: bool = False,
         vector: list[float] | None = None,
         parsed: Any = None,
+        traced: bool = True,
     ) -> Any:
         """Return what is sent on for ``env``: the record with ``result`` merged, or a Completion.
 
-        Tokens, cost and attempts are noted on the row's span.
+        Tokens, cost and attempts are noted on the row's span (``traced=False``: the run
+        records no spans, so none is looked for).
         """
-        span = trace.get_current_span()
-        if span.is_recording():
+        span = trace.get_current_span() if traced else None
+        if span is not None and span.is_recording():
             span.set_attribute("llm.attempts", env.attempts)
             span.set_attribute("llm.cached", cached)
             if answer.usage is not None:
@@ -332,7 +334,7 @@ class Output:
                 span.set_attribute("llm.cost_usd", cost)
         record = env.value
         if self.form == "merge":
-            if isinstance(record, Mapping):
+            if type(record) is dict or isinstance(record, Mapping):
                 return {**record, self.field: result}
             return {"value": record, self.field: result}
         return Completion(
@@ -489,7 +491,8 @@ class Ledger:
         stats = outbox.stats
         stats.prompt_tokens += usage.prompt_tokens
         stats.completion_tokens += usage.completion_tokens
-        price = price or self.price(answer.model)
+        if price is None and self.prices:
+            price = self.price(answer.model)
         if price is None:
             self.release(reserved)
             return 0.0

@@ -141,7 +141,10 @@ class PromptTemplate:
             ItemError: A field is null (with ``null="error"``), its value does not fit its
                 format spec, or the prompt would exceed ``max_chars``.
         """
-        values: Mapping[str, Any] = record if isinstance(record, Mapping) else {"value": record}
+        plain = type(record) is dict  # the usual row: its text fields are read directly
+        values: Mapping[str, Any] = (
+            record if plain or isinstance(record, Mapping) else {"value": record}
+        )
         out: list[str] = []
         size = 0
         for literal, name, spec in self._parts:
@@ -149,7 +152,9 @@ class PromptTemplate:
             size += len(literal)
             if name is None:
                 continue
-            piece = self._field(values, name, spec)
+            piece = values.get(name) if plain and not spec else None
+            if type(piece) is not str:  # missing, null, not text, or formatted: checked
+                piece = self._field(values, name, spec)
             size += len(piece)
             if size > self.max_chars:
                 raise ItemError(

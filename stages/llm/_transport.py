@@ -32,7 +32,7 @@ import anyio
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, FatalError, ItemError
-from pipeline._json import loads
+from pipeline._json import loads_api
 from stages.llm._cache import ResponseCache
 from stages.llm._errors import LLMCallError
 from stages.llm._output import DeltaHook, call_hook, short
@@ -252,7 +252,7 @@ def parse_answer(
         LLMCallError: The body is not JSON or not the endpoint's answer (retryable).
     """
     try:
-        data = loads(raw)
+        data = loads_api(raw)
     except ValueError:
         snippet = short(raw.decode("utf-8", "replace").strip(), 120)
         raise LLMCallError(
