@@ -166,6 +166,33 @@ class Results(Generic[T]):
         self._run.ok += 1 if env.members is None else len(env.members)
         return env
 
+    @property
+    def ok(self) -> int:
+        """How many items came out of the pipeline so far."""
+        return self._run.ok
+
+    async def drain(self) -> int:
+        """Read the results to the end without keeping them; return how many there were.
+
+        For a pipeline whose last stage already did the work (a file sink): the same as
+        ``async for _ in results`` without a call per item. :attr:`ok` counts them meanwhile.
+        """
+        stream = self._stream
+        run = self._run
+        count = 0
+        while True:
+            try:
+                try:
+                    env = stream.receive_nowait()
+                except WouldBlock:
+                    env = await stream.receive()
+            except EndOfStream:
+                run.exhausted = True
+                return count
+            done = 1 if env.members is None else len(env.members)
+            run.ok += done
+            count += done
+
     async def envelopes(self) -> AsyncIterator[Envelope[T]]:
         """Iterate the results with their envelopes (key, origin, metadata)."""
         while True:

@@ -128,7 +128,7 @@ class _UsageCollector(BaseCallbackHandler):
         return Usage(self.prompt_tokens, self.completion_tokens)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class _Outcome(Answer):
     """An answer for the caller's accounting that also carries the runnable's own output."""
 

@@ -151,7 +151,6 @@ class LocalJob:
         self.options = options
         self.started = time.perf_counter()
         self.total: int | None = None
-        self.ok = 0
         self.causes: dict[str, int] = {}
         self.results: Results[Any] | None = None
         self.source: FileSource | None = None
@@ -266,8 +265,7 @@ class LocalJob:
                         tg.start_soon(self._report_every)
                     if self.options.stop_event is not None:
                         tg.start_soon(self._watch_stop, results, run_scope, finished)
-                    async for _ in results:
-                        self.ok += 1
+                    await results.drain()
             except Exception as error:  # raised by the caller, outside the task group
                 return error
         return None
@@ -301,6 +299,11 @@ class LocalJob:
         tracer, self.tracer = self.tracer, None
         if tracer is not None:
             await anyio.to_thread.run_sync(tracer.shutdown)
+
+    @property
+    def ok(self) -> int:
+        """Rows written so far."""
+        return 0 if self.results is None else self.results.ok
 
     # -- watching ----------------------------------------------------------------------------
 

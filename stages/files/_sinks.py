@@ -220,8 +220,10 @@ class FileSink(Stage[Any, Any]):
     ) -> None:
         """Append a chunk's records to the journal; fsync every ``fsync_every`` rows."""
         records = b"".join(
-            encode_record(_line(env), env.key, payload)
-            for env, payload in zip(good, payloads, strict=True)
+            [
+                encode_record(_line(env), env.key, payload)
+                for env, payload in zip(good, payloads, strict=True)
+            ]
         )
         if len(records) < _INLINE_WRITE:  # to the page cache: cheaper than a thread
             journal.append(records, len(good))
