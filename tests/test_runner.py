@@ -580,3 +580,13 @@ async def test_two_stages_stopping_the_run_at_once_raise_the_first_reason_not_a_
     with anyio.fail_after(5), pytest.raises(pl.FatalError, match=r"out\.jsonl") as caught:
         await Pipeline(Writer(), Flusher()).run([1, 2, 3])
     assert any("failed.jsonl" in note for note in getattr(caught.value, "__notes__", []))
+
+
+async def test_drain_reads_every_result_and_counts_them() -> None:
+    def double(x: int) -> int:
+        return 2 * x
+
+    async with Pipeline(range(50), pl.map(double, workers=4)).open() as results:
+        assert await results.drain() == 50
+        assert results.ok == 50
+    assert results.report is not None and results.report.ok == 50 and results.report.balanced
