@@ -219,12 +219,12 @@ class FileSink(Stage[Any, Any]):
         self, journal: JournalFile, good: list[Envelope[Any]], payloads: list[bytes]
     ) -> None:
         """Append a chunk's records to the journal; fsync every ``fsync_every`` rows."""
-        records = b"".join(
-            [
-                encode_record(_line(env), env.key, payload)
-                for env, payload in zip(good, payloads, strict=True)
-            ]
-        )
+        parts = []
+        for env, payload in zip(good, payloads, strict=True):
+            tail = env.origin.rpartition(":")[2] if env.origin else ""  # _line(), inline
+            line = int(tail) if tail.isdigit() else env.seq + 1
+            parts.append(encode_record(line, env.key, payload))
+        records = b"".join(parts)
         if len(records) < _INLINE_WRITE:  # to the page cache: cheaper than a thread
             journal.append(records, len(good))
         else:

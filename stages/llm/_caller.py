@@ -18,27 +18,8 @@ The API key is read from the environment when the run starts, sent only in the p
 auth header, returned by :meth:`LLMCaller.secrets` so the runtime redacts it everywhere, and
 scrubbed from every message this module builds.
 
-Design: the caller is given its parts, each an object in its own module, and only wires them:
-
-==============================  =============================  ==================================
-part                            options the user gives         module
-==============================  =============================  ==================================
-provider adapter (URLs, bodies  ``provider="openai"`` or a     :mod:`stages.llm._providers`
-answers, error meanings)        ``Provider``, ``base_url=``
-prompt and request bodies       ``prompt=``, ``system=``,      :mod:`stages.llm._prompt`
-                                ``params=``
-HTTP transport (session, pool,  ``http=HTTP(...)``             :mod:`stages.llm._transport`
-timeouts, cache, streaming)
-limiter, concurrency, seats     ``rpm=``, ``limits=Limits()``  :mod:`stages.llm._admission`,
-                                                               :mod:`stages.llm._limits`
-retry policy and what failures  ``retry=Retry(...)``           :mod:`stages.llm._retry`
-mean
-output: JSON checks, re-asks,   ``output="completion"`` or     :mod:`stages.llm._output`
-costs, budget, emitted value    ``Output(...)``
-one run, and each request's     (made when a run starts)       :mod:`stages.llm._exchange`
-path from cache to answer
-what can fail, as exceptions    (raised, not configured)       :mod:`stages.llm._errors`
-==============================  =============================  ==================================
+Design: the caller is given its parts, each an object in its own module, and only wires them
+(the table of parts is in ``docs/architecture.md``, step 5).
 
 The options are frozen keyword-only dataclasses, validated when built; the objects that live
 for one run (the session, the limiter's state, the seats, the cost ledger) are made in
@@ -97,11 +78,9 @@ from stages.llm._providers import (
     Endpoint,
     Provider,
     ProviderName,
-    make_provider,
+    provider_for,
 )
-from stages.llm._retry import (
-    Retry,
-)
+from stages.llm._retry import Retry
 from stages.llm._router import ANSWERED_BY, Router, routed_model, stamp_route
 from stages.llm._routing import Routing
 from stages.llm._template import PromptTemplate
@@ -191,7 +170,7 @@ class LLMCaller(ItemStage[Any, Any]):
                 raise ConfigError("rpm= is given twice: as a keyword and in limits=")
             limits = dataclasses.replace(limits, rpm=rpm)
         self.output = Output.of(output)
-        self.provider = None if call is not None else _provider(provider, base_url)
+        self.provider = None if call is not None else provider_for(provider, base_url)
         if self.provider is not None and endpoint == "embeddings":
             if not self.provider.supports_embeddings:
                 raise ConfigError(f"provider {self.provider.name!r} has no embeddings endpoint")
@@ -411,11 +390,8 @@ class LLMCaller(ItemStage[Any, Any]):
         handle = self.handle
         answer_row = self._answer_row
         traced = self._traced = outbox.tracing_enabled
-        self._one_message = (
-            self.router is None
-            and self.output.validator is None
-            and self.run_state.chat_parts is not None
-        )
+        one_message = self.router is None and self.output.validator is None
+        self._one_message = one_message and self.run_state.chat_parts is not None
         plain = type(self).handle is LLMCaller.handle  # else a subclass handles rows its way
         try:
             while True:
@@ -505,7 +481,8 @@ class LLMCaller(ItemStage[Any, Any]):
     async def _answer_row(self, env: Envelope[Any], outbox: Outbox[Any]) -> Any:
         """Return the output value for one row (merge or Completion)."""
         started = _perf()
-        deadline = self.retry.deadline(started)
+        deadline_s = self.retry.deadline_s  # what Retry.deadline() returns, one call less
+        deadline = None if deadline_s is None else started + deadline_s
         checked = self.output.validator is not None
         if not self._first_checked:
             self.check_first(env.value)
@@ -705,18 +682,6 @@ class LLMCaller(ItemStage[Any, Any]):
         if self.output.validator is not None:
             parsed = self.output.check(answer, env.attempts, self._scrub)
         return answer, parsed, cost, raw
-
-
-def _provider(provider: ProviderName | Provider, base_url: str | None) -> Provider:
-    """Return the provider adapter named by ``provider`` (or ``provider`` itself)."""
-    if isinstance(provider, Provider):
-        if base_url is not None:
-            raise ConfigError("base_url= is for a provider given by name; set it on the Provider")
-        return provider
-    try:
-        return make_provider(provider, base_url)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 __all__ = [

@@ -32,7 +32,7 @@ import aiohttp
 from pipeline._envelope import Envelope
 from pipeline._errors import FatalError, ItemError, NotStartedError, QuotaExhaustedError
 from pipeline._stage import Outbox
-from stages.llm._admission import Admission
+from stages.llm._admission import Admission, states_limits
 from stages.llm._cache import ResponseCache, request_key
 from stages.llm._errors import AuthenticationError, LLMCallError
 from stages.llm._output import CallerTotals, Ledger, Output, call_hook
@@ -292,7 +292,10 @@ class Exchange:
         headers = resp.headers
         statuses = self.totals.statuses
         statuses[resp.status] = statuses.get(resp.status, 0) + 1
-        self.admission.observe(headers, resp.raw_headers)
+        admission = self.admission
+        raw_headers = resp.raw_headers
+        if admission.limited or states_limits(raw_headers):  # what observe() checks first
+            admission.observe(headers, raw_headers)
         if not 200 <= resp.status < 300:
             raw = await transport.body(resp)
             failure = provider.classify(resp.status, headers, raw)
@@ -300,7 +303,11 @@ class Exchange:
         output = self.output
         if output.stream and headers.get("Content-Type", "").startswith("text/event-stream"):
             return await transport.stream(resp, provider, env, output.on_delta)
-        raw = await transport.body(resp)
+        length = resp.content_length
+        if resp.content.is_eof() and (length is None or length <= transport.limit):
+            raw = await resp.read()  # it came whole with its headers (what body() does first)
+        else:
+            raw = await transport.body(resp)
         return parse_answer(provider, self.endpoint, raw, count, self.scrub)
 
     def _refused(

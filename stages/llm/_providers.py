@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
+from pipeline._errors import ConfigError
 from stages.llm._sse import AnthropicStreamAssembler, ChatStreamAssembler, Usage
 
 ProviderName = Literal["openai", "azure", "anthropic"]
@@ -609,3 +610,19 @@ def make_provider(
             url, deployment=deployment, api_version=api_version or AZURE_API_VERSION
         )
     return cls(url)
+
+
+def provider_for(provider: ProviderName | Provider, base_url: str | None) -> Provider:
+    """Return the provider adapter named by ``provider`` (or ``provider`` itself).
+
+    Raises:
+        ConfigError: An unknown name, a missing base URL, or ``base_url`` beside an adapter.
+    """
+    if isinstance(provider, Provider):
+        if base_url is not None:
+            raise ConfigError("base_url= is for a provider given by name; set it on the Provider")
+        return provider
+    try:
+        return make_provider(provider, base_url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -97,7 +97,7 @@ class HTTPTransport:
         scrub: Removes secrets from the text of the errors raised here.
     """
 
-    __slots__ = ("http", "scrub", "session", "timeouts")
+    __slots__ = ("http", "limit", "scrub", "session", "timeouts")
 
     def __init__(
         self,
@@ -109,6 +109,7 @@ class HTTPTransport:
         scrub: Scrub,
     ) -> None:
         self.http = http
+        self.limit = http.max_response_bytes  # the largest body read
         self.scrub = scrub
         # the idle timeout bounds the silence between reads of a stream (aiohttp's sock_read)
         self.timeouts = aiohttp.ClientTimeout(
