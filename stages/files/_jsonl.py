@@ -88,7 +88,7 @@ class JsonlSource(FileSource):
             self._close(f)
 
     async def _lines(self, outbox: Outbox[Row], lines: list[bytes | LongLine], line: int) -> int:
-        skip = self._skip_unparsed()
+        skip = self._skip_unparsed() or None  # nothing done yet: no lookup per line
         plain = self._scan is None and self.id_field is None
         label = self.label
         for raw in lines:

@@ -387,15 +387,15 @@ class LLMCaller(ItemStage[Any, Any]):
         seat = Seat(seats)
         token = CURRENT_SEAT.set(seat)
         stats = outbox.stats
-        handle = self.handle
-        answer_row = self._answer_row
+        handle, answer_row = self.handle, self._answer_row
         traced = self._traced = outbox.tracing_enabled
         one_message = self.router is None and self.output.validator is None
         self._one_message = one_message and self.run_state.chat_parts is not None
         plain = type(self).handle is LLMCaller.handle  # else a subclass handles rows its way
         try:
             while True:
-                if seat.held and (seats.waiting or seats.taken > concurrency.limit):
+                taken, limit = seats.taken, concurrency.limit
+                if seat.held and (taken > limit or (taken < limit and seats.waiting)):
                     seats.rebalance(seat)  # the adaptive limit moved since the last row
                 if not seat.held:
                     await seat.take()

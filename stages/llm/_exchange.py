@@ -177,7 +177,8 @@ class Exchange:
             hit = await self._cached(env, cache, key, count)
             if hit is not None:
                 return hit, 0.0, True
-        estimate = self.admission.estimate(len(payload))
+        admission = self.admission  # the tokens to reserve, if a limiter will ask (0: later)
+        estimate = admission.estimate(len(payload)) if admission.limited else 0
         retry = self.retry
         # The first attempt runs bare (see Retry.run); this is the same, without a closure.
         env.attempts += 1
@@ -256,7 +257,8 @@ class Exchange:
         admitted = started = False  # the limiter gave a turn; the request was started
         try:
             if admission.limited:
-                await admission.acquire(outbox, estimate, input_tokens=prompt_tokens)
+                tokens = estimate or admission.estimate(len(payload))  # limited since request()
+                await admission.acquire(outbox, tokens, input_tokens=prompt_tokens)
                 admitted = True
             # A slot is held only for the HTTP attempt itself (not while waiting for the limiter).
             await admission.take_slot(outbox)
