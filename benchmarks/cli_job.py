@@ -24,6 +24,12 @@ It also reports what ``python -X importtime -m pipeline run --help`` imports (th
 every job pays); ``tests/test_fast_start.py`` checks that a plain JSONL job imports no heavy
 optional package and none of the modules it does not use.
 
+The machine's speed drifts between runs (a shared host: the same bare run takes from 5 to 7 s),
+so one pair of runs says little. ``--repeat N`` runs N pairs, alternating which contender goes
+first, and reports the median of the pairs' ratios; the server runs on the first CPU and each
+contender on the second (``--no-pin`` lets the system place them), so neither contender is
+measured on the other's core.
+
 Targets (issues 4 and 15): peak RSS under 150 MB; the first row within one server latency
 (zero here) plus 0.5 s of start-up; at least 0.95 of the bare script's rows/s at 20,000 rows
 (``--rows 20000``), start-up included.
@@ -39,6 +45,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,12 +121,22 @@ def make_input(path: Path, rows: int) -> None:
         f.writelines(chunk)
 
 
+PIN = {"on": False}
+
+
+def _pin_to(cpu: int) -> None:
+    """Run the calling (child) process on ``cpu`` only, when pinning is on."""
+    if PIN["on"]:
+        os.sched_setaffinity(0, {cpu})
+
+
 def start_server() -> tuple[subprocess.Popen[str], str]:
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "sim", "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        preexec_fn=lambda: _pin_to(0),
     )
     assert server.stdout is not None
     line = server.stdout.readline()
@@ -157,7 +174,9 @@ def measure(
 ) -> dict[str, Any]:
     """Run a child; return wall and CPU time, peak RSS (MB), first-row times, exit status."""
     started = time.perf_counter()
-    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+    child = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, env=env, preexec_fn=lambda: _pin_to(1)
+    )
     first_row: float | None = None
     job_start: float | None = None
     while watch is not None and first_row is None:
@@ -207,33 +226,36 @@ def import_time(env: dict[str, str]) -> tuple[float, int, list[str]]:
 
 
 def run_contenders(
-    inp: Path, work: Path, url: str, concurrency: int, env: dict[str, str]
+    inp: Path,
+    work: Path,
+    url: str,
+    concurrency: int,
+    env: dict[str, str],
+    *,
+    cli_first: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Run the bare script, then the CLI, on ``inp`` (outputs in ``work``); return measures."""
+    """Run the bare script and the CLI on ``inp`` (outputs in ``work``); return measures."""
     work.mkdir()
-    results = {}
-    counters(url, reset=True)
-    bare_out = work / "bare.jsonl"
-    results["bare aiohttp"] = measure(
-        [sys.executable, __file__, "--bare", str(inp), str(bare_out), url, str(concurrency)],
-        None,
-        None,
-        env,
-    )
-    results["bare aiohttp"]["requests"] = counters(url)["requests"]
-    counters(url, reset=True)
     out = work / "out.jsonl"
+    bare = [sys.executable, __file__, "--bare", str(inp), str(work / "bare.jsonl"), url,
+            str(concurrency)]  # fmt: skip
     cli = [
         sys.executable, "-m", "pipeline", "run", str(inp), "-o", str(out),
         "--model", "m", "--prompt", "Hi {name}", "--base-url", url,
         "--concurrency", str(concurrency), "--quiet",
         "--summary-json", str(work / "summary.json"),
     ]  # fmt: skip
-    results["llm-pipeline CLI"] = measure(
-        cli, Path(str(out) + ".partial"), Path(str(out) + ".checkpoint.json"), env
-    )
-    results["llm-pipeline CLI"]["requests"] = counters(url)["requests"]
-    return results
+    runs = {
+        "bare aiohttp": (bare, None, None),
+        "llm-pipeline CLI": (cli, Path(str(out) + ".partial"), Path(str(out) + ".checkpoint.json")),
+    }
+    results: dict[str, dict[str, Any]] = {}
+    for name in sorted(runs, reverse=cli_first):  # "bare..." < "llm...": bare first by default
+        argv, watch, marker = runs[name]
+        counters(url, reset=True)
+        results[name] = measure(argv, watch, marker, env)
+        results[name]["requests"] = counters(url)["requests"]
+    return {name: results[name] for name in runs}
 
 
 def main() -> None:
@@ -241,6 +263,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--workdir", default=None, help="where to put the files (a temp dir)")
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of runs (median ratio)")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the system place the server and the contenders (default: one CPU each)",
+    )
     parser.add_argument(
         "--no-bytecode-cache",
         action="store_true",
@@ -248,6 +276,7 @@ def main() -> None:
         " the CLI compile its modules at every start)",
     )
     args = parser.parse_args()
+    PIN["on"] = not args.no_pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         env = child_env(None if args.no_bytecode_cache else work / "pycache")
@@ -259,15 +288,28 @@ def main() -> None:
         server, url = start_server()
         try:
             run_contenders(warm, work / "warm", url, args.concurrency, env)  # caches bytecode
-            results = run_contenders(inp, work / "run", url, args.concurrency, env)
-            summary = json.loads((work / "run" / "summary.json").read_text())
-            with open(work / "run" / "out.jsonl", "rb") as f:
+            rounds = []
+            for index in range(max(1, args.repeat)):
+                run = work / f"run{index}"
+                results = run_contenders(
+                    inp, run, url, args.concurrency, env, cli_first=index % 2 == 1
+                )
+                rounds.append(results)
+            summary = json.loads((run / "summary.json").read_text())
+            with open(run / "out.jsonl", "rb") as f:
                 written = sum(1 for _ in f)
         finally:
             server.terminate()
             server.wait(10)
         seconds, modules, slow = import_time(env)
     report(args, size_mb, results, summary, written)
+    if len(rounds) > 1:
+        walls = [r["bare aiohttp"]["wall_s"] / r["llm-pipeline CLI"]["wall_s"] for r in rounds]
+        cpus = [r["bare aiohttp"]["cpu_s"] / r["llm-pipeline CLI"]["cpu_s"] for r in rounds]
+        print(f"{len(rounds)} pairs (order alternating, {'pinned' if PIN['on'] else 'unpinned'}):"
+              f" ratio CLI / bare median {statistics.median(walls):.2f}"
+              f" ({', '.join(f'{w:.2f}' for w in walls)}); CPU seconds bare / CLI median"
+              f" {statistics.median(cpus):.2f}")  # fmt: skip
     print(f"python -X importtime -m pipeline run --help: {seconds:.3f} s, {modules} modules;"
           f" slowest: {', '.join(slow)}")  # fmt: skip
 

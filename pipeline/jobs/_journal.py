@@ -327,9 +327,8 @@ class Journal:
         for journal in (self.output, self.dead_letter):
             if not os.path.exists(journal.path):
                 open(journal.path, "ab").close()
-        self.done = LineSet()
         try:
-            self._scan(self.done)
+            self.done, _ = self._scan()
         except JournalCorruptError as error:  # like an unreadable checkpoint: the user decides
             raise ResumeError(str(error)) from error
         self.previous_ok, self.previous_failed = self._counts
@@ -373,30 +372,24 @@ class Journal:
 
     # -- commit ---------------------------------------------------------------------------
 
-    def _scan(self, lines: LineSet, ids: DuplicateIds | None = None) -> LineSet:
-        """Read both journals' whole records into ``lines`` (first record of a line wins).
+    def _scan(self, ids: DuplicateIds | None = None) -> tuple[LineSet, LineSet]:
+        """Read both journals' whole records; return their lines and the answered ones.
 
-        Sets ``_counts`` to the distinct lines answered and dead-lettered, feeds each kept
-        record's id (keys that are not line numbers) to ``ids``, and returns the answered
-        lines (a dead letter for one of them is not published).
+        The first record of a line wins, so a dead letter for an answered line is not
+        published. Sets ``_counts`` to the distinct lines answered and dead-lettered, and feeds
+        each kept record's id (keys that are not line numbers) to ``ids``.
         """
-        answered = LineSet()
+        lines = LineSet()
 
         def keep(line: int, key: bytes) -> None:
-            if lines.add(line):
-                if counted is not dead:
-                    answered.add(line)
-                if ids is not None and not key.isdigit():
-                    ids.add(key, line)
+            if lines.add(line) and ids is not None and not key.isdigit():
+                ids.add(key, line)
 
-        dead = self.dead_letter
-        counts = []
-        for counted in (self.output, self.dead_letter):
-            before = len(lines)
-            scan_journal(counted.path, keep)
-            counts.append(len(lines) - before)
-        self._counts = (counts[0], counts[1])
-        return answered
+        scan_journal(self.output.path, keep)
+        answered = lines.copy()  # the output is read first: its lines are the answered ones
+        scan_journal(self.dead_letter.path, keep)
+        self._counts = (len(answered), len(lines) - len(answered))
+        return lines, answered
 
     def check(self, expected: int | None = None) -> LineSet:
         """Check that the journals account for every row once; return the answered lines.
@@ -407,7 +400,7 @@ class Journal:
                 journal holds garbage before whole records.
         """
         with DuplicateIds(directory=dir_of(self.output.path)) as ids:
-            answered = self._scan(LineSet(), ids)
+            _, answered = self._scan(ids)
             repeats = ids.repeats()
         if repeats:
             line, first = min(repeats.items())

@@ -66,6 +66,13 @@ class LineSet(Container[int]):
         self._count += 1
         return True
 
+    def copy(self) -> LineSet:
+        """Return a set of the same lines."""
+        other = LineSet()
+        other._bits = bytearray(self._bits)
+        other._count = self._count
+        return other
+
     def __contains__(self, line: object) -> bool:
         if type(line) is not int or line < 0:
             return False
@@ -142,8 +149,8 @@ def parse_record(record: bytes) -> tuple[int, Hashable, bytes]:
 
 def line_of(record: bytes) -> int:
     """Return a record's line number (-1 when it does not start with one)."""
-    found = record_line(record)
-    return -1 if found is None else found
+    head, tab, _ = record[:24].partition(b"\t")  # what record_line() does, one call less
+    return int(head) if tab and head.isdigit() else -1
 
 
 def key_of(record: bytes) -> bytes:
