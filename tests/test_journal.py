@@ -106,6 +106,8 @@ def test_line_set() -> None:
     assert len(lines) == 5
     with pytest.raises(ValueError):
         lines.add(-5)
+    copied = lines.copy()  # the final check keeps the answered lines this way
+    assert lines.add(7) and 7 not in copied and len(copied) == 5 and 1_000_000 in copied
 
 
 # -- open: fresh, refusals, overwrite ------------------------------------------------------

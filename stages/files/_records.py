@@ -8,6 +8,7 @@ and publishes the payloads in the sink's format with an atomic, fsynced rename. 
 from __future__ import annotations
 
 import contextlib
+import copy
 import heapq
 import logging
 import os
@@ -67,11 +68,8 @@ class LineSet(Container[int]):
         return True
 
     def copy(self) -> LineSet:
-        """Return a set of the same lines."""
-        other = LineSet()
-        other._bits = bytearray(self._bits)
-        other._count = self._count
-        return other
+        """Return a set of the same lines (its own bitmap: adding to one leaves the other)."""
+        return copy.deepcopy(self)
 
     def __contains__(self, line: object) -> bool:
         if type(line) is not int or line < 0:
