@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from cli_probe import probe_cli
 from sim_thread import ThreadSim
-
-ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY = (
     "pyarrow",
@@ -44,30 +40,16 @@ DEFERRED = (
 )
 """Modules a plain JSONL job does not use and imports only when it does (each costs start-up)."""
 
-PROBE = """
-import json, sys
-from pipeline.cli._main import main
-
-code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
-"""
-
 
 def test_a_plain_jsonl_job_imports_no_heavy_optional_package(tmp_path: Path) -> None:
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"name": f"n{i}"}) + "\n" for i in range(20)))
     out = tmp_path / "out.jsonl"
     with ThreadSim() as sim:
-        child = subprocess.run(
-            [sys.executable, "-c", PROBE, "run", str(inp), "-o", str(out), "--model", "m",
-             "--prompt", "Hi {name}", "--base-url", sim.url, "--quiet"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            timeout=120,
+        found = probe_cli(
+            ["run", str(inp), "-o", str(out), "--model", "m", "--prompt", "Hi {name}",
+             "--base-url", sim.url, "--quiet"]
         )  # fmt: skip
-    assert child.returncode == 0, child.stderr
-    found = json.loads(child.stdout.splitlines()[-1])
     assert found["code"] == 0 and len(out.read_text().splitlines()) == 20
     loaded = [m for m in found["modules"] if any(m == h or m.startswith(h + ".") for h in HEAVY)]
     assert loaded == []

@@ -4,19 +4,15 @@ and a Parquet publish never imports pandas (pyarrow would, converting Python obj
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from cli_probe import probe_cli
 from sim_thread import ThreadSim
 
 from pipeline import Pipeline
 from stages.files import JsonlSource, ParquetSink
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pq = pytest.importorskip("pyarrow.parquet")
 pytestmark = pytest.mark.anyio
@@ -62,15 +58,6 @@ async def test_publishing_wide_rows_holds_one_row_group(tmp_path: Path) -> None:
     assert large - small < 5 << 20, (small, large)  # flat: one group, not every row
 
 
-PROBE = """
-import json, sys
-from pipeline.cli._main import main
-
-code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
-"""
-
-
 def test_a_parquet_job_publishes_without_importing_pandas(tmp_path: Path) -> None:
     pytest.importorskip("pandas")  # installed: pyarrow's Python conversions would import it
     inp = tmp_path / "in.jsonl"
@@ -79,16 +66,10 @@ def test_a_parquet_job_publishes_without_importing_pandas(tmp_path: Path) -> Non
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.parquet"
     with ThreadSim() as sim:
-        child = subprocess.run(
-            [sys.executable, "-c", PROBE, "run", str(inp), "-o", str(out), "--model", "m",
-             "--prompt", "Hi {id}", "--base-url", sim.url, "--id-field", "id", "--quiet"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            timeout=120,
+        found = probe_cli(
+            ["run", str(inp), "-o", str(out), "--model", "m", "--prompt", "Hi {id}",
+             "--base-url", sim.url, "--id-field", "id", "--quiet"]
         )  # fmt: skip
-    assert child.returncode == 0, child.stderr
-    found = json.loads(child.stdout.splitlines()[-1])
     assert found["code"] == 0
     assert "pyarrow.parquet" in found["modules"]  # it did write Parquet
     assert [m for m in found["modules"] if m == "pandas" or m.startswith("pandas.")] == []

@@ -75,8 +75,7 @@ class AdaptiveConcurrency:
 
         Every slot taken is given back with :meth:`release` (``slot()`` does both).
         """
-        if self._in_use < self.limit and not self._waiters:
-            self._in_use += 1
+        if self.try_acquire():
             return False
         granted = anyio.Event()
         self._waiters.append(granted)
