@@ -34,6 +34,7 @@ from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, FatalError, ItemError
 from pipeline._json import loads_api
 from stages.llm._cache import ResponseCache
+from stages.llm._deadline import SHARED_DEADLINES, Deadlines
 from stages.llm._errors import LLMCallError
 from stages.llm._output import DeltaHook, call_hook, short
 from stages.llm._providers import Answer, Endpoint, Provider, ResponseFormatError
@@ -97,7 +98,7 @@ class HTTPTransport:
         scrub: Removes secrets from the text of the errors raised here.
     """
 
-    __slots__ = ("http", "limit", "scrub", "session", "timeouts")
+    __slots__ = ("deadlines", "http", "limit", "scrub", "session")
 
     def __init__(
         self,
@@ -111,9 +112,12 @@ class HTTPTransport:
         self.http = http
         self.limit = http.max_response_bytes  # the largest body read
         self.scrub = scrub
-        # the idle timeout bounds the silence between reads of a stream (aiohttp's sock_read)
-        self.timeouts = aiohttp.ClientTimeout(
-            total=http.timeout,
+        # The total time of an attempt is bounded by one timer for all of them (Deadlines; by
+        # aiohttp, with a timer per request, on Python 3.10). The idle timeout bounds the
+        # silence between reads of a stream (aiohttp's sock_read).
+        self.deadlines = Deadlines(http.timeout) if SHARED_DEADLINES else None
+        timeouts = aiohttp.ClientTimeout(
+            total=None if SHARED_DEADLINES else http.timeout,
             sock_connect=http.connect_timeout,
             sock_read=http.idle_timeout if stream else None,
         )
@@ -124,11 +128,13 @@ class HTTPTransport:
             keepalive_timeout=30,
         )
         self.session = aiohttp.ClientSession(
-            connector=connector, headers=dict(headers), timeout=self.timeouts
+            connector=connector, headers=dict(headers), timeout=timeouts
         )
 
     async def aclose(self) -> None:
         """Close the session (shielded: a cancelled close would hide the run's own error)."""
+        if self.deadlines is not None:
+            self.deadlines.close()
         with anyio.CancelScope(shield=True):
             await self.session.close()
 
@@ -148,8 +154,12 @@ class HTTPTransport:
         """
         http = self.http
         try:
-            async with self.session.post(url, data=payload, timeout=self.timeouts) as resp:
-                return await receive(resp, env, count)
+            if self.deadlines is None:
+                async with self.session.post(url, data=payload) as resp:
+                    return await receive(resp, env, count)
+            with self.deadlines.attempt():
+                async with self.session.post(url, data=payload) as resp:
+                    return await receive(resp, env, count)
         except (LLMCallError, FatalError):
             raise
         except aiohttp.ConnectionTimeoutError:
