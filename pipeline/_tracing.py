@@ -3,25 +3,57 @@
 Tracing is decided once per run: with the API's default (no SDK installed or configured) every
 span helper returns a shared no-op context manager and the hot path pays one attribute check.
 Metrics are flushed in bulk from the stage statistics, never per item.
+
+The OpenTelemetry API is imported only when it can matter: a tracer or meter provider can only
+have been installed by code that imported the API first (or named one in the environment
+variables the API reads), so while ``opentelemetry.trace`` is not imported there is nothing to
+trace and a run does not import it (a few milliseconds of every job's start-up).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
+if TYPE_CHECKING:
+    from opentelemetry import metrics, trace
 
 _NULL = contextlib.nullcontext()
 INSTRUMENTATION = "llm-pipeline"
 
 
+def _api_in_use(module: str, variable: str) -> bool:
+    """Whether a provider of this OpenTelemetry signal may be installed (see the module doc)."""
+    return module in sys.modules or bool(os.environ.get(variable))
+
+
 def sdk_configured() -> bool:
     """Return whether a real tracer provider (not the API's no-op/proxy) is installed."""
+    if not _api_in_use("opentelemetry.trace", "OTEL_PYTHON_TRACER_PROVIDER"):
+        return False
+    from opentelemetry import trace
+
     provider = trace.get_tracer_provider()
     return not isinstance(provider, (trace.NoOpTracerProvider, trace.ProxyTracerProvider))
+
+
+def recording_span() -> Any:
+    """Return the current span if it is recording (a run being traced), else ``None``."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:  # never imported: no span can exist
+        return None
+    span = trace.get_current_span()
+    return span if span.is_recording() else None
+
+
+def context_with(span: Any) -> Any:
+    """Return an OpenTelemetry context holding ``span`` (to travel with an item)."""
+    from opentelemetry import trace
+
+    return trace.set_span_in_context(span)
 
 
 class Tracing:
@@ -31,11 +63,13 @@ class Tracing:
 
     def __init__(self, enabled: bool | trace.TracerProvider | None = None) -> None:
         provider: trace.TracerProvider | None = None
-        if isinstance(enabled, trace.TracerProvider):
+        if enabled is not None and not isinstance(enabled, bool):
             provider, enabled = enabled, True
-        self.enabled = sdk_configured() if enabled is None else bool(enabled)
+        self.enabled = sdk_configured() if enabled is None else enabled
         self._tracer: trace.Tracer | None = None
         if self.enabled:
+            from opentelemetry import trace
+
             self._tracer = trace.get_tracer(INSTRUMENTATION, tracer_provider=provider)
         self.run_span: trace.Span | None = None
 
@@ -48,6 +82,8 @@ class Tracing:
         """Close the run span, recording ``error`` if the run failed."""
         if self.run_span is not None:
             if error is not None:
+                from opentelemetry import trace
+
                 self.run_span.record_exception(error)
                 self.run_span.set_status(trace.StatusCode.ERROR, type(error).__name__)
             self.run_span.end()
@@ -56,6 +92,9 @@ class Tracing:
         """Start and end the span where an item enters; return its context to travel with it."""
         if self._tracer is None:
             return None
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
+
         links = [trace.Link(self.run_span.get_span_context())] if self.run_span is not None else []
         span = self._tracer.start_span(
             stage,
@@ -71,6 +110,8 @@ class Tracing:
         self, stage: str, context: Any, seq: int, links: Sequence[Any]
     ) -> Iterator[trace.Span]:
         assert self._tracer is not None
+        from opentelemetry import trace
+
         with self._tracer.start_as_current_span(
             stage,
             context=context,
@@ -92,6 +133,8 @@ class Tracing:
 
 def span_context_of(context: Any) -> Any:
     """Return the span context stored in an item's OpenTelemetry context, for links."""
+    from opentelemetry import trace
+
     return trace.get_current_span(context).get_span_context()
 
 
@@ -119,6 +162,8 @@ class Metrics:
     )
 
     def __init__(self, provider: metrics.MeterProvider | None = None) -> None:
+        from opentelemetry import metrics
+
         meter = metrics.get_meter(INSTRUMENTATION, meter_provider=provider)
         self.items = meter.create_counter(
             "pipeline.items", unit="{item}", description="Items per stage and outcome"
@@ -167,5 +212,9 @@ class Metrics:
 
 def metrics_configured() -> bool:
     """Return whether a real meter provider (not the API's no-op/proxy) is installed."""
+    if not _api_in_use("opentelemetry.metrics", "OTEL_PYTHON_METER_PROVIDER"):
+        return False
+    from opentelemetry import metrics
+
     provider = metrics.get_meter_provider()
     return type(provider).__name__ not in {"NoOpMeterProvider", "_ProxyMeterProvider"}

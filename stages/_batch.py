@@ -20,11 +20,11 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio import EndOfStream, WouldBlock
-from opentelemetry import trace
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError
 from pipeline._stage import Inbox, Outbox, Stage
+from pipeline._tracing import context_with
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -130,7 +130,7 @@ class Batcher(Stage[T, list[T]], Generic[T]):
         with outbox.span(batch, links=members) as span:
             if span is not None:
                 span.set_attribute("pipeline.batch.size", len(members))
-                batch.context = trace.set_span_in_context(span)
+                batch.context = context_with(span)
         self.batches += 1
         await outbox.send(batch)
 

@@ -37,6 +37,7 @@ DEFERRED = (
     "stages._ray",
     "pipeline.jobs._estimate",  # --estimate
     "pipeline.jobs._metrics",  # --metrics-port
+    "opentelemetry",  # the API too: nothing can be traced until a provider is installed
 )
 """Modules a plain JSONL job does not use and imports only when it does (each costs start-up)."""
 

@@ -35,10 +35,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
-from opentelemetry import trace
 
 from pipeline._errors import ConfigError, FatalError, NotStartedError
 from pipeline._stage import Outbox
+from pipeline._tracing import recording_span
 from stages.llm._limits import AdaptiveConcurrency, Limiter, RateLimiter, Verdict
 from stages.llm._output import CallerTotals
 
@@ -258,8 +258,8 @@ class Admission:
         if waited:
             self.totals.limiter_wait_s += waited
             outbox.stats.limiter_wait_s += waited
-            span = trace.get_current_span()
-            if span.is_recording():
+            span = recording_span()
+            if span is not None:
                 span.add_event("llm.limiter_wait", {"seconds": waited, "tokens": tokens})
 
     def slot(self, outbox: Outbox[Any]) -> AdmissionSlot:
@@ -290,8 +290,8 @@ class Admission:
             totals.slot_waits += 1
             outbox.stats.limiter_wait_s += waited
             if waited > 0.001:
-                span = trace.get_current_span()
-                if span.is_recording():
+                span = recording_span()
+                if span is not None:
                     span.add_event("llm.slot_wait", {"seconds": waited})
         try:
             if self.fatal is not None:
@@ -331,8 +331,8 @@ class Admission:
             return verdict
         self.limited = True
         self.concurrency.overload()
-        span = trace.get_current_span()
-        if span.is_recording():
+        span = recording_span()
+        if span is not None:
             span.add_event("llm.rate_limited", {"retry_after": retry_after or 0.0})
         return verdict
 

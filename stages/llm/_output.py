@@ -29,11 +29,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import anyio
-from opentelemetry import trace
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError
 from pipeline._stage import Outbox
+from pipeline._tracing import recording_span
 from stages.llm._budget import Budget, BudgetReachedError
 from stages.llm._errors import InvalidOutputError
 from stages.llm._providers import Answer
@@ -323,8 +323,8 @@ class Output:
         Tokens, cost and attempts are noted on the row's span (``traced=False``: the run
         records no spans, so none is looked for).
         """
-        span = trace.get_current_span() if traced else None
-        if span is not None and span.is_recording():
+        span = recording_span() if traced else None
+        if span is not None:
             span.set_attribute("llm.attempts", env.attempts)
             span.set_attribute("llm.cached", cached)
             if answer.usage is not None:

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import anyio
-from opentelemetry import trace
 
 from pipeline._envelope import Envelope
 from pipeline._errors import ConfigError, QuotaExhaustedError
 from pipeline._stage import OnError, Outbox
+from pipeline._tracing import recording_span
 from stages.llm._admission import CURRENT_SEAT
 from stages.llm._errors import (
     AuthenticationError,
@@ -310,8 +310,8 @@ class RowPolicy:
         """Note the retry on the row's span (never at INFO in the log: it is per request)."""
         error = state.outcome.exception() if state.outcome is not None else None
         text = self.scrub(str(error))
-        span = trace.get_current_span()
-        if span.is_recording():
+        span = recording_span()
+        if span is not None:
             span.add_event(
                 "llm.retry",
                 {
