@@ -20,6 +20,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from aiohttp import web
+from test_caller_hostile import hostile
 
 import stages.llm._transport as transport_module
 from pipeline import Pipeline
@@ -129,14 +130,12 @@ async def test_a_cancellation_swallowed_inside_the_attempt_is_taken_back() -> No
 
 
 @asynccontextmanager
-async def _server(stream_every: float | None = None) -> AsyncIterator[tuple[str, anyio.Event]]:
+async def _server(stream_every: float | None = None) -> AsyncIterator[str]:
     """Answer a row named ``fast`` at once; keep every other row waiting (or dripping events)."""
     release = anyio.Event()
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        prompt = body["messages"][-1]["content"]
-        if "fast" in prompt:
+    async def handler(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        if "fast" in body["messages"][-1]["content"]:
             return web.json_response(
                 {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
             )
@@ -152,17 +151,11 @@ async def _server(stream_every: float | None = None) -> AsyncIterator[tuple[str,
                 await release.wait()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1", release
-    finally:
-        release.set()
-        await runner.cleanup()
+    async with hostile(handler) as (url, _):
+        try:
+            yield url
+        finally:
+            release.set()  # the held requests end before the server shuts down
 
 
 async def _run(caller: LLMCaller, rows: list[dict[str, Any]]) -> tuple[list[Any], Any]:
@@ -182,7 +175,7 @@ async def test_a_request_past_the_timeout_is_retried_then_dead_lettered(
     monkeypatch: pytest.MonkeyPatch, shared: bool
 ) -> None:
     monkeypatch.setattr(transport_module, "SHARED_DEADLINES", shared)
-    async with _server() as (url, _):
+    async with _server() as url:
         caller = LLMCaller(
             model="m",
             prompt="{name}",
@@ -198,7 +191,7 @@ async def test_a_request_past_the_timeout_is_retried_then_dead_lettered(
 
 
 async def test_a_stream_that_keeps_dripping_is_cut_at_the_total_timeout() -> None:
-    async with _server(stream_every=0.02) as (url, _):
+    async with _server(stream_every=0.02) as url:
         caller = LLMCaller(
             model="m",
             prompt="{name}",
