@@ -435,6 +435,7 @@ def parquet_bytes(data: list[dict[str, Any]]) -> bytes:
         ("rows.tsv", b"id\tname\n1\tada\n2\tbob\n3\tcy\n"),
         ("rows.csv", b"\xef\xbb\xbfid,name\r\n1,ada\r\n2,bob\r\n3,cy\r\n"),  # BOM, CRLF
         ("rows.parquet", None),
+        ("rows.pq", None),  # every extension a job's input may have
     ],
 )
 async def test_csv_tsv_and_parquet_uploads_run(
@@ -459,7 +460,11 @@ async def test_csv_tsv_and_parquet_uploads_run(
 @pytest.mark.parametrize(
     ("name", "content", "reason"),
     [
-        ("rows.xlsx", b"id,name\n1,a\n", "name it .jsonl, .ndjson, .json, .csv, .tsv, .parquet"),
+        (
+            "rows.xlsx",
+            b"id,name\n1,a\n",
+            "name it .jsonl, .ndjson, .json, .csv, .tsv, .parquet, .pq",
+        ),
         ("rows.csv", b"id,nmae\n1,a\n", "did you mean {nmae}? (available fields: id, nmae)"),
         ("rows.csv", "id,name\n1,Zoë\n".encode("latin-1"), "not UTF-8"),
         ("rows.csv", b"id,id\n1,a\n", "header repeats ['id']"),

@@ -23,21 +23,16 @@ from pipeline._errors import ConfigError
 from pipeline._json import dumps, loads
 from pipeline.server._config import RequestError, ServerConfig
 from stages.files._csv import csv_records
+from stages.files._formats import EXTENSION_FORMATS
 from stages.files._rows import BOM, import_parquet
 
 __all__ = ["UPLOAD_FORMATS", "Submission", "read_enrich", "read_submission"]
 
 _BODY_SHAPE = 'the body must be a JSON object: {"rows": [...], "settings": {}}'
 
-UPLOAD_FORMATS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".parquet": "parquet",
-}
-"""The upload file extensions the server takes, and the input format each one is."""
+UPLOAD_FORMATS = EXTENSION_FORMATS
+"""The upload file extensions the server takes, and the input format each one is: the files'
+own, uncompressed (an upload is checked in memory as it arrived)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,13 +27,14 @@ from stages.files._sources import FileSource
 __all__ = [
     "KNOWN_EXTENSIONS",
     "count_rows",
+    "EXTENSION_FORMATS",
     "file_format",
     "open_sink",
     "open_source",
     "sample_fields",
 ]
 
-_FORMATS: dict[str, str] = {
+EXTENSION_FORMATS: dict[str, str] = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "jsonl",
@@ -45,8 +46,11 @@ _FORMATS: dict[str, str] = {
 """Each known extension (before a compression's) and the format it names."""
 
 
-KNOWN_EXTENSIONS = tuple(_FORMATS) + tuple(
-    f"{ext}{zipped}" for ext in _FORMATS if _FORMATS[ext] != "parquet" for zipped in COMPRESSIONS
+KNOWN_EXTENSIONS = tuple(EXTENSION_FORMATS) + tuple(
+    f"{ext}{zipped}"
+    for ext in EXTENSION_FORMATS
+    if EXTENSION_FORMATS[ext] != "parquet"
+    for zipped in COMPRESSIONS
 )
 """Every extension a format is recognised by (compressed ones included)."""
 
@@ -69,12 +73,12 @@ def file_format(path: PathLike, fmt: str | None = None) -> str:
         return "jsonl"
     root, compression = compression_of(text)
     ext = os.path.splitext(root)[1].lower()
-    kind = _FORMATS.get(ext)
+    kind = EXTENSION_FORMATS.get(ext)
     if kind is None or (compression is not None and kind == "parquet"):
         shown = ext + os.path.splitext(text)[1] if compression is not None else ext
         raise ConfigError(
             f"{text!r}: unknown file extension {shown or '(none)'!r}; known: "
-            f"{', '.join(_FORMATS)}, and .gz or .zst after a JSON Lines, CSV or TSV one"
+            f"{', '.join(EXTENSION_FORMATS)}, and .gz or .zst after a JSON Lines, CSV or TSV one"
             " (data.jsonl.gz); or name the format (--input-format/--output-format)"
         )
     return kind
