@@ -25,6 +25,9 @@ from types import TracebackType
 SHARED_DEADLINES = sys.version_info >= (3, 11)
 """Whether :class:`Deadlines` can be used (``Task.cancelling``/``uncancel`` are 3.11's)."""
 
+_EARLY_S = 0.001
+"""How early a loop timer may fire (uvloop's libuv timers count whole milliseconds)."""
+
 
 class Deadlines:
     """The attempts in flight against one time limit, with one event-loop timer.
@@ -83,7 +86,7 @@ class Deadlines:
         self._timer = None
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        now = loop.time() + _EARLY_S  # due now, not one more turn of the timer a moment later
         open_ = self._open
         while open_:
             oldest = next(iter(open_))
