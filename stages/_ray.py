@@ -151,6 +151,10 @@ class ActorControl(Protocol):
         ...
 
 
+STOP_POLL_S = 0.1
+"""How often a running batch asks whether its actor must stop (the control's own answer may be
+a little older: see :class:`ActorControl`)."""
+
 FailureRule = Callable[[Failed], BaseException | None]
 """Judges a caller's failure before the actor's caller answered any row: an exception stops."""
 
@@ -417,11 +421,14 @@ class _ActorRuntime:
         )
         self._running.add(batch)
         try:
-            async with pipe.open() as results:
+            async with pipe.open() as results, anyio.create_task_group() as tg:
                 batch.results = results
+                if self.spec.control is not None or self.spec.budget_share is not None:
+                    tg.start_soon(self._stop_when_told, results)
                 async for env in results.envelopes():
                     source.release(env.seq)
                     batch.outputs.append(env)
+                tg.cancel_scope.cancel()
             # rows whose requests the run's stop (a budget) came before: not processed
             batch.undone.extend(items[env.seq] for env in results.not_started)
         finally:
@@ -433,6 +440,19 @@ class _ActorRuntime:
                 self._spent += sum(s.cost_usd for s in batch.report.stages)
             if batch.undone:
                 batch.stopped = self._stopped
+
+    async def _stop_when_told(self, results: Results[Any]) -> None:
+        """Stop the batch's run once the actor must stop: rows not yet sent are not sent.
+
+        The source asks :meth:`must_stop` before each row it emits; rows it already emitted may
+        still wait for the limiter or a request slot, and a stopped run sends none of them
+        (they come back as not processed, like the rows the source never emitted).
+        """
+        # the stop comes from another process (a file the driver writes, a budget spent by
+        # this actor's other batches): nothing here can be awaited for it, so it is asked
+        while (reason := self.must_stop()) is None:  # noqa: ASYNC110
+            await anyio.sleep(STOP_POLL_S)
+        results.stop(reason)
 
     def _first_failure_rule(self, failed: Failed, batch: BatchOutcome) -> None:
         """Apply the spec's rule to the caller's failures until this actor answered a row."""

@@ -419,6 +419,39 @@ async def test_actor_hands_back_rows_its_control_stopped_as_not_processed() -> N
     assert control.fatal == []
 
 
+async def test_actor_sends_no_request_for_rows_it_holds_once_its_control_says_stop(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows already taken into a batch but waiting for the limiter are not sent after a stop."""
+    pa = pytest.importorskip("pyarrow")
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    control = _Control()
+
+    def stop_at_the_first_answer(row: dict[str, Any]) -> dict[str, Any]:
+        control.reason = "stop requested"  # as the driver's STOP file would say
+        return row
+
+    def stages() -> list[Any]:
+        caller = LLMCaller(
+            model="m",
+            prompt="{text}",
+            base_url=sim.url,
+            http=HTTP(api_key_env=KEY_ENV),
+            limits=Limits(rpm=6),  # one request now, the next one ten seconds later
+            retry=Retry(max_retries=0),
+        )
+        return [caller, pipeline.map(stop_at_the_first_answer)]
+
+    spec = ActorSpec(stages=stages, actors=1, max_in_flight=5, control=control)
+    actor = actor_class(spec)()
+    rows = [{"text": f"t{i}"} for i in range(5)]
+    with anyio.fail_after(8):  # the limiter's next turn is 10 s away: no request waits for it
+        out = (await actor(pa.Table.from_pylist(rows))).to_pylist()
+    assert control.fatal == [] and sim.counters()["requests"] == 1
+    assert sorted(r["text"] for r in out) == [r["text"] for r in rows]  # every row comes back
+    assert sorted(str(r[ERROR]) for r in out) == ["None"] + ["not processed: stop requested"] * 4
+
+
 async def test_actor_applies_the_first_failure_rule_it_is_given(
     sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
