@@ -35,6 +35,7 @@ DEFERRED = (
     "stages.llm._redis_limiter",  # --limiter
     "stages._langchain",
     "stages._ray",
+    "stages._ray_batch",
     "pipeline.jobs._estimate",  # --estimate
     "pipeline.jobs._metrics",  # --metrics-port
     "opentelemetry",  # the API too: nothing can be traced until a provider is installed

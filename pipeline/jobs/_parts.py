@@ -30,7 +30,8 @@ from pipeline._errors import ConfigError, FatalError
 from pipeline._json import dumps, loads
 from pipeline.jobs._journal import Journal
 from pipeline.jobs._progress import JobTally, cause_text
-from stages._ray import BatchOutcome, RayItem, import_ray
+from stages._ray import import_ray
+from stages._ray_batch import BatchOutcome, RayItem
 from stages.files import DeadLetterSink, open_source
 from stages.files._records import encode_record, key_json
 from stages.files._rows import line_of
@@ -176,7 +177,7 @@ class ControlDir:
 
 
 class JobFormat:
-    """How a job's actors read and write batches (a :class:`~stages._ray.BatchFormat`).
+    """How a job's actors read and write batches (a :class:`~stages._ray_batch.BatchFormat`).
 
     Rows of kind ``row`` are run; bad rows and the reader's counters pass through as they
     are. Answers are already encoded by the job's sink stage (:class:`EncodeRows`); failures
