@@ -22,6 +22,7 @@ than be escaped into a request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,6 +43,9 @@ from stages.llm._sse import SSEDecoder
 
 R = TypeVar("R")
 Scrub = Callable[[str], str]
+
+_NO_LIMIT = contextlib.nullcontext()
+"""The attempt's context when aiohttp bounds its total time itself (Python 3.10)."""
 
 ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 """The request body encoder: compact, UTF-8 text kept as is."""
@@ -153,11 +157,9 @@ class HTTPTransport:
             FatalError: The URL is invalid.
         """
         http = self.http
+        deadlines = self.deadlines
         try:
-            if self.deadlines is None:
-                async with self.session.post(url, data=payload) as resp:
-                    return await receive(resp, env, count)
-            with self.deadlines.attempt():
+            with _NO_LIMIT if deadlines is None else deadlines.attempt():
                 async with self.session.post(url, data=payload) as resp:
                     return await receive(resp, env, count)
         except (LLMCallError, FatalError):
