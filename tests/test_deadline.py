@@ -56,18 +56,18 @@ async def test_an_attempt_past_its_deadline_raises_timeout_error_and_leaves_noth
 
 
 async def test_attempts_that_end_in_time_are_never_cancelled_after_their_deadline() -> None:
-    deadlines = Deadlines(0.05)
+    deadlines = Deadlines(0.5)  # far more than three turns of the loop take, even loaded
     for _ in range(3):
         with deadlines.attempt():
             await anyio.lowlevel.checkpoint()
     assert deadlines.in_flight == 0
-    await anyio.sleep(0.15)  # past every deadline: the armed timer finds nothing to cancel
+    await anyio.sleep(0.6)  # past every deadline: the armed timer finds nothing to cancel
     assert _cancelling() == 0
     deadlines.close()
 
 
 async def test_only_the_attempts_past_their_deadline_time_out_among_many() -> None:
-    deadlines = Deadlines(0.2)
+    deadlines = Deadlines(0.5)  # the released attempts end long before it, even loaded
     release = [anyio.Event() for _ in range(6)]
     outcome: dict[int, str] = {}
 
@@ -92,11 +92,12 @@ async def test_only_the_attempts_past_their_deadline_time_out_among_many() -> No
 
 
 async def test_a_later_attempt_gets_its_own_full_time() -> None:
-    deadlines = Deadlines(0.3)
-    with deadlines.attempt():
-        await anyio.sleep(0.2)  # the first attempt keeps the timer armed for its deadline
-    with deadlines.attempt():  # starts 0.2 s later: the timer re-arms for its own deadline
-        await anyio.sleep(0.2)  # past the first one's deadline, within its own
+    deadlines = Deadlines(1.0)
+    with deadlines.attempt() as first:
+        await anyio.sleep(0.5)  # the first attempt keeps the timer armed for its deadline
+    with deadlines.attempt():  # starts 0.5 s later: the timer re-arms for its own deadline
+        loop = asyncio.get_running_loop()
+        await anyio.sleep(first.deadline - loop.time() + 0.05)  # past the first one's deadline
     assert _cancelling() == 0
     deadlines.close()
 
@@ -180,14 +181,14 @@ async def test_a_request_past_the_timeout_is_retried_then_dead_lettered(
             model="m",
             prompt="{name}",
             base_url=url,
-            http=HTTP(timeout=0.3),
+            http=HTTP(timeout=1.0),  # the fast rows need far less, even loaded
             retry=Retry(backoff_base=0.01, backoff_cap=0.02, max_retries=1),
         )
         results, report = await _run(caller, ROWS)
     assert [row["name"] for row in results] == ["fast 1", "fast 2"]
     (failure,) = report.failures
     assert failure.attempts == 2
-    assert failure.message == "gave up after 2 attempt(s): request timed out after 0.3s"
+    assert failure.message == "gave up after 2 attempt(s): request timed out after 1s"
 
 
 async def test_a_stream_that_keeps_dripping_is_cut_at_the_total_timeout() -> None:
@@ -197,11 +198,11 @@ async def test_a_stream_that_keeps_dripping_is_cut_at_the_total_timeout() -> Non
             prompt="{name}",
             base_url=url,
             output=Output(stream=True),
-            http=HTTP(timeout=0.4, idle_timeout=5),  # never idle: only the total time ends it
+            http=HTTP(timeout=1.0, idle_timeout=5),  # never idle: only the total time ends it
             retry=Retry(max_retries=0),
         )
         results, report = await _run(caller, ROWS)
     assert [row["name"] for row in results] == ["fast 1", "fast 2"]
     (failure,) = report.failures
-    assert failure.message.endswith("request timed out after 0.4s")
+    assert failure.message.endswith("request timed out after 1s")
     assert failure.attempts == 1
