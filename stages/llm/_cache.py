@@ -2,8 +2,10 @@
 
 Entries live in one SQLite database (stdlib :mod:`sqlite3`) in write-ahead-log mode, so
 readers never block the writer and two jobs may share a directory: SQLite's file locks order
-their writes and a busy timeout makes each wait its turn instead of failing. Every call runs
-in a worker thread with its own connection, so the event loop never waits on the disk.
+their writes and a busy timeout makes each wait its turn instead of failing (two openers of a
+new directory, whom SQLite refuses rather than makes wait, try again until that timeout).
+Every call runs in a worker thread with its own connection, so the event loop never waits on
+the disk.
 
 The key of a request is the SHA-256 of its method, scheme and host (the base URL), path,
 query (minus anything that looks like a credential) and body as canonical JSON (sorted keys,
@@ -62,6 +64,38 @@ CREATE TABLE IF NOT EXISTS responses (
     created REAL NOT NULL
 )
 """
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED and their extended codes
+    return "locked" in str(error) or "busy" in str(error)
+
+
+def _set_up(conn: sqlite3.Connection, deadline: float) -> None:
+    """Put a new connection in WAL mode and make sure the table exists, waiting out others.
+
+    Switching a database to WAL needs an exclusive lock, and when two connections both hold
+    a shared lock and want it, SQLite answers one of them "database is locked" at once rather
+    than calling its busy handler (waiting could deadlock). Two processes opening a new cache
+    directory together meet exactly that, so the set-up (idempotent) is tried again, with a
+    growing pause, until ``deadline`` (the cache's busy timeout).
+    """
+    import sqlite3
+
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(_SCHEMA)
+            return
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)  # a retry's back-off in a worker thread, not synchronisation
+        pause = min(pause * 2, 0.05)
 
 
 def request_key(url: str, body: Mapping[str, Any] | None, method: str = "POST") -> str:
@@ -161,9 +195,7 @@ class ResponseCache:
             self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(_SCHEMA)
+            _set_up(conn, time.monotonic() + self.timeout)
         except BaseException:
             conn.close()
             raise
