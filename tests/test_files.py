@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -333,12 +334,15 @@ async def test_parquet_from_stdin_and_from_a_pipe(
     os.mkfifo(fifo)
 
     def feed() -> None:
-        with open(fifo, "wb") as f:  # blocks until the source opens the pipe
-            f.write(data)
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
+            f.write(data)  # the open blocks until a reader opens the pipe
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(anyio.to_thread.run_sync, feed)
-        envs, _ = await collect(Pipeline(ParquetSource(fifo)))
+        try:
+            envs, _ = await collect(Pipeline(ParquetSource(fifo)))
+        finally:  # a source that failed before opening the pipe must not leave feed() blocked
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
     assert [e.value["id"] for e in envs] == list(range(3000))
 
 
