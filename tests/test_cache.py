@@ -210,7 +210,7 @@ def test_set_up_waits_out_a_busy_database_but_not_other_errors() -> None:
 
     forever = _Connection([locked] * 1000)
     with pytest.raises(sqlite3.OperationalError, match="locked"):
-        _set_up(forever, time.monotonic() + 0.05)  # type: ignore[arg-type]
+        _set_up(forever, time.monotonic() + 0.2)  # type: ignore[arg-type]
     assert 1 < len(forever.statements) < 1000
 
 
