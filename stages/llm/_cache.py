@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS responses (
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
+    """Tell whether ``error`` means another connection holds the lock (worth waiting out)."""
     code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
     if code is not None:
         return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED and their extended codes
@@ -94,7 +95,7 @@ def _set_up(conn: sqlite3.Connection, deadline: float) -> None:
         except sqlite3.OperationalError as error:
             if not _is_busy(error) or time.monotonic() + pause > deadline:
                 raise
-        time.sleep(pause)  # a retry's back-off in a worker thread, not synchronisation
+        time.sleep(pause)  # a retry's back-off (the opening thread's), not synchronisation
         pause = min(pause * 2, 0.05)
 
 
