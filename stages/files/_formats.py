@@ -25,9 +25,9 @@ from stages.files._sinks import FileSink
 from stages.files._sources import FileSource
 
 __all__ = [
+    "EXTENSION_FORMATS",
     "KNOWN_EXTENSIONS",
     "count_rows",
-    "EXTENSION_FORMATS",
     "file_format",
     "open_sink",
     "open_source",
